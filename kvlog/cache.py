@@ -1,0 +1,320 @@
+"""The LMDB cache: the log folded up to a checkpoint.
+
+On disk, an LMDB environment (``data.mdb``, ``lock.mdb``) with two tables:
+
+``data``
+    key bytes -> value bytes, exactly as they are in the log (never decoded
+    here). A tombstone deletes the key.
+``meta``
+    ``format`` (an int), ``identity`` (msgpack map: what log this cache
+    mirrors, and with which codec) and ``checkpoint`` (msgpack map:
+    partition -> position, the next offset to replay).
+
+Crash safety rests on one rule: a batch of records and the checkpoint that
+follows it are written in ONE write transaction (:meth:`Cache.apply`). LMDB
+commits a transaction atomically, so a crash at any point leaves the cache
+equal to the log folded up to the stored checkpoint: some prefix of the log,
+never a torn mixture. :meth:`Cache.reset` likewise clears the data and writes
+the new identity and an empty checkpoint in one transaction.
+
+Only the replayer writes; any number of threads read. LMDB can only grow its
+memory map while no transaction of this process is open, so readers count
+themselves in and out of a gate that a resize closes.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import msgpack
+
+from .errors import CacheError, ClosedError
+
+__all__ = ["Cache", "DEFAULT_MAP_SIZE"]
+
+#: Initial map size. Address space, not disk: LMDB files grow as data is
+#: written. The map doubles whenever a replay batch does not fit.
+DEFAULT_MAP_SIZE = 1 << 30
+
+_FORMAT = 1
+_META_FORMAT = b"format"
+_META_IDENTITY = b"identity"
+_META_CHECKPOINT = b"checkpoint"
+
+#: Keys read per read transaction while iterating, so that a slow consumer of
+#: an iterator never pins an old snapshot (nor blocks a map resize) for long.
+_SCAN_CHUNK = 512
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def _unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+class Cache:
+    """An LMDB environment holding the folded log and its checkpoint.
+
+    Args:
+        path: directory of the LMDB environment; created if missing.
+        map_size: initial LMDB map size in bytes; it grows on demand.
+
+    Raises:
+        CacheError: the environment cannot be opened (permissions, not an
+            LMDB environment, ...).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, map_size: int = DEFAULT_MAP_SIZE) -> None:
+        self.path = Path(path)
+        self._gate = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._resizing = False
+        self._closed = False
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._env = lmdb.open(
+                str(self.path),
+                map_size=map_size,
+                max_dbs=4,
+                # A cache is rebuildable, so it trades the last transaction's
+                # durability on an OS crash for one fsync per commit instead of
+                # two; integrity is kept either way (LMDB keeps two meta pages).
+                metasync=False,
+                readahead=False,
+                max_readers=512,
+            )
+            self._data = self._env.open_db(b"data")
+            self._meta = self._env.open_db(b"meta")
+        except lmdb.Error as exc:
+            raise CacheError(f"cannot open the cache at {self.path}: {exc}") from exc
+        except OSError as exc:
+            raise CacheError(f"cannot create the cache directory {self.path}: {exc}") from exc
+
+    # -- reading ------------------------------------------------------------
+
+    def _enter(self) -> None:
+        with self._gate:
+            while self._resizing:
+                self._gate.wait()
+            if self._closed:
+                raise ClosedError(f"the cache at {self.path} is closed")
+            self._readers += 1
+
+    def _leave(self) -> None:
+        with self._gate:
+            self._readers -= 1
+            if self._readers == 0 and self._resizing:
+                self._gate.notify_all()
+
+    def get(self, key: bytes) -> bytes | None:
+        """Return the stored value bytes of ``key``, or ``None`` if absent."""
+        self._enter()
+        try:
+            with self._env.begin(db=self._data, buffers=False) as txn:
+                return txn.get(key)  # type: ignore[no-any-return]
+        finally:
+            self._leave()
+
+    def contains(self, key: bytes) -> bool:
+        """Return whether ``key`` is present."""
+        return self.get(key) is not None
+
+    def __len__(self) -> int:
+        self._enter()
+        try:
+            with self._env.begin() as txn:
+                return int(txn.stat(self._data)["entries"])
+        finally:
+            self._leave()
+
+    def items(
+        self, *, start: bytes | None = None, stop: bytes | None = None, prefix: bytes | None = None
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """Yield ``(key, value)`` in key order, for ``start <= key < stop`` and keys under ``prefix``.
+
+        Each chunk of keys is read in its own short read transaction: the
+        iteration sees writes made while it runs, like iterating a dict that
+        changes, but never fails because of them.
+        """
+        lower = start
+        if prefix is not None and (lower is None or lower < prefix):
+            lower = prefix
+        inclusive = True
+        while True:
+            chunk: list[tuple[bytes, bytes]] = []
+            self._enter()
+            try:
+                with self._env.begin(db=self._data, buffers=False) as txn:
+                    cursor = txn.cursor()
+                    positioned = cursor.set_range(lower) if lower is not None else cursor.first()
+                    if positioned and not inclusive and cursor.key() == lower:
+                        positioned = cursor.next()
+                    while positioned and len(chunk) < _SCAN_CHUNK:
+                        chunk.append((cursor.key(), cursor.value()))
+                        positioned = cursor.next()
+            finally:
+                self._leave()
+            for key, value in chunk:
+                if stop is not None and key >= stop:
+                    return
+                if prefix is not None and not key.startswith(prefix):
+                    return
+                yield key, value
+            if len(chunk) < _SCAN_CHUNK:
+                return
+            lower, inclusive = chunk[-1][0], False
+
+    def keys(self) -> Iterator[bytes]:
+        """Yield every key in order."""
+        for key, _ in self.items():
+            yield key
+
+    # -- meta ---------------------------------------------------------------
+
+    def _meta_get(self, name: bytes) -> Any:
+        self._enter()
+        try:
+            with self._env.begin(db=self._meta) as txn:
+                raw = txn.get(name)
+        finally:
+            self._leave()
+        return None if raw is None else _unpack(raw)
+
+    def identity(self) -> dict[str, Any] | None:
+        """Return the identity of the log this cache mirrors, or ``None`` for a new cache."""
+        fmt = self._meta_get(_META_FORMAT)
+        if fmt is not None and fmt != _FORMAT:
+            return {"format": fmt}
+        return self._meta_get(_META_IDENTITY)  # type: ignore[no-any-return]
+
+    def checkpoint(self) -> dict[int, int]:
+        """Return partition -> next offset to replay (empty for a new or reset cache)."""
+        return dict(self._meta_get(_META_CHECKPOINT) or {})
+
+    # -- writing (the replayer only) ----------------------------------------
+
+    def apply(self, records: Iterable[Any], checkpoint: Mapping[int, int]) -> tuple[int, int]:
+        """Apply records in order and store ``checkpoint``, in ONE write transaction.
+
+        Each record has ``key`` and ``value`` attributes; ``value=None`` is a
+        tombstone. Records whose key the cache cannot hold (null, empty or
+        longer than 511 bytes, possible only from foreign producers) are
+        skipped and counted.
+
+        Returns:
+            ``(applied, skipped)`` record counts.
+
+        Raises:
+            CacheError: LMDB failed (e.g. the disk is full); nothing of this
+                batch was written.
+        """
+        records = records if isinstance(records, list) else list(records)
+        packed_checkpoint = _pack(dict(checkpoint))
+        while True:
+            self._enter()
+            try:
+                return self._apply_once(records, packed_checkpoint)
+            except lmdb.MapFullError:
+                pass  # grow below, outside the gate, then replay the whole batch again
+            except lmdb.Error as exc:
+                raise CacheError(f"cannot write to the cache at {self.path}: {exc}") from exc
+            finally:
+                self._leave()
+            self._grow()
+
+    def _apply_once(self, records: list[Any], packed_checkpoint: bytes) -> tuple[int, int]:
+        skipped = 0
+        with self._env.begin(write=True) as txn:
+            cursor = txn.cursor(self._data)
+            put = cursor.put
+            delete = txn.delete
+            data = self._data
+            for record in records:
+                key = record.key
+                if not key or len(key) > 511:
+                    skipped += 1
+                    continue
+                value = record.value
+                if value is None:
+                    delete(key, db=data)
+                else:
+                    put(key, value)
+            txn.put(_META_CHECKPOINT, packed_checkpoint, db=self._meta)
+        return len(records) - skipped, skipped
+
+    def reset(self, identity: Mapping[str, Any], checkpoint: Mapping[int, int] | None = None) -> None:
+        """Drop every entry and bind the cache to ``identity``, in one transaction.
+
+        A crash during a reset leaves either the old cache or an empty cache
+        bound to the new identity; both are consistent.
+        """
+        self._enter()
+        try:
+            with self._env.begin(write=True) as txn:
+                txn.drop(self._data, delete=False)
+                txn.put(_META_FORMAT, _pack(_FORMAT), db=self._meta)
+                txn.put(_META_IDENTITY, _pack(dict(identity)), db=self._meta)
+                txn.put(_META_CHECKPOINT, _pack(dict(checkpoint or {})), db=self._meta)
+        except lmdb.Error as exc:
+            raise CacheError(f"cannot reset the cache at {self.path}: {exc}") from exc
+        finally:
+            self._leave()
+
+    def _grow(self) -> None:
+        with self._gate:
+            self._resizing = True
+            try:
+                while self._readers:
+                    self._gate.wait()
+                new_size = self._env.info()["map_size"] * 2
+                try:
+                    self._env.set_mapsize(new_size)
+                except lmdb.Error as exc:
+                    raise CacheError(
+                        f"the cache at {self.path} is full and cannot grow to {new_size} bytes: {exc}"
+                    ) from exc
+            finally:
+                self._resizing = False
+                self._gate.notify_all()
+
+    # -- housekeeping -------------------------------------------------------
+
+    @property
+    def map_size(self) -> int:
+        """The current LMDB map size in bytes."""
+        return int(self._env.info()["map_size"])
+
+    def disk_bytes(self) -> int:
+        """Bytes the cache files take on disk."""
+        total = 0
+        for name in ("data.mdb", "lock.mdb"):
+            try:
+                total += (self.path / name).stat().st_blocks * 512
+            except OSError:
+                pass
+        return total
+
+    def close(self) -> None:
+        """Close the environment once no reader is inside. Idempotent."""
+        with self._gate:
+            if self._closed:
+                return
+            self._closed = True
+            while self._readers:
+                self._gate.wait()
+        self._env.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    def __repr__(self) -> str:
+        return f"<Cache {str(self.path)!r}{' closed' if self._closed else ''}>"

@@ -1,0 +1,117 @@
+"""The log interface: what a store needs from the log that is its source of truth.
+
+Two logs implement it: :class:`~kvlog.log.kafka.KafkaLog` (a compacted Kafka
+topic) and the embedded on-disk log. :class:`~kvlog.KVLog` talks to either
+through these two abstract classes only.
+
+Offsets follow Kafka's meaning: each partition numbers its records from 0
+upwards, compaction removes records but never renumbers the rest, and a
+*position* is the offset of the next record to read (so a reader whose
+position equals the end offset has read everything).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+__all__ = ["Log", "LogReader", "PositionOutOfRangeError", "Record"]
+
+
+class PositionOutOfRangeError(Exception):
+    """A reader's position is no longer in the log (its start moved past it, or it lost data).
+
+    The replayer answers it by rebuilding the cache from the log start.
+    """
+
+
+class Record(NamedTuple):
+    """One record read from the log. ``value`` is ``None`` for a tombstone."""
+
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+class LogReader(abc.ABC):
+    """Reads every partition of a log from given positions, in offset order per partition."""
+
+    @abc.abstractmethod
+    def poll(self, timeout: float, max_records: int) -> Sequence[Any]:
+        """Return up to ``max_records`` records, waiting at most ``timeout`` seconds for the first.
+
+        Each item has ``partition``, ``offset``, ``key`` and ``value`` attributes
+        (a :class:`Record` or a compatible object such as kafka-python's
+        ``ConsumerRecord``).
+        """
+
+    @abc.abstractmethod
+    def positions(self) -> dict[int, int]:
+        """Return the position (next offset to read) of every partition.
+
+        A position may move past offsets that hold no record (compacted gaps,
+        transaction markers); that is what makes "caught up" decidable.
+        """
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the reader's resources. Idempotent."""
+
+
+class Log(abc.ABC):
+    """A partitioned, compacted log of (key, value) records."""
+
+    #: "kafka" or "local"; part of the identity a cache is bound to.
+    kind: str
+
+    @property
+    @abc.abstractmethod
+    def partitions(self) -> int:
+        """The number of partitions."""
+
+    @abc.abstractmethod
+    def identity(self) -> dict[str, Any]:
+        """Return what makes this log this log: kind, cluster, topic, topic id, partitions.
+
+        A cache built from one log is never trusted for a log with another identity.
+        """
+
+    @abc.abstractmethod
+    def append(self, records: Sequence[tuple[bytes, bytes | None]], timeout: float) -> list[tuple[int, int]]:
+        """Append ``(key, value)`` records durably; return ``(partition, offset)`` of each.
+
+        ``value=None`` appends a tombstone. Returns only after every record is
+        durable (acks=all for Kafka).
+
+        Raises:
+            RecordTooLargeError: a record is larger than the log accepts.
+            LogUnavailableError: the log could not be reached within ``timeout``.
+            WriteError: the log refused the write.
+        """
+
+    @abc.abstractmethod
+    def begin_offsets(self) -> dict[int, int]:
+        """Return the log start offset of every partition."""
+
+    @abc.abstractmethod
+    def end_offsets(self) -> dict[int, int]:
+        """Return the end offset (one past the last readable record) of every partition."""
+
+    @abc.abstractmethod
+    def open_reader(self, positions: Mapping[int, int]) -> LogReader:
+        """Return a reader positioned at ``positions`` (one entry per partition)."""
+
+    @property
+    def max_record_bytes(self) -> int | None:
+        """The largest key + value the log accepts, or ``None`` if unbounded."""
+        return None
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """A short human description, e.g. ``kafka topic 'orders' at 127.0.0.1:9092``."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release connections and files. Idempotent."""

@@ -1,0 +1,381 @@
+"""A compacted Apache Kafka topic as a kvlog log, on kafka-python.
+
+Three clients, each with one job:
+
+* an admin client finds the cluster id, creates the topic compacted (or
+  refuses an existing one that is not) and reads its configuration;
+* an idempotent producer with ``acks=all`` appends; a write returns only
+  once every in-sync replica has it;
+* consumers with manual assignment of every partition and no consumer group
+  (nothing is committed to Kafka: the cache holds its own checkpoint) read
+  the topic from given positions, and a separate one answers offset queries
+  so that they never touch the reader's fetch state from another thread.
+
+Consumers use ``isolation_level="read_committed"``: records of aborted
+transactions from foreign transactional producers never reach the cache, and
+end offsets are last stable offsets, which a committed reader can reach.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import kafka.errors as kerr
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
+
+from ..errors import (
+    BrokerUnavailableError,
+    ClosedError,
+    RecordTooLargeError,
+    TopicConfigError,
+    WriteError,
+)
+from . import Log, LogReader, PositionOutOfRangeError
+
+__all__ = ["KafkaLog"]
+
+log = logging.getLogger(__name__)
+
+# What a Kafka record costs beyond its key and value: the record batch header
+# (61 bytes) plus the record's own varint framing. Kafka checks
+# max.message.bytes against the whole batch, so kvlog checks key + value +
+# this before sending anything.
+_BATCH_OVERHEAD = 61 + 24
+
+_UNKNOWN_TOPIC = kerr.UnknownTopicOrPartitionError.errno
+
+
+def _retention_from(configs: Mapping[str, Any], name: str, default: int) -> int:
+    entry = configs.get(name)
+    if entry is None:
+        return default
+    value = entry["value"] if isinstance(entry, Mapping) else entry
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+class KafkaReader(LogReader):
+    """Reads every partition of a topic with a group-less, manually assigned consumer."""
+
+    def __init__(self, kafka_log: KafkaLog, positions: Mapping[int, int]) -> None:
+        self._tps = [TopicPartition(kafka_log.topic, p) for p in range(kafka_log.partitions)]
+        self._consumer = kafka_log._new_consumer(
+            max_poll_records=100_000,
+            # Large fetches keep replay throughput up; one partition fetch must
+            # still hold the largest record the topic accepts.
+            fetch_max_bytes=64 * 1024 * 1024,
+            max_partition_fetch_bytes=max(16 * 1024 * 1024, kafka_log.max_record_bytes or 0),
+        )
+        self._consumer.assign(self._tps)
+        for tp in self._tps:
+            self._consumer.seek(tp, positions[tp.partition])
+        self._closed = False
+
+    def poll(self, timeout: float, max_records: int) -> list[Any]:
+        try:
+            batches = self._consumer.poll(timeout_ms=int(timeout * 1000), max_records=max_records)
+        except kerr.OffsetOutOfRangeError as exc:
+            raise PositionOutOfRangeError(f"a reader position is outside the log: {exc}") from exc
+        if not batches:
+            return []
+        if len(batches) == 1:
+            return next(iter(batches.values()))  # type: ignore[no-any-return]
+        records: list[Any] = []
+        for batch in batches.values():
+            records.extend(batch)
+        return records
+
+    def positions(self) -> dict[int, int]:
+        return {tp.partition: self._consumer.position(tp) for tp in self._tps}
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._consumer.close(autocommit=False)
+
+
+class KafkaLog(Log):
+    """A compacted Kafka topic.
+
+    Args:
+        bootstrap_servers: ``"host:port"`` or a list of them.
+        topic: the topic name; created compacted if missing and ``create_topic``.
+        partitions: partition count for a topic kvlog creates.
+        replication_factor: replication factor for a topic kvlog creates.
+        topic_config: extra topic configs for a topic kvlog creates
+            (e.g. ``{"min.insync.replicas": "2"}``).
+        create_topic: create the topic if it does not exist.
+        allow_non_compacted: accept a topic whose ``cleanup.policy`` is not
+            ``compact``. Its records expire, so a rebuilt cache loses keys:
+            only for topics you know to be complete.
+        timeout: seconds to wait for the cluster when connecting and writing.
+        kafka_config: settings passed to every kafka-python client as they are
+            (security_protocol, sasl_*, ssl_*, client_id, ...).
+
+    Raises:
+        BrokerUnavailableError: no broker answered within ``timeout``.
+        TopicConfigError: the topic is missing (and not created) or not compacted.
+    """
+
+    kind = "kafka"
+
+    def __init__(
+        self,
+        bootstrap_servers: str | Sequence[str],
+        topic: str,
+        *,
+        partitions: int = 1,
+        replication_factor: int = 1,
+        topic_config: Mapping[str, str] | None = None,
+        create_topic: bool = True,
+        allow_non_compacted: bool = False,
+        timeout: float = 30.0,
+        kafka_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(topic, str) or not topic:
+            raise ValueError("topic must be a non-empty str")
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        self.topic = topic
+        self.bootstrap_servers = (
+            bootstrap_servers if isinstance(bootstrap_servers, str) else ",".join(bootstrap_servers)
+        )
+        self.timeout = timeout
+        self._kafka_config = dict(kafka_config or {})
+        self._closed = False
+        self._offsets_lock = threading.Lock()
+        self._producer: KafkaProducer | None = None
+        self._offsets_consumer: KafkaConsumer | None = None
+        self._admin: KafkaAdminClient | None = None
+        try:
+            self._admin = self._connect(
+                KafkaAdminClient, request_timeout_ms=self._timeout_ms, bootstrap_timeout_ms=self._timeout_ms
+            )
+            self.cluster_id: str = self._admin.describe_cluster()["cluster_id"]
+            topic_info = self._describe_topic()
+            if topic_info is None:
+                if not create_topic:
+                    raise TopicConfigError(
+                        f"topic {topic!r} does not exist at {self.bootstrap_servers}; "
+                        "create it with cleanup.policy=compact or pass create_topic=True"
+                    )
+                topic_info = self._create_topic(partitions, replication_factor, topic_config or {})
+            self.topic_id = str(topic_info["topic_id"])
+            self._partitions = len(topic_info["partitions"])
+            self.topic_configs = self._describe_configs()
+            self._check_policy(allow_non_compacted)
+            self._max_message_bytes = _retention_from(self.topic_configs, "max.message.bytes", 1048588)
+            self.delete_retention_ms = _retention_from(self.topic_configs, "delete.retention.ms", 86400000)
+            self._producer = self._connect(
+                KafkaProducer,
+                acks="all",
+                enable_idempotence=True,
+                linger_ms=0,
+                max_request_size=max(1048576, self._max_message_bytes + 1024),
+                max_block_ms=self._timeout_ms,
+                request_timeout_ms=min(30000, self._timeout_ms),
+                delivery_timeout_ms=max(self._timeout_ms, min(30000, self._timeout_ms)),
+            )
+            self._offsets_consumer = self._new_consumer()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- connection helpers -------------------------------------------------
+
+    @property
+    def _timeout_ms(self) -> int:
+        return max(1, int(self.timeout * 1000))
+
+    def _unavailable(self, exc: BaseException | None = None) -> BrokerUnavailableError:
+        detail = f": {exc}" if exc is not None and str(exc) else ""
+        return BrokerUnavailableError(
+            f"no Kafka broker answered at {self.bootstrap_servers} within {self.timeout:g}s{detail}"
+        )
+
+    def _connect(self, client: type, **settings: Any) -> Any:
+        config = {"bootstrap_servers": self.bootstrap_servers, **self._kafka_config, **settings}
+        try:
+            return client(**config)
+        except (kerr.NoBrokersAvailable, kerr.KafkaTimeoutError, kerr.KafkaConnectionError) as exc:
+            raise self._unavailable(exc) from exc
+
+    def _new_consumer(self, **settings: Any) -> KafkaConsumer:
+        return self._connect(
+            KafkaConsumer,
+            group_id=None,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            # kvlog seeks explicitly; a position that the log no longer holds is
+            # a reason to rebuild, never a reason to silently jump to the end.
+            auto_offset_reset="none",
+            request_timeout_ms=max(31000, self._timeout_ms),
+            **settings,
+        )
+
+    def _describe_topic(self) -> dict[str, Any] | None:
+        assert self._admin is not None
+        for info in self._admin.describe_topics([self.topic]):
+            if info["name"] != self.topic:
+                continue
+            if info["error_code"] == _UNKNOWN_TOPIC:
+                return None
+            if info["error_code"]:
+                error = kerr.for_code(info["error_code"])
+                raise TopicConfigError(f"topic {self.topic!r} cannot be described: {error.__name__}")
+            return info  # type: ignore[no-any-return]
+        return None
+
+    def _create_topic(
+        self, partitions: int, replication_factor: int, topic_config: Mapping[str, str]
+    ) -> dict[str, Any]:
+        assert self._admin is not None
+        configs = {"cleanup.policy": "compact", **{k: str(v) for k, v in topic_config.items()}}
+        try:
+            self._admin.create_topics(
+                {
+                    self.topic: {
+                        "num_partitions": partitions,
+                        "replication_factor": replication_factor,
+                        "configs": configs,
+                    }
+                },
+                timeout_ms=self._timeout_ms,
+                wait_for_metadata=True,
+            )
+            log.info("created compacted topic %r with %d partition(s)", self.topic, partitions)
+        except kerr.TopicAlreadyExistsError:
+            pass  # another instance created it first; its settings are checked below
+        except kerr.KafkaTimeoutError as exc:
+            raise self._unavailable(exc) from exc
+        except kerr.KafkaError as exc:
+            raise TopicConfigError(f"cannot create topic {self.topic!r}: {exc}") from exc
+        info = self._describe_topic()
+        if info is None:
+            raise TopicConfigError(f"topic {self.topic!r} was created but is not visible")
+        return info
+
+    def _describe_configs(self) -> dict[str, Any]:
+        assert self._admin is not None
+        result = self._admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, self.topic)], config_filter="all"
+        )
+        return dict(result["topic"][self.topic])
+
+    def _check_policy(self, allow_non_compacted: bool) -> None:
+        entry = self.topic_configs.get("cleanup.policy", {"value": "delete"})
+        policy = entry["value"] if isinstance(entry, Mapping) else str(entry)
+        policies = {p.strip() for p in policy.split(",")}
+        if policies == {"compact"} or allow_non_compacted:
+            return
+        raise TopicConfigError(
+            f"topic {self.topic!r} has cleanup.policy={policy}; kvlog needs cleanup.policy=compact "
+            "(records that expire by retention would vanish from a rebuilt cache). Change it with "
+            f"`kafka-configs.sh --alter --entity-type topics --entity-name {self.topic} "
+            "--add-config cleanup.policy=compact`, or pass allow_non_compacted=True if you accept that"
+        )
+
+    # -- the Log interface --------------------------------------------------
+
+    @property
+    def partitions(self) -> int:
+        return self._partitions
+
+    @property
+    def max_record_bytes(self) -> int:
+        return self._max_message_bytes - _BATCH_OVERHEAD
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "cluster_id": self.cluster_id,
+            "topic": self.topic,
+            "topic_id": self.topic_id,
+            "partitions": self._partitions,
+        }
+
+    def describe(self) -> str:
+        return f"kafka topic {self.topic!r} at {self.bootstrap_servers}"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"{self.describe()} is closed")
+
+    def append(self, records: Sequence[tuple[bytes, bytes | None]], timeout: float) -> list[tuple[int, int]]:
+        self._check_open()
+        assert self._producer is not None
+        limit = self.max_record_bytes
+        for key, value in records:
+            size = len(key) + (len(value) if value is not None else 0)
+            if size > limit:
+                raise RecordTooLargeError(
+                    f"record for key {key[:40]!r} is {size} bytes; topic {self.topic!r} accepts at most "
+                    f"{limit} (max.message.bytes={self._max_message_bytes})"
+                )
+        deadline = time.monotonic() + timeout
+        try:
+            futures = [self._producer.send(self.topic, key=key, value=value) for key, value in records]
+            self._producer.flush(timeout=max(0.0, deadline - time.monotonic()))
+            metadata = [f.get(timeout=max(0.001, deadline - time.monotonic())) for f in futures]
+        except (kerr.MessageSizeTooLargeError, kerr.RecordListTooLargeError) as exc:
+            raise RecordTooLargeError(f"topic {self.topic!r} refused a record as too large: {exc}") from exc
+        except (kerr.KafkaTimeoutError, kerr.NoBrokersAvailable, kerr.KafkaConnectionError) as exc:
+            raise self._unavailable(exc) from exc
+        except kerr.KafkaError as exc:
+            raise WriteError(f"write to {self.describe()} failed: {exc!r}") from exc
+        return [(m.partition, m.offset) for m in metadata]
+
+    def _tps(self) -> list[TopicPartition]:
+        return [TopicPartition(self.topic, p) for p in range(self._partitions)]
+
+    def _offsets(self, which: str) -> dict[int, int]:
+        self._check_open()
+        assert self._offsets_consumer is not None
+        with self._offsets_lock:
+            try:
+                query = getattr(self._offsets_consumer, which)
+                offsets = query(self._tps(), timeout_ms=self._timeout_ms)
+            except (kerr.KafkaTimeoutError, kerr.NoBrokersAvailable, kerr.KafkaConnectionError) as exc:
+                raise self._unavailable(exc) from exc
+        return {tp.partition: offset for tp, offset in offsets.items()}
+
+    def begin_offsets(self) -> dict[int, int]:
+        return self._offsets("beginning_offsets")
+
+    def end_offsets(self) -> dict[int, int]:
+        return self._offsets("end_offsets")
+
+    def open_reader(self, positions: Mapping[int, int]) -> KafkaReader:
+        self._check_open()
+        return KafkaReader(self, positions)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        # Close in reverse order of creation; a failure to close one client
+        # must not leak the others' sockets and threads.
+        if self._offsets_consumer is not None:
+            _quietly(self._offsets_consumer.close, autocommit=False)
+        if self._producer is not None:
+            _quietly(self._producer.close, timeout=min(5.0, self.timeout))
+        if self._admin is not None:
+            _quietly(self._admin.close)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{self._partitions} partition(s)"
+        return f"<KafkaLog {self.describe()}, {state}>"
+
+
+def _quietly(close: Any, **kwargs: Any) -> None:
+    try:
+        close(**kwargs)
+    except Exception:  # noqa: BLE001 - closing must not mask the original error
+        log.debug("error while closing a Kafka client", exc_info=True)

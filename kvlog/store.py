@@ -1,0 +1,443 @@
+"""KVLog: a dict whose source of truth is a compacted log.
+
+Reads come from the local LMDB cache; writes go to the log first and return
+once the replayer has applied them to the cache (read-your-writes). See
+``DESIGN.md`` for the data flow and the invariants.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from .cache import DEFAULT_MAP_SIZE, Cache
+from .codec import Codec, decode_key, encode_key, get_codec
+from .errors import ClosedError
+from .log import Log
+from .replay import Replayer
+
+__all__ = ["KVLog"]
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_MISSING: Any = object()
+
+#: Records sent per append call by :meth:`KVLog.update`.
+UPDATE_BATCH = 10_000
+
+
+class KVLog(MutableMapping[Any, Any]):
+    """A persistent dict over a compacted log, with reads served from a local LMDB cache.
+
+    ``KVLog(path, bootstrap_servers=..., topic=...)`` mirrors a compacted Kafka
+    topic into an LMDB cache under ``path``. Opening replays whatever the topic
+    holds beyond the cache's checkpoint, so the store is ready when the
+    constructor returns: a warm restart replays only the tail, a lost or
+    mismatched cache is rebuilt from the whole topic.
+
+    Keys are ``str`` (stored as UTF-8) or ``bytes``; iteration returns them in
+    byte order, as ``key_type`` (``str`` by default). Values are anything the
+    codec encodes (msgpack by default). A stored ``None`` is a value; ``del``
+    writes a tombstone.
+
+    Args:
+        path: directory for the cache (created if missing). The LMDB
+            environment lives in ``path/cache``.
+        bootstrap_servers: Kafka brokers, ``"host:port[,host:port]"``.
+        topic: the compacted topic to mirror; created if missing.
+        log: any :class:`kvlog.log.Log` instead of ``bootstrap_servers`` and
+            ``topic`` (the store closes it on ``close()``).
+        codec: ``"msgpack"``, ``"json"``, ``"str"``, ``"bytes"`` or a
+            :class:`~kvlog.Codec`. Part of the cache identity.
+        key_type: ``str`` or ``bytes``: the type keys are returned as.
+        follow: run a background thread that applies records from any producer
+            as they arrive. With ``False`` the cache moves only in ``sync()``
+            and in this store's own writes.
+        timeout: seconds to wait for the broker when connecting and per write
+            (the write raises :class:`~kvlog.BrokerUnavailableError` after it).
+        ready_timeout: seconds to wait for the initial replay; ``None`` waits
+            as long as it takes.
+        partitions, replication_factor, topic_config: used when creating the topic.
+        create_topic: create a missing topic (compacted).
+        allow_non_compacted: accept a topic whose ``cleanup.policy`` is not
+            ``compact`` (its expired records vanish from a rebuilt cache).
+        kafka_config: settings passed as they are to every kafka-python client
+            (``security_protocol``, ``sasl_*``, ``ssl_*``, ...).
+        map_size: initial LMDB map size in bytes (it grows on demand).
+
+    Raises:
+        BrokerUnavailableError: no broker answered within ``timeout``.
+        TopicConfigError: the topic is not compacted (or missing and not created).
+        CacheError: the cache directory cannot be opened.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        bootstrap_servers: str | Sequence[str] | None = None,
+        topic: str | None = None,
+        log: Log | None = None,
+        codec: str | Codec = "msgpack",
+        key_type: type = str,
+        follow: bool = True,
+        timeout: float = 30.0,
+        ready_timeout: float | None = None,
+        partitions: int = 1,
+        replication_factor: int = 1,
+        topic_config: Mapping[str, str] | None = None,
+        create_topic: bool = True,
+        allow_non_compacted: bool = False,
+        kafka_config: Mapping[str, Any] | None = None,
+        map_size: int = DEFAULT_MAP_SIZE,
+    ) -> None:
+        if key_type not in (str, bytes):
+            raise TypeError("key_type must be str or bytes")
+        self.path = Path(path)
+        self._codec = get_codec(codec)
+        self._key_type = key_type
+        self._timeout = timeout
+        self._closed = True  # until fully open: close() must be safe on a half-built store
+        self._cache: Cache | None = None
+        self._replayer: Replayer | None = None
+        self._log: Log | None = None
+        self.rebuilds: list[str] = []
+        if log is None:
+            if bootstrap_servers is None or topic is None:
+                raise ValueError(
+                    "KVLog needs bootstrap_servers= and topic= (a Kafka topic) or log= (a kvlog Log)"
+                )
+            from .log.kafka import KafkaLog
+
+            log = KafkaLog(
+                bootstrap_servers,
+                topic,
+                partitions=partitions,
+                replication_factor=replication_factor,
+                topic_config=topic_config,
+                create_topic=create_topic,
+                allow_non_compacted=allow_non_compacted,
+                timeout=timeout,
+                kafka_config=kafka_config,
+            )
+        elif bootstrap_servers is not None or topic is not None:
+            raise ValueError("pass either log= or bootstrap_servers= and topic=, not both")
+        self._log = log
+        try:
+            self._cache = Cache(self.path / "cache", map_size=map_size)
+            self._open_replay(ready_timeout)
+            self._closed = False
+            if follow:
+                assert self._replayer is not None
+                self._replayer.start()
+        except BaseException:
+            self._closed = False
+            self.close()
+            raise
+
+    # -- opening ------------------------------------------------------------
+
+    def _identity(self) -> dict[str, Any]:
+        assert self._log is not None
+        return {**self._log.identity(), "codec": self._codec.name}
+
+    def _stale_reason(self, identity: Mapping[str, Any]) -> str | None:
+        """Why the cache cannot be trusted for this log, or ``None`` if it can."""
+        assert self._cache is not None and self._log is not None
+        cached = self._cache.identity()
+        if cached is None:
+            return "new cache"
+        if cached != identity:
+            changed = sorted(k for k in set(cached) | set(identity) if cached.get(k) != identity.get(k))
+            details = ", ".join(f"{k}: {cached.get(k)!r} -> {identity.get(k)!r}" for k in changed)
+            return f"the cache mirrors another log ({details})"
+        checkpoint = self._cache.checkpoint()
+        if not checkpoint:
+            return None
+        begin, end = self._log.begin_offsets(), self._log.end_offsets()
+        for p in range(self._log.partitions):
+            position = checkpoint.get(p, 0)
+            if position < begin[p]:
+                return f"checkpoint {position} of partition {p} is below the log start offset {begin[p]}"
+            if position > end[p]:
+                return f"checkpoint {position} of partition {p} is past the log end offset {end[p]}"
+        return None
+
+    def _open_replay(self, ready_timeout: float | None) -> None:
+        assert self._cache is not None and self._log is not None
+        started = time.monotonic()
+        identity = self._identity()
+        reason = self._stale_reason(identity)
+        if reason is not None:
+            if reason != "new cache":
+                log.warning("rebuilding the cache at %s: %s", self.path, reason)
+            self.rebuilds.append(reason)
+            self._cache.reset(identity)
+        checkpoint_before = self._cache.checkpoint()
+        self._replayer = Replayer(self._log, self._cache, on_rebuild=self.rebuilds.append)
+        self._replayer.wait_for(self._log.end_offsets(), ready_timeout)
+        self.open_replay: dict[str, Any] = {
+            "mode": "warm" if checkpoint_before else "cold",
+            "rebuild_reason": reason,
+            "records": self._replayer.records_replayed,
+            "seconds": round(time.monotonic() - started, 3),
+        }
+
+    # -- helpers ------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"{self!r} is closed")
+
+    def _write(self, records: Sequence[tuple[bytes, bytes | None]]) -> None:
+        """Append to the log, then wait until replay applied every record (read-your-writes)."""
+        assert self._log is not None and self._replayer is not None
+        started = time.monotonic()
+        targets: dict[int, int] = {}
+        for partition, offset in self._log.append(records, timeout=self._timeout):
+            if offset + 1 > targets.get(partition, -1):
+                targets[partition] = offset + 1
+        remaining = max(0.001, self._timeout - (time.monotonic() - started))
+        self._replayer.wait_for(targets, remaining)
+
+    def _decode(self, raw: bytes) -> Any:
+        return self._codec.decode(raw)
+
+    # -- the mapping --------------------------------------------------------
+
+    def __getitem__(self, key: str | bytes) -> Any:
+        self._check_open()
+        assert self._cache is not None
+        raw = self._cache.get(encode_key(key))
+        if raw is None:
+            raise KeyError(key)
+        return self._codec.decode(raw)
+
+    def get(self, key: str | bytes, default: Any = None) -> Any:
+        """Return the value of ``key``, or ``default`` if it is absent."""
+        self._check_open()
+        assert self._cache is not None
+        raw = self._cache.get(encode_key(key))
+        return default if raw is None else self._codec.decode(raw)
+
+    def __contains__(self, key: object) -> bool:
+        self._check_open()
+        assert self._cache is not None
+        return self._cache.get(encode_key(key)) is not None  # type: ignore[arg-type]
+
+    def __setitem__(self, key: str | bytes, value: Any) -> None:
+        """Write ``value`` to the log; return once it is durable and visible in this cache.
+
+        Raises:
+            TypeError, ValueError: bad key or unencodable value (nothing written).
+            RecordTooLargeError: the record is larger than the topic accepts.
+            BrokerUnavailableError: the broker did not acknowledge in time.
+        """
+        self._check_open()
+        record = (encode_key(key), self._codec.encode(value))
+        self._write([record])
+
+    def __delitem__(self, key: str | bytes) -> None:
+        """Write a tombstone for ``key``.
+
+        Raises:
+            KeyError: ``key`` is not in the cache (nothing is written).
+        """
+        self._check_open()
+        assert self._cache is not None
+        data = encode_key(key)
+        if self._cache.get(data) is None:
+            raise KeyError(key)
+        self._write([(data, None)])
+
+    def discard(self, key: str | bytes) -> None:
+        """Write a tombstone for ``key`` whether or not the cache holds it."""
+        self._check_open()
+        self._write([(encode_key(key), None)])
+
+    def __iter__(self) -> Iterator[Any]:
+        self._check_open()
+        assert self._cache is not None
+        key_type = self._key_type
+        for key in self._cache.keys():
+            yield decode_key(key, key_type)
+
+    def __len__(self) -> int:
+        self._check_open()
+        assert self._cache is not None
+        return len(self._cache)
+
+    def update(self, other: Any = (), /, **kwargs: Any) -> None:  # type: ignore[override]
+        """Write many keys: encoded and checked first, sent in batches, one wait per batch.
+
+        Every key and value is validated before anything is sent, so bad
+        input writes nothing. The batch is not atomic: if the broker fails
+        part-way, the records sent before the failure stay in the log.
+        """
+        self._check_open()
+        items: Iterable[tuple[Any, Any]]
+        if isinstance(other, Mapping):
+            items = other.items()
+        elif hasattr(other, "keys"):
+            items = ((k, other[k]) for k in other.keys())
+        else:
+            items = other
+        encode = self._codec.encode
+        records = [(encode_key(k), encode(v)) for k, v in items]
+        records.extend((encode_key(k), encode(v)) for k, v in kwargs.items())
+        for start in range(0, len(records), UPDATE_BATCH):
+            self._write(records[start : start + UPDATE_BATCH])
+
+    def clear(self) -> None:
+        """Write a tombstone for every key in the cache (in batches)."""
+        self._check_open()
+        assert self._cache is not None
+        keys = list(self._cache.keys())
+        for start in range(0, len(keys), UPDATE_BATCH):
+            self._write([(k, None) for k in keys[start : start + UPDATE_BATCH]])
+
+    # -- beyond the mapping -------------------------------------------------
+
+    def scan(
+        self,
+        prefix: str | bytes | None = None,
+        *,
+        start: str | bytes | None = None,
+        stop: str | bytes | None = None,
+    ) -> Iterator[tuple[Any, Any]]:
+        """Yield ``(key, value)`` pairs in key order.
+
+        Args:
+            prefix: only keys that start with it.
+            start: only keys ``>= start``.
+            stop: only keys ``< stop``.
+        """
+        self._check_open()
+        assert self._cache is not None
+        lo = None if start is None else encode_key(start)
+        hi = None if stop is None else encode_key(stop)
+        pre = None if prefix is None else _encode_prefix(prefix)
+        key_type, decode = self._key_type, self._codec.decode
+        for key, value in self._cache.items(start=lo, stop=hi, prefix=pre):
+            yield decode_key(key, key_type), decode(value)
+
+    def sync(self, timeout: float | None = None) -> None:
+        """Wait until the cache holds everything the log held when this was called.
+
+        Raises:
+            SyncTimeoutError: not caught up within ``timeout`` seconds.
+            BrokerUnavailableError: the end offsets could not be read.
+        """
+        self._check_open()
+        assert self._log is not None and self._replayer is not None
+        self._replayer.wait_for(self._log.end_offsets(), timeout)
+
+    def rewarm(
+        self, timeout: float | None = None, *, progress: Callable[[dict[int, int]], None] | None = None
+    ) -> dict[str, Any]:
+        """Drop the cache and rebuild it by replaying the log from the start.
+
+        Reads during a rewarm see a prefix of the log (keys fill in as replay
+        proceeds). A crash during it leaves a consistent, partial cache that
+        the next open completes.
+
+        Returns:
+            ``{"records": n, "seconds": s}`` for the replay.
+        """
+        self._check_open()
+        assert self._log is not None and self._replayer is not None
+        started = time.monotonic()
+        before = self._replayer.records_replayed
+        following = self._replayer.following
+        self._replayer.stop()
+        try:
+            self._replayer.reset(self._identity())
+            self.rebuilds.append("rewarm")
+            self._replayer.wait_for(self._log.end_offsets(), timeout, progress=progress)
+        finally:
+            if following:
+                self._replayer.start()
+        return {
+            "records": self._replayer.records_replayed - before,
+            "seconds": round(time.monotonic() - started, 3),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        """Return a snapshot of the store's state, for humans and monitoring.
+
+        Keys: ``path``, ``log`` (identity of the mirrored log), ``codec``,
+        ``entries``, ``checkpoint`` and ``end_offsets`` per partition, ``lag``
+        per partition and ``total_lag`` (``None`` when the log is unreachable),
+        ``bytes_on_disk``, ``map_size``, ``following``, ``records_replayed``
+        and ``records_skipped`` since open, ``open_replay`` (how the last open
+        went: warm or cold, records, seconds, why it rebuilt) and ``rebuilds``.
+        """
+        self._check_open()
+        assert self._cache is not None and self._log is not None and self._replayer is not None
+        checkpoint = self._replayer.positions
+        try:
+            end: dict[int, int] | None = self._log.end_offsets()
+        except Exception as exc:  # noqa: BLE001 - stats must work while the broker is down
+            log.debug("end offsets unavailable for stats: %s", exc)
+            end = None
+        lag = None if end is None else {p: max(0, end[p] - checkpoint.get(p, 0)) for p in end}
+        return {
+            "path": str(self.path),
+            "log": self._log.identity(),
+            "codec": self._codec.name,
+            "entries": len(self._cache),
+            "checkpoint": checkpoint,
+            "end_offsets": end,
+            "lag": lag,
+            "total_lag": None if lag is None else sum(lag.values()),
+            "bytes_on_disk": self._cache.disk_bytes(),
+            "map_size": self._cache.map_size,
+            "following": self._replayer.following,
+            "records_replayed": self._replayer.records_replayed,
+            "records_skipped": self._replayer.records_skipped,
+            "open_replay": dict(self.open_replay),
+            "rebuilds": list(self.rebuilds),
+        }
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop following, close the log clients and the cache. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._replayer is not None:
+            self._replayer.close()
+        if self._log is not None:
+            self._log.close()
+        if self._cache is not None:
+            self._cache.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    def __enter__(self: _T) -> _T:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        target = self._log.describe() if self._log is not None else "nothing"
+        state = " (closed)" if self._closed else ""
+        return f"<KVLog {str(self.path)!r} mirroring {target}{state}>"
+
+
+def _encode_prefix(prefix: str | bytes) -> bytes:
+    if isinstance(prefix, str):
+        return prefix.encode("utf-8")
+    if isinstance(prefix, bytes):
+        return prefix
+    raise TypeError(f"prefix must be str or bytes, not {type(prefix).__name__}")
