@@ -49,6 +49,9 @@ _BATCH_OVERHEAD = 61 + 24
 
 _UNKNOWN_TOPIC = kerr.UnknownTopicOrPartitionError.errno
 
+#: What kafka-python raises when no broker answers in time.
+_UNREACHABLE = (kerr.KafkaTimeoutError, kerr.KafkaConnectionError)
+
 
 def _retention_from(configs: Mapping[str, Any], name: str, default: int) -> int:
     entry = configs.get(name)
@@ -204,7 +207,7 @@ class KafkaLog(Log):
         config = {"bootstrap_servers": self.bootstrap_servers, **self._kafka_config, **settings}
         try:
             return client(**config)
-        except (kerr.NoBrokersAvailable, kerr.KafkaTimeoutError, kerr.KafkaConnectionError) as exc:
+        except _UNREACHABLE as exc:
             raise self._unavailable(exc) from exc
 
     def _new_consumer(self, **settings: Any) -> KafkaConsumer:
@@ -326,7 +329,7 @@ class KafkaLog(Log):
             metadata = [f.get(timeout=max(0.001, deadline - time.monotonic())) for f in futures]
         except (kerr.MessageSizeTooLargeError, kerr.RecordListTooLargeError) as exc:
             raise RecordTooLargeError(f"topic {self.topic!r} refused a record as too large: {exc}") from exc
-        except (kerr.KafkaTimeoutError, kerr.NoBrokersAvailable, kerr.KafkaConnectionError) as exc:
+        except _UNREACHABLE as exc:
             raise self._unavailable(exc) from exc
         except kerr.KafkaError as exc:
             raise WriteError(f"write to {self.describe()} failed: {exc!r}") from exc
@@ -342,7 +345,7 @@ class KafkaLog(Log):
             try:
                 query = getattr(self._offsets_consumer, which)
                 offsets = query(self._tps(), timeout_ms=self._timeout_ms)
-            except (kerr.KafkaTimeoutError, kerr.NoBrokersAvailable, kerr.KafkaConnectionError) as exc:
+            except _UNREACHABLE as exc:
                 raise self._unavailable(exc) from exc
         return {tp.partition: offset for tp, offset in offsets.items()}
 
