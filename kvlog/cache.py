@@ -17,9 +17,10 @@ equal to the log folded up to the stored checkpoint: some prefix of the log,
 never a torn mixture. :meth:`Cache.reset` likewise clears the data and writes
 the new identity and an empty checkpoint in one transaction.
 
-Only the replayer writes; any number of threads read. LMDB can only grow its
-memory map while no transaction of this process is open, so readers count
-themselves in and out of a gate that a resize closes.
+Only the replayer writes (from one thread at a time); any number of threads
+read. LMDB can only grow its memory map while no transaction of this process
+is open, so readers count themselves in and out of a gate that the writer
+closes, between its own transactions, to resize.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ class Cache:
                 readahead=False,
                 max_readers=512,
             )
+            self._page_size = int(self._env.stat()["psize"])
             self._data = self._env.open_db(b"data")
             self._meta = self._env.open_db(b"meta")
         except lmdb.Error as exc:
@@ -214,19 +216,24 @@ class Cache:
         Raises:
             CacheError: LMDB failed (e.g. the disk is full); nothing of this
                 batch was written.
+            ClosedError: the cache is closed.
         """
+        if self._closed:
+            raise ClosedError(f"the cache at {self.path} is closed")
         records = records if isinstance(records, list) else list(records)
         packed_checkpoint = _pack(dict(checkpoint))
+        # The writer does not pass the reader gate: only the writer ever
+        # resizes, and only between its own transactions, so readers are the
+        # only transactions a resize must wait for. (Passing the gate here
+        # would let busy readers starve replay of the gate's lock.)
+        self._grow_ahead(records)
         while True:
-            self._enter()
             try:
                 return self._apply_once(records, packed_checkpoint)
             except lmdb.MapFullError:
-                pass  # grow below, outside the gate, then replay the whole batch again
+                pass  # grow, then write the whole batch again: the failed txn was aborted
             except lmdb.Error as exc:
                 raise CacheError(f"cannot write to the cache at {self.path}: {exc}") from exc
-            finally:
-                self._leave()
             self._grow()
 
     def _apply_once(self, records: list[Any], packed_checkpoint: bytes) -> tuple[int, int]:
@@ -255,7 +262,8 @@ class Cache:
         A crash during a reset leaves either the old cache or an empty cache
         bound to the new identity; both are consistent.
         """
-        self._enter()
+        if self._closed:
+            raise ClosedError(f"the cache at {self.path} is closed")
         try:
             with self._env.begin(write=True) as txn:
                 txn.drop(self._data, delete=False)
@@ -264,12 +272,29 @@ class Cache:
                 txn.put(_META_CHECKPOINT, _pack(dict(checkpoint or {})), db=self._meta)
         except lmdb.Error as exc:
             raise CacheError(f"cannot reset the cache at {self.path}: {exc}") from exc
-        finally:
-            self._leave()
+
+    def _grow_ahead(self, records: list[Any]) -> None:
+        """Grow the map before a batch that may not fit, rather than after MapFullError.
+
+        LMDB gets very slow close to a full map while readers pin old pages
+        (each page allocation rescans the free list), so kvlog keeps the map at
+        least twice as large as what the data and the coming batch may need.
+        """
+        incoming = 0
+        for record in records:
+            value = record.value
+            incoming += len(record.key or b"") + (len(value) if value is not None else 0) + 16
+        info = self._env.info()
+        used = (info["last_pgno"] + 1) * self._page_size
+        while 2 * (used + 2 * incoming) > self._env.info()["map_size"]:
+            self._grow()
 
     def _grow(self) -> None:
+        # Raise the flag before competing for the gate's lock: readers that see
+        # it queue up in wait() instead of re-taking the lock, so busy readers
+        # cannot starve the resize (Python locks are not fair).
+        self._resizing = True
         with self._gate:
-            self._resizing = True
             try:
                 while self._readers:
                     self._gate.wait()
