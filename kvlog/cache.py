@@ -36,7 +36,7 @@ import msgpack
 
 from .errors import CacheError, ClosedError
 
-__all__ = ["Cache", "DEFAULT_MAP_SIZE"]
+__all__ = ["DEFAULT_MAP_SIZE", "Cache"]
 
 #: Initial map size. Address space, not disk: LMDB files grow as data is
 #: written. The map doubles whenever a replay batch does not fit.

@@ -41,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("KVLOG_BOOTSTRAP_SERVERS"),
         help="Kafka brokers, host:port[,host:port] (env KVLOG_BOOTSTRAP_SERVERS)",
     )
-    parser.add_argument("--topic", default=os.environ.get("KVLOG_TOPIC"), help="compacted topic (env KVLOG_TOPIC)")
+    parser.add_argument(
+        "--topic", default=os.environ.get("KVLOG_TOPIC"), help="compacted topic (env KVLOG_TOPIC)"
+    )
     parser.add_argument("--codec", default="msgpack", help="value codec: msgpack, json, str, bytes")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the broker")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -58,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
 
     put = sub.add_parser("put", help="write KEY = VALUE (VALUE is JSON)")
     put.add_argument("key")
-    put.add_argument("value", help="a JSON value, e.g. '{\"status\": \"paid\"}'")
+    put.add_argument("value", help='a JSON value, e.g. \'{"status": "paid"}\'')
 
     delete = sub.add_parser("del", help="write a tombstone for KEY")
     delete.add_argument("key")
@@ -89,7 +91,9 @@ def _open(args: argparse.Namespace, **kwargs: Any) -> Any:
     from .store import KVLog
 
     if not args.bootstrap_servers or not args.topic:
-        raise _UsageError("--bootstrap-servers and --topic are required (or KVLOG_BOOTSTRAP_SERVERS and KVLOG_TOPIC)")
+        raise _UsageError(
+            "--bootstrap-servers and --topic are required (or KVLOG_BOOTSTRAP_SERVERS and KVLOG_TOPIC)"
+        )
     return KVLog(
         args.cache,
         bootstrap_servers=args.bootstrap_servers,

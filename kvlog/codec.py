@@ -36,7 +36,7 @@ import msgpack
 
 from .errors import CodecError
 
-__all__ = ["Codec", "MAX_KEY_SIZE", "decode_key", "encode_key", "get_codec"]
+__all__ = ["MAX_KEY_SIZE", "Codec", "decode_key", "encode_key", "get_codec"]
 
 #: LMDB's compiled-in maximum key size (``Environment.max_key_size()``).
 MAX_KEY_SIZE = 511
@@ -77,9 +77,7 @@ def _msgpack_decode(data: bytes) -> Any:
 
 def _json_encode(value: Any) -> bytes:
     try:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode(
-            "utf-8"
-        )
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
     except (TypeError, ValueError, RecursionError) as exc:
         raise TypeError(f"value cannot be stored with the json codec: {exc}") from exc
 
@@ -141,7 +139,7 @@ def get_codec(codec: str | Codec) -> Codec:
             return _BUILTIN[codec]
         except KeyError:
             names = ", ".join(sorted(_BUILTIN))
-            raise ValueError(f"unknown codec {codec!r}; choose one of {names} or pass a Codec")
+            raise ValueError(f"unknown codec {codec!r}; choose one of {names} or pass a Codec") from None
     raise TypeError(f"codec must be a name or a Codec, not {type(codec).__name__}")
 
 
@@ -165,7 +163,9 @@ def encode_key(key: str | bytes) -> bytes:
     if not data:
         raise ValueError("keys must not be empty")
     if len(data) > MAX_KEY_SIZE:
-        raise ValueError(f"key is {len(data)} bytes long; the cache holds keys of at most {MAX_KEY_SIZE} bytes")
+        raise ValueError(
+            f"key is {len(data)} bytes long; the cache holds keys of at most {MAX_KEY_SIZE} bytes"
+        )
     return data
 
 

@@ -208,16 +208,12 @@ def fetch_jars(
         if final.exists():
             shutil.rmtree(final)
 
-        logger.info(
-            "fetching Kafka %s jars from Maven Central into %s", kafka_version, final
-        )
+        logger.info("fetching Kafka %s jars from Maven Central into %s", kafka_version, final)
         tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=cache))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
         try:
             (tmp / "pom.xml").write_text(
-                _POM_TEMPLATE.format(
-                    scala=_SCALA_VERSION, kafka=kafka_version, log4j=log4j_version
-                )
+                _POM_TEMPLATE.format(scala=_SCALA_VERSION, kafka=kafka_version, log4j=log4j_version)
             )
             cmd = [
                 mvn,
@@ -241,14 +237,10 @@ def fetch_jars(
                 )
             except subprocess.TimeoutExpired as exc:
                 raise DevBrokerError(
-                    f"mvn did not finish within {_MVN_TIMEOUT_S} s while fetching Kafka "
-                    f"{kafka_version}"
+                    f"mvn did not finish within {_MVN_TIMEOUT_S} s while fetching Kafka {kafka_version}"
                 ) from exc
             jars = sorted(p.name for p in (tmp / "libs").glob("*.jar"))
-            if (
-                proc.returncode != 0
-                or f"kafka_{_SCALA_VERSION}-{kafka_version}.jar" not in jars
-            ):
+            if proc.returncode != 0 or f"kafka_{_SCALA_VERSION}-{kafka_version}.jar" not in jars:
                 raise DevBrokerError(
                     f"mvn failed to fetch Kafka {kafka_version} (exit code {proc.returncode}); "
                     f"last lines of its output:\n{_tail_text(proc.stdout or '(no output)')}"
@@ -406,15 +398,11 @@ class DevBroker:
             self._owns_workdir = False
         self.kafka_version = kafka_version
         self.heap = heap
-        self.broker_configs: dict[str, str] = {
-            str(k): str(v) for k, v in (broker_configs or {}).items()
-        }
+        self.broker_configs: dict[str, str] = {str(k): str(v) for k, v in (broker_configs or {}).items()}
         if port is None or controller_port is None:
             free = iter(_free_ports(2))
             port = port if port is not None else next(free)
-            controller_port = (
-                controller_port if controller_port is not None else next(free)
-            )
+            controller_port = controller_port if controller_port is not None else next(free)
         if port == controller_port:
             raise ValueError("port and controller_port must differ")
         self.port: int = port
@@ -457,9 +445,7 @@ class DevBroker:
             "process.roles": "broker,controller",
             "node.id": str(_NODE_ID),
             "controller.quorum.bootstrap.servers": f"127.0.0.1:{self.controller_port}",
-            "listeners": (
-                f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}"
-            ),
+            "listeners": (f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}"),
             "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
             "controller.listener.names": "CONTROLLER",
             "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
@@ -499,14 +485,9 @@ class DevBroker:
 
     def _write_config(self) -> tuple[Path, Path]:
         props_path = self.workdir / "server.properties"
-        lines = [
-            f"{_prop_escape(k)}={_prop_escape(v)}"
-            for k, v in self._server_properties().items()
-        ]
+        lines = [f"{_prop_escape(k)}={_prop_escape(v)}" for k, v in self._server_properties().items()]
         props_path.write_text(
-            "# written by kvlog.devbroker; edits are overwritten\n"
-            + "\n".join(lines)
-            + "\n"
+            "# written by kvlog.devbroker; edits are overwritten\n" + "\n".join(lines) + "\n"
         )
         log4j_path = self.workdir / "log4j2.properties"
         log4j_path.write_text(
@@ -535,15 +516,9 @@ class DevBroker:
     def _failure_details(self, extra_output: str | None = None) -> str:
         parts = []
         if extra_output is not None:
-            parts.append(
-                f"--- command output ---\n{_tail_text(extra_output) or '(empty)'}"
-            )
-        parts.append(
-            f"--- {self.log_path} (last lines) ---\n{_file_tail(self.log_path)}"
-        )
-        parts.append(
-            f"--- {self.stdout_path} (last lines) ---\n{_file_tail(self.stdout_path)}"
-        )
+            parts.append(f"--- command output ---\n{_tail_text(extra_output) or '(empty)'}")
+        parts.append(f"--- {self.log_path} (last lines) ---\n{_file_tail(self.log_path)}")
+        parts.append(f"--- {self.stdout_path} (last lines) ---\n{_file_tail(self.stdout_path)}")
         return "\n".join(parts)
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -576,9 +551,7 @@ class DevBroker:
         libs = fetch_jars(self.kafka_version)
         for p in (self.port, self.controller_port):
             if _port_is_listening(p):
-                raise DevBrokerError(
-                    f"cannot start Kafka: 127.0.0.1:{p} is already in use"
-                )
+                raise DevBrokerError(f"cannot start Kafka: 127.0.0.1:{p} is already in use")
 
         deadline = time.monotonic() + timeout
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -628,9 +601,7 @@ class DevBroker:
             # Never leave a half-started JVM behind (also on KeyboardInterrupt).
             self.kill()
             raise
-        logger.info(
-            "Kafka ready on %s (pid %d)", self.bootstrap_servers, self._proc.pid
-        )
+        logger.info("Kafka ready on %s (pid %d)", self.bootstrap_servers, self._proc.pid)
         return self
 
     def _format(self, base_cmd: list[str], props_path: Path, deadline: float) -> None:
@@ -663,9 +634,7 @@ class DevBroker:
                 check=False,
             )
         except subprocess.TimeoutExpired as exc:
-            raise DevBrokerError(
-                f"formatting Kafka storage timed out\n{self._failure_details()}"
-            ) from exc
+            raise DevBrokerError(f"formatting Kafka storage timed out\n{self._failure_details()}") from exc
         if proc.returncode != 0:
             raise DevBrokerError(
                 f"formatting Kafka storage failed (exit code {proc.returncode})\n"
@@ -693,9 +662,7 @@ class DevBroker:
                     )
                 # Only bother an admin client once the port accepts connections: a failed
                 # KafkaAdminClient bootstrap is slow and logs errors.
-                if admin is None and _accepts_connections(
-                    self.port, timeout=min(1.0, remaining)
-                ):
+                if admin is None and _accepts_connections(self.port, timeout=min(1.0, remaining)):
                     admin, last_error = _open_admin(self.bootstrap_servers, remaining)
                 if admin is not None:
                     state, last_error = self._check_ready(admin)
@@ -707,9 +674,7 @@ class DevBroker:
                         admin = None
                 try:
                     # Poll interval that also wakes up immediately if the JVM dies.
-                    self._proc.wait(
-                        timeout=min(0.2, max(0.0, deadline - time.monotonic()))
-                    )
+                    self._proc.wait(timeout=min(0.2, max(0.0, deadline - time.monotonic())))
                 except subprocess.TimeoutExpired:
                     pass
         finally:
@@ -767,9 +732,7 @@ class DevBroker:
             self._reap()
             return
         if proc.poll() is None:
-            logger.info(
-                "stopping Kafka on %s (pid %d)", self.bootstrap_servers, proc.pid
-            )
+            logger.info("stopping Kafka on %s (pid %d)", self.bootstrap_servers, proc.pid)
             self._signal_group(signal.SIGTERM)
             try:
                 proc.wait(timeout=timeout)
@@ -790,9 +753,7 @@ class DevBroker:
         """
         proc = self._proc
         if proc is not None and proc.poll() is None:
-            logger.info(
-                "killing Kafka on %s (pid %d)", self.bootstrap_servers, proc.pid
-            )
+            logger.info("killing Kafka on %s (pid %d)", self.bootstrap_servers, proc.pid)
             self._kill_and_wait()
         self._reap()
 
@@ -802,9 +763,7 @@ class DevBroker:
         try:
             self._proc.wait(timeout=30.0)
         except subprocess.TimeoutExpired as exc:
-            raise DevBrokerError(
-                f"Kafka (pid {self._proc.pid}) survived SIGKILL"
-            ) from exc
+            raise DevBrokerError(f"Kafka (pid {self._proc.pid}) survived SIGKILL") from exc
 
     def restart(self, timeout: float = 90.0) -> None:
         """Stop gracefully and start again on the same ports and data dir.
@@ -902,9 +861,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Run a throwaway single-node Kafka broker (KRaft) on 127.0.0.1 for "
         "kvlog development and tests. Not for production.",
     )
-    parser.add_argument(
-        "--port", type=int, default=9092, help="client port (default: 9092)"
-    )
+    parser.add_argument("--port", type=int, default=9092, help="client port (default: 9092)")
     parser.add_argument(
         "--controller-port",
         type=int,
@@ -914,12 +871,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dir",
         default=None,
-        help="data/config/log directory, kept afterwards and reusable "
-        "(default: a temp dir deleted on exit)",
+        help="data/config/log directory, kept afterwards and reusable (default: a temp dir deleted on exit)",
     )
-    parser.add_argument(
-        "--kafka-version", default=DEFAULT_KAFKA_VERSION, help="Kafka version to run"
-    )
+    parser.add_argument("--kafka-version", default=DEFAULT_KAFKA_VERSION, help="Kafka version to run")
     parser.add_argument(
         "--fetch-only",
         action="store_true",
@@ -929,9 +883,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.controller_port is not None and args.controller_port == args.port:
         parser.error("--controller-port must differ from --port")
     if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-        )
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     try:
         if args.fetch_only:
@@ -968,9 +920,7 @@ def _serve(args: argparse.Namespace) -> int:
         # Fixed rather than random: a reused --dir then always gets the same controller port.
         controller_port=args.controller_port or args.port + 1,
     )
-    previous = {
-        sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
-    }
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         broker.start()
         ready = True
@@ -981,9 +931,7 @@ def _serve(args: argparse.Namespace) -> int:
         )
         while not stop_requested.wait(0.5):
             if not broker.is_running():
-                raise DevBrokerError(
-                    f"Kafka exited unexpectedly\n{broker._failure_details()}"
-                )
+                raise DevBrokerError(f"Kafka exited unexpectedly\n{broker._failure_details()}")
         print("stopping Kafka ...", file=sys.stderr, flush=True)
         return 0
     finally:

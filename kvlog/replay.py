@@ -131,7 +131,9 @@ class Replayer:
             return 0
         applied, skipped = self._cache.apply(records, positions)
         if skipped:
-            log.warning("skipped %d record(s) whose key the cache cannot hold (null, empty or > 511 bytes)", skipped)
+            log.warning(
+                "skipped %d record(s) whose key the cache cannot hold (null, empty or > 511 bytes)", skipped
+            )
         with self._cond:
             self._positions = positions
             self.records_replayed += applied
@@ -221,7 +223,7 @@ class Replayer:
                 backoff = 0.1
             except ClosedError:
                 return
-            except Exception as exc:  # noqa: BLE001 - reported to waiters, then retried
+            except Exception as exc:
                 log.exception("replay failed; retrying in %.1fs", backoff)
                 with self._cond:
                     self._error = exc

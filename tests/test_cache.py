@@ -37,7 +37,9 @@ def test_apply_writes_records_and_checkpoint_together(tmp_path: Path) -> None:
 
 def test_records_with_keys_lmdb_cannot_hold_are_skipped_and_counted(tmp_path: Path) -> None:
     cache = Cache(tmp_path)
-    applied, skipped = cache.apply([rec(None, b"x"), rec(b"", b"x"), rec(b"k" * 512, b"x"), rec(b"ok", b"1")], {0: 4})  # type: ignore[arg-type]
+    applied, skipped = cache.apply(
+        [rec(None, b"x"), rec(b"", b"x"), rec(b"k" * 512, b"x"), rec(b"ok", b"1")], {0: 4}
+    )  # type: ignore[arg-type]
     assert (applied, skipped) == (1, 3)
     assert list(cache.keys()) == [b"ok"] and cache.checkpoint() == {0: 4}
     cache.close()
@@ -81,7 +83,9 @@ def test_map_grows_while_other_threads_read(tmp_path: Path) -> None:
         t.start()
     try:
         for batch in range(20):
-            cache.apply([rec(b"b%02d-%04d" % (batch, i), os.urandom(500)) for i in range(200)], {0: batch + 2})
+            cache.apply(
+                [rec(b"b%02d-%04d" % (batch, i), os.urandom(500)) for i in range(200)], {0: batch + 2}
+            )
     finally:
         done.set()
         for t in threads:
@@ -143,7 +147,8 @@ def test_sigkill_during_apply_leaves_a_prefix_matching_the_checkpoint(tmp_path: 
         progress = Cache(path)
         start = progress.checkpoint().get(0, 0)
         # Let it get well into committing batches, then kill it wherever it is.
-        wait_until(lambda: progress.checkpoint().get(0, 0) >= start + 5 + 7 * round_, timeout=60)
+        target = start + 5 + 7 * round_
+        wait_until(lambda c=progress, t=target: c.checkpoint().get(0, 0) >= t, timeout=60)
         progress.close()
         child.send_signal(signal.SIGKILL)
         child.wait()
@@ -153,5 +158,7 @@ def test_sigkill_during_apply_leaves_a_prefix_matching_the_checkpoint(tmp_path: 
         last = str(checkpoint - 1).encode()
         contents = dict(cache.items())
         cache.close()
-        expected = {b"k%03d" % i: last for i in range(200)} | {b"n%06d" % n: str(n).encode() for n in range(checkpoint)}
+        expected = {b"k%03d" % i: last for i in range(200)} | {
+            b"n%06d" % n: str(n).encode() for n in range(checkpoint)
+        }
         assert contents == expected

@@ -60,9 +60,7 @@ def test_msgpack_never_builds_objects_from_ext_types() -> None:
     assert get_codec("msgpack").decode(data) == msgpack.ExtType(42, b"payload")
 
 
-@pytest.mark.parametrize(
-    ("name", "garbage"), [("msgpack", b"\xc1"), ("json", b"{nope"), ("str", b"\xff")]
-)
+@pytest.mark.parametrize(("name", "garbage"), [("msgpack", b"\xc1"), ("json", b"{nope"), ("str", b"\xff")])
 def test_undecodable_stored_value_raises_codec_error(name: str, garbage: bytes) -> None:
     with pytest.raises(CodecError):
         get_codec(name).decode(garbage)

@@ -23,9 +23,7 @@ with warnings.catch_warnings():
 STARTUP_TIMEOUT = 90.0
 
 
-def wait_for(
-    condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition"
-) -> None:
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
     """Poll *condition* until it is true; fail the test after *timeout* seconds."""
     deadline = time.monotonic() + timeout
     while not condition():
@@ -93,9 +91,7 @@ def produce(bootstrap: str, topic: str, key: bytes, value: bytes) -> None:
 
 def consume_all(bootstrap: str, topic: str, expect: int, timeout: float = 20.0) -> list:
     """Read partition 0 of *topic* from the beginning until *expect* records arrived."""
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False
-    )
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
     try:
         tp = TopicPartition(topic, 0)
         consumer.assign([tp])

@@ -66,7 +66,9 @@ class TestMapping:
         with pytest.raises(KeyError):
             del kv["nope"]
 
-    def test_none_is_a_value_and_del_writes_a_tombstone(self, make_kv: Any, bootstrap: str, topic: str) -> None:
+    def test_none_is_a_value_and_del_writes_a_tombstone(
+        self, make_kv: Any, bootstrap: str, topic: str
+    ) -> None:
         kv = make_kv()
         kv["a"] = None
         assert "a" in kv and kv["a"] is None
@@ -130,7 +132,9 @@ class TestMapping:
 
 
 class TestFollowing:
-    def test_foreign_producer_record_appears_without_any_call(self, make_kv: Any, bootstrap: str, topic: str) -> None:
+    def test_foreign_producer_record_appears_without_any_call(
+        self, make_kv: Any, bootstrap: str, topic: str
+    ) -> None:
         """A record from a plain Kafka producer (default partitioner) reaches the cache by itself."""
         kv = make_kv(partitions=3)
         producer = KafkaProducer(bootstrap_servers=bootstrap)
@@ -206,7 +210,9 @@ class TestRestartAndRebuild:
         assert "codec" in reopened.stats()["rebuilds"][0]
         assert reopened["k"] == '"v"', "rebuilt: the JSON bytes read back through the str codec"
 
-    def test_recreated_topic_is_not_served_from_the_old_cache(self, make_kv: Any, admin: Any, topic: str) -> None:
+    def test_recreated_topic_is_not_served_from_the_old_cache(
+        self, make_kv: Any, admin: Any, topic: str
+    ) -> None:
         kv = make_kv("a")
         kv.update({"old": 1, "both": "old"})
         kv.close()
@@ -243,11 +249,15 @@ class TestRestartAndRebuild:
 class TestTopicChecks:
     def test_topic_is_created_compacted(self, make_kv: Any, admin: Any, topic: str) -> None:
         make_kv(partitions=3)
-        configs = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)], config_filter="all")
+        configs = admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic)], config_filter="all"
+        )
         assert configs["topic"][topic]["cleanup.policy"]["value"] == "compact"
         assert make_kv("b").stats()["log"]["partitions"] == 3
 
-    def test_non_compacted_topic_is_refused_unless_allowed(self, admin: Any, make_kv: Any, topic: str) -> None:
+    def test_non_compacted_topic_is_refused_unless_allowed(
+        self, admin: Any, make_kv: Any, topic: str
+    ) -> None:
         admin.create_topics(
             {topic: {"num_partitions": 1, "replication_factor": 1, "configs": {"cleanup.policy": "delete"}}},
             wait_for_metadata=True,
@@ -262,10 +272,12 @@ class TestTopicChecks:
         with pytest.raises(TopicConfigError, match="does not exist"):
             make_kv(create_topic=False)
 
-    def test_oversize_record_is_refused_before_sending(self, make_kv: Any, bootstrap: str, topic: str) -> None:
+    def test_oversize_record_is_refused_before_sending(
+        self, make_kv: Any, bootstrap: str, topic: str
+    ) -> None:
         kv = make_kv(topic_config={"max.message.bytes": "2000"})
         kv["small"] = "x" * 100
-        with pytest.raises(RecordTooLargeError, match="max.message.bytes=2000"):
+        with pytest.raises(RecordTooLargeError, match=r"max\.message\.bytes=2000"):
             kv["big"] = "x" * 5000
         assert "big" not in kv
         assert [k for k, _ in topic_records(bootstrap, topic)] == [b"small"]
@@ -350,7 +362,9 @@ class TestBrokerDown:
         assert isinstance(info.value, KVLogError) and isinstance(info.value, ConnectionError)
         assert time.monotonic() - started < 30, "the timeout bounds the wait"
 
-    def test_reads_keep_working_and_writes_fail_cleanly_while_the_broker_is_down(self, tmp_path: Path) -> None:
+    def test_reads_keep_working_and_writes_fail_cleanly_while_the_broker_is_down(
+        self, tmp_path: Path
+    ) -> None:
         from kvlog.devbroker import DevBroker
 
         with DevBroker(tmp_path / "broker") as broker:

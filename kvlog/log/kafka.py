@@ -380,5 +380,5 @@ class KafkaLog(Log):
 def _quietly(close: Any, **kwargs: Any) -> None:
     try:
         close(**kwargs)
-    except Exception:  # noqa: BLE001 - closing must not mask the original error
+    except Exception:
         log.debug("error while closing a Kafka client", exc_info=True)
