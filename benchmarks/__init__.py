@@ -1,0 +1,1 @@
+"""kvlog benchmarks (the full harness is to come; see README)."""
