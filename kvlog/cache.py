@@ -46,6 +46,7 @@ _FORMAT = 1
 _META_FORMAT = b"format"
 _META_IDENTITY = b"identity"
 _META_CHECKPOINT = b"checkpoint"
+_META_CURRENT_AT = b"current_at"
 
 #: Keys read per read transaction while iterating, so that a slow consumer of
 #: an iterator never pins an old snapshot (nor blocks a map resize) for long.
@@ -74,7 +75,10 @@ class Cache:
 
     def __init__(self, path: str | os.PathLike[str], *, map_size: int = DEFAULT_MAP_SIZE) -> None:
         self.path = Path(path)
-        self._gate = threading.Condition(threading.Lock())
+        # Readers take the plain lock (a C-level context manager, cheaper on the
+        # hot path than the Condition's Python-level one); waits use the Condition.
+        self._lock = threading.Lock()
+        self._gate = threading.Condition(self._lock)
         self._readers = 0
         self._resizing = False
         self._closed = False
@@ -102,7 +106,7 @@ class Cache:
     # -- reading ------------------------------------------------------------
 
     def _enter(self) -> None:
-        with self._gate:
+        with self._lock:
             while self._resizing:
                 self._gate.wait()
             if self._closed:
@@ -110,7 +114,7 @@ class Cache:
             self._readers += 1
 
     def _leave(self) -> None:
-        with self._gate:
+        with self._lock:
             self._readers -= 1
             if self._readers == 0 and self._resizing:
                 self._gate.notify_all()
@@ -200,7 +204,27 @@ class Cache:
         """Return partition -> next offset to replay (empty for a new or reset cache)."""
         return dict(self._meta_get(_META_CHECKPOINT) or {})
 
+    def current_at(self) -> float | None:
+        """Wall-clock time (epoch seconds) when the cache last stood at the end of the log, if known."""
+        value = self._meta_get(_META_CURRENT_AT)
+        return None if value is None else float(value)
+
     # -- writing (the replayer only) ----------------------------------------
+
+    def mark_current(self, when: float) -> None:
+        """Record that at ``when`` the checkpoint was at the end of the log.
+
+        A reopened cache compares this with the log's tombstone retention: a
+        cache that has not been current for longer than that may have missed
+        deletes whose tombstones compaction has since removed.
+        """
+        if self._closed:
+            raise ClosedError(f"the cache at {self.path} is closed")
+        try:
+            with self._env.begin(write=True, db=self._meta) as txn:
+                txn.put(_META_CURRENT_AT, _pack(when))
+        except lmdb.Error as exc:
+            raise CacheError(f"cannot write to the cache at {self.path}: {exc}") from exc
 
     def apply(self, records: Iterable[Any], checkpoint: Mapping[int, int]) -> tuple[int, int]:
         """Apply records in order and store ``checkpoint``, in ONE write transaction.
@@ -270,6 +294,7 @@ class Cache:
                 txn.put(_META_FORMAT, _pack(_FORMAT), db=self._meta)
                 txn.put(_META_IDENTITY, _pack(dict(identity)), db=self._meta)
                 txn.put(_META_CHECKPOINT, _pack(dict(checkpoint or {})), db=self._meta)
+                txn.delete(_META_CURRENT_AT, db=self._meta)
         except lmdb.Error as exc:
             raise CacheError(f"cannot reset the cache at {self.path}: {exc}") from exc
 

@@ -36,6 +36,8 @@ BATCH_RECORDS = 50_000
 BATCH_SECONDS = 0.25
 #: How long one idle poll of the follower blocks (also how quickly it stops).
 FOLLOW_POLL_SECONDS = 0.2
+#: How often an idle follower records that the cache is current (a tiny write).
+CURRENT_MARK_SECONDS = 10.0
 
 
 class Replayer:
@@ -68,6 +70,7 @@ class Replayer:
         #: Records skipped because the cache cannot hold their key.
         self.records_skipped = 0
         self.batches = 0
+        self._marked_current_at = 0.0
         self._open_reader()
 
     def _open_reader(self) -> None:
@@ -128,6 +131,11 @@ class Replayer:
         with self._cond:
             unchanged = positions == self._positions
         if not records and unchanged:
+            # An empty poll means the reader stands at the end of the log.
+            now = time.time()
+            if now - self._marked_current_at >= CURRENT_MARK_SECONDS:
+                self._cache.mark_current(now)
+                self._marked_current_at = now
             return 0
         applied, skipped = self._cache.apply(records, positions)
         if skipped:
@@ -157,6 +165,14 @@ class Replayer:
             self._open_reader()
 
     # -- waiting ------------------------------------------------------------
+
+    def mark_current(self) -> None:
+        """Record that the cache is at the end of the log now (after a successful sync)."""
+        with self._pull_lock:
+            if not self._closed:
+                now = time.time()
+                self._cache.mark_current(now)
+                self._marked_current_at = now
 
     def _reached(self, targets: Mapping[int, int]) -> bool:
         positions = self._positions

@@ -166,6 +166,17 @@ class KVLog(MutableMapping[Any, Any]):
                 return f"checkpoint {position} of partition {p} is below the log start offset {begin[p]}"
             if position > end[p]:
                 return f"checkpoint {position} of partition {p} is past the log end offset {end[p]}"
+        retention = self._log.tombstone_retention_seconds
+        behind = any(checkpoint.get(p, 0) < end[p] for p in range(self._log.partitions))
+        if retention is not None and behind:
+            current_at = self._cache.current_at()
+            away = None if current_at is None else time.time() - current_at
+            if away is None or away > retention:
+                since = "an unknown time" if away is None else f"{away:.0f}s"
+                return (
+                    f"the cache was last current {since} ago, longer than the topic keeps tombstones "
+                    f"(delete.retention.ms={retention * 1000:.0f}); deletes made meanwhile may be compacted away"
+                )
         return None
 
     def _open_replay(self, ready_timeout: float | None) -> None:
@@ -181,6 +192,7 @@ class KVLog(MutableMapping[Any, Any]):
         checkpoint_before = self._cache.checkpoint()
         self._replayer = Replayer(self._log, self._cache, on_rebuild=self.rebuilds.append)
         self._replayer.wait_for(self._log.end_offsets(), ready_timeout)
+        self._replayer.mark_current()
         self.open_replay: dict[str, Any] = {
             "mode": "warm" if checkpoint_before else "cold",
             "rebuild_reason": reason,
@@ -336,6 +348,7 @@ class KVLog(MutableMapping[Any, Any]):
         self._check_open()
         assert self._log is not None and self._replayer is not None
         self._replayer.wait_for(self._log.end_offsets(), timeout)
+        self._replayer.mark_current()
 
     def rewarm(
         self, timeout: float | None = None, *, progress: Callable[[dict[int, int]], None] | None = None
@@ -359,6 +372,7 @@ class KVLog(MutableMapping[Any, Any]):
             self._replayer.reset(self._identity())
             self.rebuilds.append("rewarm")
             self._replayer.wait_for(self._log.end_offsets(), timeout, progress=progress)
+            self._replayer.mark_current()
         finally:
             if following:
                 self._replayer.start()

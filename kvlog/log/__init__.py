@@ -108,6 +108,14 @@ class Log(abc.ABC):
         """The largest key + value the log accepts, or ``None`` if unbounded."""
         return None
 
+    @property
+    def tombstone_retention_seconds(self) -> float | None:
+        """How long the log keeps a tombstone before compaction may remove it (``None``: forever).
+
+        A reader that falls further behind than this may miss a delete.
+        """
+        return None
+
     @abc.abstractmethod
     def describe(self) -> str:
         """A short human description, e.g. ``kafka topic 'orders' at 127.0.0.1:9092``."""

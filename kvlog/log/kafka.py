@@ -295,6 +295,10 @@ class KafkaLog(Log):
     def max_record_bytes(self) -> int:
         return self._max_message_bytes - _BATCH_OVERHEAD
 
+    @property
+    def tombstone_retention_seconds(self) -> float:
+        return self.delete_retention_ms / 1000.0
+
     def identity(self) -> dict[str, Any]:
         return {
             "kind": self.kind,

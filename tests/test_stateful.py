@@ -1,0 +1,253 @@
+"""KVLog behaves like a dict, through reopens, cache loss, re-warms and a second writer.
+
+A hypothesis state machine drives a KVLog on the real Kafka broker and a
+plain ``dict`` model with the same operations, and after every step checks
+that the store shows exactly what the model holds, in UTF-8 byte order. Every
+example gets a fresh two-partition topic, so replay always merges partitions.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+from strategies import bad_keys, keys, unencodable_values, values
+
+from kvlog import KVLog
+
+# kafka-python warns about importlib.resources.read_text on import, which
+# ``filterwarnings = error`` would turn into a failure of the first test that
+# opens a Kafka store; import it here, once, with that warning silenced.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import kvlog.log.kafka  # noqa: F401
+
+pytestmark = pytest.mark.kafka
+
+#: Seconds any single broker operation in the machine may take.
+TIMEOUT = 20.0
+
+#: Examples come from the loaded profile (dev: 15, see conftest), capped at 20
+#: for the ci profile: one example of 20 steps takes about 4-5 s, most of it in
+#: reopens, cache rebuilds and re-warms (0.3-0.4 s each).
+MACHINE_SETTINGS = settings(max_examples=min(settings.default.max_examples, 20), stateful_step_count=20)
+
+
+def byte_order(keys: Any) -> list[str]:
+    """``keys`` sorted the way the cache stores them: by their UTF-8 bytes."""
+    return sorted(keys, key=lambda k: k.encode("utf-8"))
+
+
+class KVLogMachine(RuleBasedStateMachine):
+    """One KVLog under test (``kv``), a second one on the same topic (``other``) and a dict model."""
+
+    #: Set by the test: the session broker and a directory for the caches.
+    bootstrap: str = ""
+    root: Path = Path()
+
+    def __init__(self) -> None:
+        super().__init__()
+        run = uuid.uuid4().hex[:12]
+        self.topic = f"stateful-{run}"
+        self.path = self.root / run / "kv"
+        self.other_path = self.root / run / "other"
+        self.model: dict[str, Any] = {}
+        #: Records in the topic: every put and every tombstone written.
+        self.records = 0
+        self.opened: list[KVLog] = []
+        self.kv = self._open(self.path)
+        self.other: KVLog | None = None
+
+    def _open(self, path: Path) -> KVLog:
+        kv = KVLog(
+            path,
+            bootstrap_servers=self.bootstrap,
+            topic=self.topic,
+            partitions=2,
+            timeout=TIMEOUT,
+        )
+        self.opened.append(kv)
+        return kv
+
+    def _second(self) -> KVLog:
+        """The second instance, opened on first use (most examples never need it)."""
+        if self.other is None:
+            self.other = self._open(self.other_path)
+        return self.other
+
+    def teardown(self) -> None:
+        for kv in self.opened:
+            kv.close()
+
+    # -- writes through the store under test ---------------------------------
+
+    @rule(key=keys(), value=values())
+    def put(self, key: str, value: Any) -> None:
+        """A put is readable as soon as it returns."""
+        self.kv[key] = value
+        self.model[key] = value
+        self.records += 1
+        assert self.kv[key] == value
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def delete_present(self, data: st.DataObject) -> None:
+        """Deleting a present key makes it absent as soon as ``del`` returns."""
+        key = data.draw(st.sampled_from(byte_order(self.model)), label="key")
+        del self.kv[key]
+        del self.model[key]
+        self.records += 1
+        assert key not in self.kv
+        assert self.kv.get(key, "absent") == "absent"
+
+    @rule(key=keys())
+    def delete_absent(self, key: str) -> None:
+        """Deleting an absent key raises KeyError, like a dict, and writes nothing."""
+        while key in self.model:
+            key += "~"
+        with pytest.raises(KeyError):
+            del self.model[key]
+        with pytest.raises(KeyError):
+            del self.kv[key]
+
+    @rule(
+        items=st.lists(st.tuples(keys(), values()), max_size=8),
+        as_mapping=st.booleans(),
+    )
+    def update(self, items: list[tuple[str, Any]], as_mapping: bool) -> None:
+        """``update`` with a mapping or with pairs (later pairs win) matches ``dict.update``."""
+        batch: Any = dict(items) if as_mapping else items
+        self.kv.update(batch)
+        self.model.update(batch)
+        self.records += len(batch)
+
+    @rule(data=st.data())
+    def refuse_invalid_write(self, data: st.DataObject) -> None:
+        """A bad key or an unencodable value raises before anything reaches the log or the cache.
+
+        That includes ``update``: one bad item anywhere in the batch means no item is written.
+        """
+        kind = data.draw(st.sampled_from(["bad key", "bad value", "bad batch"]), label="kind")
+        if kind == "bad key":
+            with pytest.raises((TypeError, ValueError)):
+                self.kv[data.draw(bad_keys(), label="key")] = data.draw(values(), label="value")
+        elif kind == "bad value":
+            with pytest.raises(TypeError):
+                self.kv[data.draw(keys(), label="key")] = data.draw(unencodable_values(), label="value")
+        else:
+            good = data.draw(st.lists(st.tuples(keys(), values()), max_size=4), label="good items")
+            bad = data.draw(
+                st.one_of(
+                    st.tuples(bad_keys(), values()),
+                    st.tuples(keys(), unencodable_values()),
+                ),
+                label="bad item",
+            )
+            where = data.draw(st.integers(0, len(good)), label="position of the bad item")
+            with pytest.raises((TypeError, ValueError)):
+                self.kv.update([*good[:where], bad, *good[where:]])
+        # The invariants then check that the topic and the cache did not change.
+
+    # -- reopening and losing the cache ---------------------------------------
+
+    @rule()
+    def reopen(self) -> None:
+        """Close and reopen the same cache: a warm start that replays nothing new."""
+        self.kv.close()
+        self.kv = self._open(self.path)
+        replay = self.kv.stats()["open_replay"]
+        assert replay["mode"] == ("warm" if self.records else "cold")
+        assert replay["records"] == 0
+
+    @rule()
+    def lose_cache(self) -> None:
+        """Delete the cache directory and reopen: a cold rebuild of every record in the topic."""
+        self.kv.close()
+        shutil.rmtree(self.path)
+        self.kv = self._open(self.path)
+        replay = self.kv.stats()["open_replay"]
+        assert replay["mode"] == "cold"
+        assert replay["records"] == self.records
+
+    @rule()
+    def rewarm(self) -> None:
+        """``rewarm()`` replays the whole topic into an emptied cache."""
+        result = self.kv.rewarm(timeout=TIMEOUT)
+        assert result["records"] == self.records
+
+    # -- a second instance writing to the same topic --------------------------
+
+    @rule(key=keys(), value=values())
+    def put_from_other_instance(self, key: str, value: Any) -> None:
+        """Another instance's put: it reads its own write at once, this store after ``sync()``."""
+        other = self._second()
+        other[key] = value
+        assert other[key] == value
+        self.model[key] = value
+        self.records += 1
+        self.kv.sync(TIMEOUT)
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def delete_from_other_instance(self, data: st.DataObject) -> None:
+        """Another instance, once synced, holds everything this store wrote, and can delete it."""
+        other = self._second()
+        other.sync(TIMEOUT)
+        assert dict(other.scan()) == self.model
+        key = data.draw(st.sampled_from(byte_order(self.model)), label="key")
+        del other[key]
+        assert key not in other
+        del self.model[key]
+        self.records += 1
+        self.kv.sync(TIMEOUT)
+
+    @rule(key=keys())
+    def discard_from_other_instance(self, key: str) -> None:
+        """``discard`` writes a tombstone whether or not the key is present; replay tolerates both."""
+        other = self._second()
+        other.discard(key)
+        assert key not in other
+        self.model.pop(key, None)
+        self.records += 1
+        self.kv.sync(TIMEOUT)
+
+    # -- what must hold after every step --------------------------------------
+
+    @invariant()
+    def equals_model(self) -> None:
+        """The store holds exactly the model's items, iterated in UTF-8 byte order."""
+        order = byte_order(self.model)
+        assert list(self.kv) == order
+        assert list(self.kv.scan()) == [(k, self.model[k]) for k in order]
+        assert dict(self.kv.items()) == self.model
+        assert len(self.kv) == len(self.model)
+
+    @invariant()
+    def topic_holds_each_write_once(self) -> None:
+        """Every write that returned is in the topic exactly once; refused writes left nothing."""
+        stats = self.kv.stats()
+        assert sum(stats["end_offsets"].values()) == self.records
+        assert stats["total_lag"] == 0
+        assert stats["entries"] == len(self.model)
+
+
+# A failure is shrunk on the real broker, a few seconds per example: give
+# hypothesis time to finish shrinking and report rather than be cut off.
+@pytest.mark.timeout(900)
+def test_kvlog_behaves_like_a_dict(bootstrap: str, tmp_path: Path) -> None:
+    """Across puts, deletes, batches, reopens, cache loss, re-warms and a second writer, KVLog equals a dict."""
+    machine = type("KVLogMachine", (KVLogMachine,), {"bootstrap": bootstrap, "root": tmp_path})
+    run_state_machine_as_test(machine, settings=MACHINE_SETTINGS)
