@@ -131,11 +131,7 @@ class Replayer:
         with self._cond:
             unchanged = positions == self._positions
         if not records and unchanged:
-            # An empty poll means the reader stands at the end of the log.
-            now = time.time()
-            if now - self._marked_current_at >= CURRENT_MARK_SECONDS:
-                self._cache.mark_current(now)
-                self._marked_current_at = now
+            self._maybe_mark_current(positions)
             return 0
         applied, skipped = self._cache.apply(records, positions)
         if skipped:
@@ -165,6 +161,24 @@ class Replayer:
             self._open_reader()
 
     # -- waiting ------------------------------------------------------------
+
+    def _maybe_mark_current(self, positions: Mapping[int, int]) -> None:
+        """Now and then, record that an idle reader stands at the end of the log.
+
+        An empty poll alone does not prove it (kafka-python also returns empty
+        while the broker is unreachable), so the end offsets are asked, briefly.
+        """
+        now = time.time()
+        if now - self._marked_current_at < CURRENT_MARK_SECONDS:
+            return
+        self._marked_current_at = now  # also spaces out the attempts while the log is down
+        try:
+            end = self._log.end_offsets(timeout=2.0)
+        except Exception as exc:  # noqa: BLE001 - unknown means not current; retried later
+            log.debug("cannot tell whether the cache is current: %s", exc)
+            return
+        if all(positions.get(p, 0) >= offset for p, offset in end.items()):
+            self._cache.mark_current(now)
 
     def mark_current(self) -> None:
         """Record that the cache is at the end of the log now (after a successful sync)."""

@@ -96,8 +96,11 @@ class Log(abc.ABC):
         """Return the log start offset of every partition."""
 
     @abc.abstractmethod
-    def end_offsets(self) -> dict[int, int]:
-        """Return the end offset (one past the last readable record) of every partition."""
+    def end_offsets(self, timeout: float | None = None) -> dict[int, int]:
+        """Return the end offset (one past the last readable record) of every partition.
+
+        ``timeout`` bounds the wait (default: the log's own timeout).
+        """
 
     @abc.abstractmethod
     def open_reader(self, positions: Mapping[int, int]) -> LogReader:

@@ -342,13 +342,14 @@ class KafkaLog(Log):
     def _tps(self) -> list[TopicPartition]:
         return [TopicPartition(self.topic, p) for p in range(self._partitions)]
 
-    def _offsets(self, which: str) -> dict[int, int]:
+    def _offsets(self, which: str, timeout: float | None = None) -> dict[int, int]:
         self._check_open()
         assert self._offsets_consumer is not None
         with self._offsets_lock:
             try:
                 query = getattr(self._offsets_consumer, which)
-                offsets = query(self._tps(), timeout_ms=self._timeout_ms)
+                timeout_ms = self._timeout_ms if timeout is None else max(1, int(timeout * 1000))
+                offsets = query(self._tps(), timeout_ms=timeout_ms)
             except _UNREACHABLE as exc:
                 raise self._unavailable(exc) from exc
         return {tp.partition: offset for tp, offset in offsets.items()}
@@ -356,8 +357,8 @@ class KafkaLog(Log):
     def begin_offsets(self) -> dict[int, int]:
         return self._offsets("beginning_offsets")
 
-    def end_offsets(self) -> dict[int, int]:
-        return self._offsets("end_offsets")
+    def end_offsets(self, timeout: float | None = None) -> dict[int, int]:
+        return self._offsets("end_offsets", timeout)
 
     def open_reader(self, positions: Mapping[int, int]) -> KafkaReader:
         self._check_open()
