@@ -5,32 +5,17 @@ from __future__ import annotations
 import socket
 import time
 import uuid
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import wait_until
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import KafkaAdminClient
 
 from kvlog.devbroker import DevBroker, main
 
-# kafka-python 3.0.x warns about importlib.resources.read_text on import (Python 3.11), which
-# the project's `filterwarnings = error` would turn into a collection error.
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", DeprecationWarning)
-    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-    from kafka.admin import KafkaAdminClient
-
 STARTUP_TIMEOUT = 90.0
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll *condition* until it is true; fail the test after *timeout* seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        # Short poll interval, not synchronisation: the condition decides.
-        time.sleep(0.05)
 
 
 def accepts_connections(port: int) -> bool:
@@ -119,7 +104,7 @@ def test_start_produce_consume_stop(broker: DevBroker) -> None:
 
     broker.stop()
     assert not broker.is_running()
-    wait_for(lambda: not accepts_connections(broker.port), what="the port to close")
+    wait_until(lambda: not accepts_connections(broker.port), what="the port to close")
     broker.stop()  # idempotent
 
 
@@ -153,8 +138,8 @@ def test_kill_kills_process_group(broker: DevBroker) -> None:
 
     assert not broker.is_running()
     assert broker.pid is None
-    wait_for(lambda: not pid_alive(pid), what=f"pid {pid} to disappear")
-    wait_for(lambda: not process_group_members(pid), what="the process group to die")
+    wait_until(lambda: not pid_alive(pid), what=f"pid {pid} to disappear")
+    wait_until(lambda: not process_group_members(pid), what="the process group to die")
     broker.kill()  # idempotent
     broker.stop()  # and stop after a crash is a no-op
 
