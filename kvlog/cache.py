@@ -128,10 +128,6 @@ class Cache:
         finally:
             self._leave()
 
-    def contains(self, key: bytes) -> bool:
-        """Return whether ``key`` is present."""
-        return self.get(key) is not None
-
     def __len__(self) -> int:
         self._enter()
         try:

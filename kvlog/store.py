@@ -217,9 +217,6 @@ class KVLog(MutableMapping[Any, Any]):
         remaining = max(0.001, self._timeout - (time.monotonic() - started))
         self._replayer.wait_for(targets, remaining)
 
-    def _decode(self, raw: bytes) -> Any:
-        return self._codec.decode(raw)
-
     # -- the mapping --------------------------------------------------------
 
     def __getitem__(self, key: str | bytes) -> Any:
