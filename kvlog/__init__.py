@@ -1,14 +1,17 @@
 """kvlog: an embedded key-value database backed by a compacted log.
 
-``KVLog`` is a dict whose source of truth is a compacted Kafka topic: reads
-come from a local LMDB cache, writes go to the topic first, and a lost cache
-is rebuilt by replaying the topic::
+``KVLog`` is a dict whose source of truth is a compacted log: reads come
+from a local LMDB cache, writes go to the log first, and a lost cache is
+rebuilt by replaying the log. The log is an embedded one on local files by
+default, or a compacted Kafka topic::
 
     from kvlog import KVLog
 
-    with KVLog("./cache", bootstrap_servers="localhost:9092", topic="orders") as kv:
+    with KVLog("./data") as kv:                    # embedded log in ./data/log
         kv["order:42"] = {"status": "paid", "total": 12.5}
         kv["order:42"]          # {'status': 'paid', 'total': 12.5}
+
+    KVLog("./cache", bootstrap_servers="localhost:9092", topic="orders")  # Kafka
 """
 
 from .codec import Codec
@@ -18,12 +21,15 @@ from .errors import (
     ClosedError,
     CodecError,
     KVLogError,
+    LogCorruptError,
+    LogLockedError,
     LogUnavailableError,
     RecordTooLargeError,
     SyncTimeoutError,
     TopicConfigError,
     WriteError,
 )
+from .log.local import LocalLog
 from .store import KVLog
 
 __version__ = "0.1.0"
@@ -36,6 +42,9 @@ __all__ = [
     "CodecError",
     "KVLog",
     "KVLogError",
+    "LocalLog",
+    "LogCorruptError",
+    "LogLockedError",
     "LogUnavailableError",
     "RecordTooLargeError",
     "SyncTimeoutError",

@@ -10,6 +10,8 @@ catches ``ValueError`` or ``TimeoutError`` keeps working::
     ├── RecordTooLargeError(KVLogError, ValueError)  a record larger than the log accepts
     ├── TopicConfigError(KVLogError, ValueError)     topic not compacted, or otherwise unusable
     ├── CacheError(KVLogError, OSError)              the LMDB cache cannot be opened or written
+    ├── LogLockedError(KVLogError, OSError)          another process writes this embedded log
+    ├── LogCorruptError(KVLogError, OSError)         the embedded log has a bad record it cannot cut off
     ├── LogUnavailableError(KVLogError, ConnectionError)
     │   └── BrokerUnavailableError                   Kafka cannot be reached within the timeout
     ├── WriteError(KVLogError)                       the log refused or failed a write
@@ -29,6 +31,8 @@ __all__ = [
     "ClosedError",
     "CodecError",
     "KVLogError",
+    "LogCorruptError",
+    "LogLockedError",
     "LogUnavailableError",
     "RecordTooLargeError",
     "SyncTimeoutError",
@@ -59,6 +63,14 @@ class TopicConfigError(KVLogError, ValueError):
 
 class CacheError(KVLogError, OSError):
     """The LMDB cache cannot be opened or written."""
+
+
+class LogLockedError(KVLogError, OSError):
+    """The embedded log directory is open for writing in another process (the message names its pid)."""
+
+
+class LogCorruptError(KVLogError, OSError):
+    """The embedded log holds a damaged record that recovery cannot cut off (it is not at the tail)."""
 
 
 class LogUnavailableError(KVLogError, ConnectionError):

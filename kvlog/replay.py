@@ -197,12 +197,13 @@ class Replayer:
         targets: Mapping[int, int],
         timeout: float | None,
         *,
-        progress: Callable[[dict[int, int]], None] | None = None,
+        progress: Callable[[dict[int, int], dict[int, int]], None] | None = None,
     ) -> None:
         """Return once every partition's applied position is at least its target.
 
         With the follower running this only waits; without it the caller
-        drives replay itself.
+        drives replay itself. ``progress(applied, targets)`` is called with the
+        applied positions after each batch (and once more when done).
 
         Raises:
             SyncTimeoutError: ``timeout`` seconds passed first.
@@ -216,11 +217,12 @@ class Replayer:
                 if self._error is not None:
                     error, self._error = self._error, None
                     raise error
-                if self._reached(targets):
-                    return
+                reached = self._reached(targets)
                 positions = dict(self._positions)
             if progress is not None:
-                progress(positions)
+                progress(positions, dict(targets))
+            if reached:
+                return
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise SyncTimeoutError(

@@ -34,11 +34,13 @@ UPDATE_BATCH = 10_000
 class KVLog(MutableMapping[Any, Any]):
     """A persistent dict over a compacted log, with reads served from a local LMDB cache.
 
-    ``KVLog(path, bootstrap_servers=..., topic=...)`` mirrors a compacted Kafka
-    topic into an LMDB cache under ``path``. Opening replays whatever the topic
-    holds beyond the cache's checkpoint, so the store is ready when the
-    constructor returns: a warm restart replays only the tail, a lost or
-    mismatched cache is rebuilt from the whole topic.
+    ``KVLog(path)`` is a database on one machine: an embedded compacted log in
+    ``path/log`` and the cache in ``path/cache``. ``KVLog(path,
+    bootstrap_servers=..., topic=...)`` mirrors a compacted Kafka topic
+    instead, with the same semantics. Opening replays whatever the log holds
+    beyond the cache's checkpoint, so the store is ready when the constructor
+    returns: a warm restart replays only the tail, a lost or mismatched cache
+    is rebuilt from the whole log.
 
     Keys are ``str`` (stored as UTF-8) or ``bytes``; iteration returns them in
     byte order, as ``key_type`` (``str`` by default). Values are anything the
@@ -46,9 +48,11 @@ class KVLog(MutableMapping[Any, Any]):
     writes a tombstone.
 
     Args:
-        path: directory for the cache (created if missing). The LMDB
-            environment lives in ``path/cache``.
-        bootstrap_servers: Kafka brokers, ``"host:port[,host:port]"``.
+        path: the data directory (created if missing). The LMDB environment
+            lives in ``path/cache``, the embedded log (when no broker is named)
+            in ``path/log``.
+        bootstrap_servers: Kafka brokers, ``"host:port[,host:port]"``; with
+            ``topic``, use Kafka instead of the embedded log.
         topic: the compacted topic to mirror; created if missing.
         log: any :class:`kvlog.log.Log` instead of ``bootstrap_servers`` and
             ``topic`` (the store closes it on ``close()``).
@@ -69,10 +73,16 @@ class KVLog(MutableMapping[Any, Any]):
         kafka_config: settings passed as they are to every kafka-python client
             (``security_protocol``, ``sasl_*``, ``ssl_*``, ...).
         map_size: initial LMDB map size in bytes (it grows on demand).
+        fsync: durability of the embedded log: ``"always"`` (a write returns
+            after fdatasync), ``"interval"`` (synced every second) or
+            ``"never"``. See :class:`~kvlog.log.local.LocalLog`.
+        progress: ``progress(applied, targets)``, called with per-partition
+            offsets while the opening replay runs (for progress bars).
 
     Raises:
         BrokerUnavailableError: no broker answered within ``timeout``.
         TopicConfigError: the topic is not compacted (or missing and not created).
+        LogLockedError: another process has the embedded log open.
         CacheError: the cache directory cannot be opened.
     """
 
@@ -95,6 +105,8 @@ class KVLog(MutableMapping[Any, Any]):
         allow_non_compacted: bool = False,
         kafka_config: Mapping[str, Any] | None = None,
         map_size: int = DEFAULT_MAP_SIZE,
+        fsync: str = "always",
+        progress: Callable[[dict[int, int], dict[int, int]], None] | None = None,
     ) -> None:
         if key_type not in (str, bytes):
             raise TypeError("key_type must be str or bytes")
@@ -107,11 +119,13 @@ class KVLog(MutableMapping[Any, Any]):
         self._replayer: Replayer | None = None
         self._log: Log | None = None
         self.rebuilds: list[str] = []
-        if log is None:
+        if log is None and bootstrap_servers is None and topic is None:
+            from .log.local import LocalLog
+
+            log = LocalLog(self.path / "log", partitions=partitions, fsync=fsync)
+        elif log is None:
             if bootstrap_servers is None or topic is None:
-                raise ValueError(
-                    "KVLog needs bootstrap_servers= and topic= (a Kafka topic) or log= (a kvlog Log)"
-                )
+                raise ValueError("a Kafka store needs both bootstrap_servers= and topic=")
             from .log.kafka import KafkaLog
 
             log = KafkaLog(
@@ -130,7 +144,7 @@ class KVLog(MutableMapping[Any, Any]):
         self._log = log
         try:
             self._cache = Cache(self.path / "cache", map_size=map_size)
-            self._open_replay(ready_timeout)
+            self._open_replay(ready_timeout, progress)
             self._closed = False
             if follow:
                 assert self._replayer is not None
@@ -179,7 +193,11 @@ class KVLog(MutableMapping[Any, Any]):
                 )
         return None
 
-    def _open_replay(self, ready_timeout: float | None) -> None:
+    def _open_replay(
+        self,
+        ready_timeout: float | None,
+        progress: Callable[[dict[int, int], dict[int, int]], None] | None,
+    ) -> None:
         assert self._cache is not None and self._log is not None
         started = time.monotonic()
         identity = self._identity()
@@ -191,7 +209,7 @@ class KVLog(MutableMapping[Any, Any]):
             self._cache.reset(identity)
         checkpoint_before = self._cache.checkpoint()
         self._replayer = Replayer(self._log, self._cache, on_rebuild=self.rebuilds.append)
-        self._replayer.wait_for(self._log.end_offsets(), ready_timeout)
+        self._replayer.wait_for(self._log.end_offsets(), ready_timeout, progress=progress)
         self._replayer.mark_current()
         self.open_replay: dict[str, Any] = {
             "mode": "warm" if checkpoint_before else "cold",
@@ -335,8 +353,15 @@ class KVLog(MutableMapping[Any, Any]):
         for key, value in self._cache.items(start=lo, stop=hi, prefix=pre):
             yield decode_key(key, key_type), decode(value)
 
-    def sync(self, timeout: float | None = None) -> None:
+    def sync(
+        self,
+        timeout: float | None = None,
+        *,
+        progress: Callable[[dict[int, int], dict[int, int]], None] | None = None,
+    ) -> None:
         """Wait until the cache holds everything the log held when this was called.
+
+        ``progress(applied, targets)`` is called with per-partition offsets as replay proceeds.
 
         Raises:
             SyncTimeoutError: not caught up within ``timeout`` seconds.
@@ -344,13 +369,18 @@ class KVLog(MutableMapping[Any, Any]):
         """
         self._check_open()
         assert self._log is not None and self._replayer is not None
-        self._replayer.wait_for(self._log.end_offsets(), timeout)
+        self._replayer.wait_for(self._log.end_offsets(), timeout, progress=progress)
         self._replayer.mark_current()
 
     def rewarm(
-        self, timeout: float | None = None, *, progress: Callable[[dict[int, int]], None] | None = None
+        self,
+        timeout: float | None = None,
+        *,
+        progress: Callable[[dict[int, int], dict[int, int]], None] | None = None,
     ) -> dict[str, Any]:
         """Drop the cache and rebuild it by replaying the log from the start.
+
+        ``progress(applied, targets)`` is called with per-partition offsets as replay proceeds.
 
         Reads during a rewarm see a prefix of the log (keys fill in as replay
         proceeds). A crash during it leaves a consistent, partial cache that
@@ -428,6 +458,12 @@ class KVLog(MutableMapping[Any, Any]):
             self._log.close()
         if self._cache is not None:
             self._cache.close()
+
+    @property
+    def log(self) -> Log:
+        """The log this store mirrors (a :class:`~kvlog.log.local.LocalLog` or a ``KafkaLog``)."""
+        assert self._log is not None
+        return self._log
 
     @property
     def closed(self) -> bool:

@@ -1,0 +1,1005 @@
+"""The embedded compacted log: Kafka's log layout, on local files, for one machine.
+
+``KVLog("./data")`` uses it when no broker is named. It behaves like a
+compacted Kafka topic behind the same :class:`~kvlog.log.Log` interface:
+partitions, offsets that only grow and survive compaction, tombstones that
+compaction drops after a retention period.
+
+On disk (``data/log/``)::
+
+    LOCK                       flock()ed by the one process that writes; holds its pid
+    log.json                   format version, log id (part of the cache identity), partitions
+    cleaner-checkpoint.json    per partition, the offset up to which the log was compacted
+    0/00000000000000000000.log a segment of partition 0, named by its base offset
+    0/00000000000000004096.log ... the last segment of a partition is the active one
+
+A segment starts with the 8-byte magic ``KVLSEG1\\n`` followed by frames::
+
+    u32 body length | u32 crc32(body) | body
+    body = i64 offset | i64 timestamp (ms) | u8 flags (1 = tombstone) | u32 key length | key | value
+
+(little-endian). Segment ``i`` covers offsets ``[base_i, base_i+1)``; records
+inside it are in offset order, with gaps where compaction removed records.
+
+Durability (``fsync``): a write returns after its frames are written to the
+OS (``os.write`` on an unbuffered descriptor, so a killed *process* never
+loses an acknowledged record) and, with the default ``"always"``, after
+``fdatasync``, so an OS crash or power cut does not lose it either.
+``"interval"`` syncs every ``fsync_interval`` seconds in the background (an
+OS crash may lose up to that much); ``"never"`` leaves it to the OS.
+
+Crash recovery on open: closed segments were synced when they were rolled, so
+only the last segment is scanned; a torn or corrupt tail (short frame, bad
+length, bad CRC, out-of-order offset) is truncated back to the last good
+record, counted in :attr:`LocalLog.recovery` and logged. A bad frame inside a
+closed segment is reported when it is read (:class:`~kvlog.errors.LogCorruptError`).
+
+Compaction rewrites closed segments keeping, for every key, only its latest
+record anywhere in the log, and dropping tombstones older than
+``tombstone_retention``; offsets are kept. Consecutive small segments are
+merged. The swap is atomic: write ``<base>.cleaned``, fsync, rename it to
+``<base>-<end>.swap`` (the commit point), fsync the directory, delete the
+segments it replaces and rename it to ``<base>.log``; an open finds a
+``.swap`` and finishes it, or a ``.cleaned`` and deletes it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import struct
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import ClosedError, LogCorruptError, LogLockedError, RecordTooLargeError, WriteError
+from . import Log, LogReader, PositionOutOfRangeError, Record
+
+__all__ = ["FSYNC_POLICIES", "LocalLog", "LocalReader"]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MAGIC = b"KVLSEG1\n"
+_FRAME_HEAD = struct.Struct("<II")  # body length, crc32(body)
+_BODY_HEAD = struct.Struct("<qqBI")  # offset, timestamp ms, flags, key length
+_TOMBSTONE = 1
+#: Bytes a record costs beyond its key and value.
+FRAME_OVERHEAD = _FRAME_HEAD.size + _BODY_HEAD.size
+
+FSYNC_POLICIES = ("always", "interval", "never")
+#: A sparse index entry every this many bytes of a segment.
+_INDEX_INTERVAL = 64 * 1024
+#: Bytes read from a segment per system call when replaying.
+_READ_CHUNK = 4 * 1024 * 1024
+#: Frames longer than this are corruption. Fixed, not derived from
+#: max_record_bytes: reopening with a smaller limit must not cut good records.
+_MAX_FRAME = 1 << 30
+
+
+def _segment_name(base: int) -> str:
+    return f"{base:020d}.log"
+
+
+def _fsync_dir(path: Path) -> None:
+    # A rename or a new file is durable only once its directory entry is.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomically(path: Path, data: Mapping[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def encode_frame(offset: int, timestamp_ms: int, key: bytes, value: bytes | None) -> bytes:
+    """Return the bytes of one record as a segment holds it."""
+    flags = _TOMBSTONE if value is None else 0
+    body = _BODY_HEAD.pack(offset, timestamp_ms, flags, len(key)) + key + (value or b"")
+    return _FRAME_HEAD.pack(len(body), zlib.crc32(body)) + body
+
+
+class _Frame:
+    """One decoded frame and where it lies in its segment."""
+
+    __slots__ = ("end", "key", "offset", "position", "timestamp", "value")
+
+    def __init__(
+        self, position: int, end: int, offset: int, timestamp: int, key: bytes, value: bytes | None
+    ) -> None:
+        self.position, self.end = position, end
+        self.offset, self.timestamp, self.key, self.value = offset, timestamp, key, value
+
+
+class _BadFrame(Exception):
+    def __init__(self, position: int, reason: str) -> None:
+        super().__init__(reason)
+        self.position, self.reason = position, reason
+
+
+def _parse(buf: bytes, start: int, file_pos: int, max_frame: int, after: int) -> Iterator[_Frame]:
+    """Yield the complete, valid frames of ``buf`` from ``start``; stop at the first incomplete one.
+
+    ``file_pos`` is the file position of ``buf[0]``; ``after`` the offset the
+    first frame must exceed. Raises :class:`_BadFrame` at a frame that is
+    complete but wrong (bad length, CRC, or offset order).
+    """
+    unpack_frame, unpack_body = _FRAME_HEAD.unpack_from, _BODY_HEAD.unpack_from
+    head, body_head = _FRAME_HEAD.size, _BODY_HEAD.size
+    crc32, n = zlib.crc32, len(buf)
+    pos = start
+    while pos + head <= n:
+        length, crc = unpack_frame(buf, pos)
+        if length < body_head or length > max_frame:
+            raise _BadFrame(file_pos + pos, f"impossible frame length {length}")
+        end = pos + head + length
+        if end > n:
+            return
+        body = buf[pos + head : end]
+        if crc32(body) != crc:
+            raise _BadFrame(file_pos + pos, "CRC mismatch")
+        offset, timestamp, flags, key_len = unpack_body(body)
+        if offset <= after or body_head + key_len > length:
+            raise _BadFrame(file_pos + pos, f"offset {offset} out of order or key length {key_len} invalid")
+        key = body[body_head : body_head + key_len]
+        value = None if flags & _TOMBSTONE else body[body_head + key_len :]
+        yield _Frame(file_pos + pos, file_pos + end, offset, timestamp, key, value)
+        after = offset
+        pos = end
+
+
+class _Segment:
+    """A segment file of one partition: immutable once closed, appended to while active."""
+
+    def __init__(self, path: Path, base: int, size: int) -> None:
+        self.path = path
+        self.base = base
+        #: Bytes of complete, published frames; readers never read past it.
+        self.size = size
+        #: Sparse index: offsets and file positions of frames, ascending.
+        self.index_offsets: list[int] = []
+        self.index_positions: list[int] = []
+        self.indexed_to = len(MAGIC)  # file position up to which frames were indexed
+        self.replaced = False
+
+    def note(self, offset: int, position: int, end: int) -> None:
+        """Index a frame (sparsely) as it is appended or scanned."""
+        if not self.index_positions or position - self.index_positions[-1] >= _INDEX_INTERVAL:
+            self.index_offsets.append(offset)
+            self.index_positions.append(position)
+        self.indexed_to = end
+
+
+class LocalReader(LogReader):
+    """Reads every partition of a :class:`LocalLog` from given positions."""
+
+    def __init__(self, local_log: LocalLog, positions: Mapping[int, int]) -> None:
+        self._log = local_log
+        self._positions = {p: positions[p] for p in range(local_log.partitions)}
+        # Per partition: (segment, open file descriptor, file position of the next frame).
+        self._cursors: dict[int, tuple[_Segment, int, int] | None] = dict.fromkeys(self._positions)
+        self._next_partition = 0
+        self._closed = False
+        with local_log._cond:
+            for p, position in self._positions.items():
+                local_log._check_position(p, position)
+
+    def positions(self) -> dict[int, int]:
+        return dict(self._positions)
+
+    def poll(self, timeout: float, max_records: int) -> list[Record]:
+        lg = self._log
+        deadline = time.monotonic() + timeout
+        with lg._cond:
+            while True:
+                if self._closed or lg._closed:
+                    raise ClosedError(f"{lg.describe()} is closed")
+                if any(self._positions[p] < lg._end[p] for p in self._positions):
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return []
+                lg._cond.wait(remaining)
+        records: list[Record] = []
+        n = lg.partitions
+        for i in range(n):
+            p = (self._next_partition + i) % n
+            if len(records) >= max_records:
+                break
+            self._read_partition(p, records, max_records)
+        self._next_partition = (self._next_partition + 1) % n
+        return records
+
+    def _close_cursor(self, p: int) -> None:
+        cursor = self._cursors[p]
+        if cursor is not None:
+            os.close(cursor[1])
+            self._cursors[p] = None
+
+    def _read_partition(self, p: int, out: list[Record], max_records: int) -> None:
+        lg = self._log
+        while len(out) < max_records:
+            with lg._cond:
+                end = lg._end[p]
+                if self._positions[p] >= end:
+                    return
+                cursor = self._cursors[p]
+                if cursor is None or cursor[0].replaced:
+                    # First read, or compaction replaced the segment under us:
+                    # find the position again. The descriptor is opened under
+                    # the lock, so it is the file the segment object describes.
+                    self._close_cursor(p)
+                    segment, file_pos = lg._locate(p, self._positions[p])
+                    cursor = (segment, os.open(segment.path, os.O_RDONLY), file_pos)
+                    self._cursors[p] = cursor
+                segment, fd, file_pos = cursor
+                visible = segment.size
+                following = lg._following_base(p, segment)
+            if file_pos >= visible:
+                if following is None:
+                    return  # the active segment has nothing more yet
+                # Segment done: the position moves to the next segment's base,
+                # past any offsets compaction removed at the segment's end.
+                self._close_cursor(p)
+                self._positions[p] = max(self._positions[p], following)
+                continue
+            buf = os.pread(fd, min(_READ_CHUNK, visible - file_pos), file_pos)
+            if len(buf) < _FRAME_HEAD.size:
+                raise LogCorruptError(
+                    f"{segment.path} is shorter than the log expects at position {file_pos}"
+                )
+            position = self._positions[p]
+            try:
+                for frame in _parse(buf, 0, file_pos, _MAX_FRAME, -1):
+                    file_pos = frame.end
+                    if frame.offset < position:
+                        continue  # seeking inside the segment to the reader's position
+                    out.append(Record(p, frame.offset, frame.key, frame.value))
+                    position = frame.offset + 1
+                    if len(out) >= max_records:
+                        break
+            except _BadFrame as bad:
+                raise LogCorruptError(
+                    f"corrupt record in {segment.path} at file position {bad.position}: {bad.reason}; "
+                    "the log cannot be read past it (restore the file or remove the data directory's log)"
+                ) from None
+            if file_pos == cursor[2]:
+                # A frame larger than the chunk: read it whole next time.
+                head = os.pread(fd, _FRAME_HEAD.size, file_pos)
+                length = _FRAME_HEAD.unpack(head)[0] if len(head) == _FRAME_HEAD.size else 0
+                buf = os.pread(fd, _FRAME_HEAD.size + length, file_pos)
+                try:
+                    frames = list(_parse(buf, 0, file_pos, _MAX_FRAME, -1))
+                except _BadFrame as bad:
+                    raise LogCorruptError(
+                        f"corrupt record in {segment.path} at file position {bad.position}: {bad.reason}"
+                    ) from None
+                if not frames:
+                    raise LogCorruptError(
+                        f"{segment.path} has a truncated record at file position {file_pos}"
+                    )
+                frame = frames[0]
+                file_pos = frame.end
+                if frame.offset >= position:
+                    out.append(Record(p, frame.offset, frame.key, frame.value))
+                    position = frame.offset + 1
+            self._positions[p] = position
+            self._cursors[p] = (segment, fd, file_pos)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            for p in list(self._cursors):
+                self._close_cursor(p)
+
+
+class LocalLog(Log):
+    """A compacted log in a local directory (the embedded default of :class:`~kvlog.KVLog`).
+
+    One process writes a log directory at a time (an exclusive ``flock`` on
+    ``LOCK``); readers of the cache it feeds are not affected by that lock.
+
+    Args:
+        path: the log directory (created if missing).
+        partitions: partition count of a new log (an existing log keeps its own).
+        fsync: ``"always"`` (default; a write returns after ``fdatasync``),
+            ``"interval"`` (synced every ``fsync_interval`` seconds) or
+            ``"never"`` (left to the OS). Any policy survives a killed process;
+            only ``"always"`` survives an OS crash without losing acknowledged writes.
+        fsync_interval: seconds between syncs with ``fsync="interval"``.
+        segment_bytes: roll to a new segment past this size (only closed
+            segments are compacted).
+        max_record_bytes: the largest key + value accepted (1 MiB, Kafka's default).
+        tombstone_retention: seconds compaction keeps a tombstone (Kafka's
+            ``delete.retention.ms``, 24 h by default).
+        min_cleanable_dirty_ratio: compact in the background once this share
+            of the closed segments' bytes was written since the last compaction.
+        background_compaction: run that background compaction at all
+            (``compact()`` always works).
+
+    Raises:
+        LogLockedError: another process (or another open log) writes this directory.
+        LogCorruptError: ``log.json`` is unreadable or from another format version.
+    """
+
+    kind = "local"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        partitions: int = 1,
+        fsync: str = "always",
+        fsync_interval: float = 1.0,
+        segment_bytes: int = 16 * 1024 * 1024,
+        max_record_bytes: int = 1024 * 1024,
+        tombstone_retention: float = 24 * 3600.0,
+        min_cleanable_dirty_ratio: float = 0.5,
+        background_compaction: bool = True,
+    ) -> None:
+        if fsync not in FSYNC_POLICIES:
+            raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, not {fsync!r}")
+        if partitions < 1:
+            raise ValueError("partitions must be at least 1")
+        if segment_bytes < 1024:
+            raise ValueError("segment_bytes must be at least 1024")
+        if not 0 < max_record_bytes <= _MAX_FRAME - FRAME_OVERHEAD:
+            raise ValueError(f"max_record_bytes must be in 1..{_MAX_FRAME - FRAME_OVERHEAD}")
+        if not 0.0 < min_cleanable_dirty_ratio <= 1.0:
+            raise ValueError("min_cleanable_dirty_ratio must be in (0, 1]")
+        self.path = Path(path)
+        self.fsync = fsync
+        self.fsync_interval = fsync_interval
+        self.segment_bytes = segment_bytes
+        self._max_record_bytes = max_record_bytes
+        self.tombstone_retention = tombstone_retention
+        self.min_cleanable_dirty_ratio = min_cleanable_dirty_ratio
+        self._closed = True  # until fully open
+        self._lock_fd: int | None = None
+        self._cond = threading.Condition()  # guards segments, end offsets, closed; readers wait on it
+        self._append_lock = threading.Lock()  # one appender at a time
+        self._compact_lock = threading.Lock()  # one compaction at a time
+        self._segments: dict[int, list[_Segment]] = {}
+        self._end: dict[int, int] = {}
+        self._active_fd: dict[int, int] = {}
+        self._unsynced = False
+        self._cleaned_to: dict[int, int] = {}
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+        #: What the last open found and repaired: per partition, a list of
+        #: ``{"segment", "truncated_bytes", "reason", "last_good_offset"}``.
+        self.recovery: dict[int, list[dict[str, Any]]] = {}
+        #: The report of the last compaction (see :meth:`compact`).
+        self.last_compaction: dict[str, Any] | None = None
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._take_lock()
+            meta = self._load_meta(partitions)
+            self.log_id: str = meta["log_id"]
+            self._partitions: int = meta["partitions"]
+            self._cleaned_to = self._load_cleaner_checkpoint()
+            clean_shutdown = self._take_clean_shutdown()
+            for p in range(self._partitions):
+                self._open_partition(p, clean_shutdown)
+        except BaseException:
+            self._release()
+            raise
+        self._closed = False
+        if fsync == "interval":
+            self._spawn(self._flush_loop, "kvlog-log-flusher")
+        if background_compaction:
+            self._spawn(self._compact_loop, "kvlog-log-compactor")
+            self._wake.set()  # a log reopened dirty is looked at once
+
+    # -- opening --------------------------------------------------------------
+
+    def _take_lock(self) -> None:
+        fd = os.open(self.path / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise LogLockedError(
+                    f"the log at {self.path} is open for writing by process {holder} "
+                    "(one process writes a kvlog data directory at a time; close it there first)"
+                ) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _load_meta(self, partitions: int) -> dict[str, Any]:
+        meta_path = self.path / "log.json"
+        if not meta_path.exists():
+            meta = {"format": FORMAT_VERSION, "log_id": uuid.uuid4().hex, "partitions": partitions}
+            _write_json_atomically(meta_path, meta)
+            return meta
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            ok = meta.get("format") == FORMAT_VERSION and isinstance(meta.get("partitions"), int)
+        except (OSError, ValueError) as exc:
+            raise LogCorruptError(f"cannot read {meta_path}: {exc}") from exc
+        if not ok:
+            raise LogCorruptError(f"{meta_path} is not a kvlog log of format {FORMAT_VERSION}: {meta!r}")
+        return dict(meta)
+
+    def _load_cleaner_checkpoint(self) -> dict[int, int]:
+        path = self.path / "cleaner-checkpoint.json"
+        try:
+            return {int(p): int(o) for p, o in json.loads(path.read_text(encoding="utf-8")).items()}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable %s (%s); the next compaction rewrites it", path, exc)
+            return {}
+
+    def _take_clean_shutdown(self) -> dict[str, Any]:
+        """Read and remove the marker :meth:`close` leaves (removed first: a crash must not find it)."""
+        path = self.path / "clean-shutdown.json"
+        try:
+            marker = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError):
+            marker = {}
+        path.unlink()
+        _fsync_dir(self.path)
+        if not isinstance(marker, dict) or marker.get("format") != FORMAT_VERSION:
+            return {}
+        return dict(marker.get("partitions", {}))
+
+    def _open_partition(self, p: int, clean_shutdown: Mapping[str, Any]) -> None:
+        directory = self.path / str(p)
+        directory.mkdir(exist_ok=True)
+        self._finish_swaps(directory)
+        bases = sorted(int(f.name[:-4]) for f in directory.glob("*.log") if f.name[:-4].isdigit())
+        if not bases:
+            bases = [0]
+            self._create_segment_file(directory / _segment_name(0))
+        segments = []
+        for base in bases:
+            path = directory / _segment_name(base)
+            segments.append(_Segment(path, base, path.stat().st_size))
+        active = segments[-1]
+        clean = clean_shutdown.get(str(p), {})
+        if clean.get("base") == active.base and clean.get("size") == active.size:
+            # Closed cleanly: the segment ends at a whole record. Skip the scan
+            # (this is what makes a restart take milliseconds); index lazily.
+            self.recovery[p] = []
+            self._end[p] = int(clean["end"])
+        else:
+            self.recovery[p], self._end[p] = self._recover(p, active)
+        self._segments[p] = segments
+        self._active_fd[p] = os.open(active.path, os.O_WRONLY)
+
+    def _finish_swaps(self, directory: Path) -> None:
+        """Complete or undo compaction swaps a crash interrupted (see the module docstring)."""
+        for cleaned in directory.glob("*.cleaned"):
+            cleaned.unlink()  # never committed: the segments it would replace are intact
+        for swap in sorted(directory.glob("*.swap")):
+            base_text, _, end_text = swap.name[: -len(".swap")].partition("-")
+            base, end = int(base_text), int(end_text)
+            for old in directory.glob("*.log"):
+                if old.name[:-4].isdigit() and base < int(old.name[:-4]) < end:
+                    old.unlink()
+            os.replace(swap, directory / _segment_name(base))
+            _fsync_dir(directory)
+            log.info("finished an interrupted compaction of %s (offsets %d-%d)", directory, base, end)
+
+    def _create_segment_file(self, path: Path) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, MAGIC)
+            if self.fsync != "never":
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if self.fsync != "never":
+            _fsync_dir(path.parent)
+
+    def _recover(self, p: int, segment: _Segment) -> tuple[list[dict[str, Any]], int]:
+        """Scan the active segment, index it, and cut a torn or corrupt tail.
+
+        Returns:
+            The report and the end offset of the partition.
+        """
+        report: list[dict[str, Any]] = []
+        last = segment.base - 1
+        with open(segment.path, "r+b") as f:
+            data = f.read()
+            good = len(MAGIC)
+            reason = None
+            if data[: len(MAGIC)] != MAGIC:
+                if len(data) >= len(MAGIC) or MAGIC[: len(data)] != data:
+                    reason = "bad segment header"
+                else:
+                    reason = "torn segment header"
+                good = 0
+            else:
+                try:
+                    for frame in _parse(data, len(MAGIC), 0, _MAX_FRAME, segment.base - 1):
+                        segment.note(frame.offset, frame.position, frame.end)
+                        good = frame.end
+                        last = frame.offset
+                except _BadFrame as bad:
+                    reason = f"{bad.reason} at file position {bad.position}"
+                if reason is None and good < len(data):
+                    reason = f"incomplete record at file position {good}"
+            if reason is not None:
+                truncated = len(data) - good
+                if good == 0:
+                    f.seek(0)
+                    f.write(MAGIC)
+                    good = len(MAGIC)
+                f.truncate(good)
+                f.flush()
+                os.fsync(f.fileno())
+                entry = {
+                    "segment": str(segment.path),
+                    "truncated_bytes": truncated,
+                    "reason": reason,
+                    "last_good_offset": last if last >= segment.base else None,
+                }
+                report.append(entry)
+                log.warning(
+                    "recovered partition %d of the log at %s: cut %d byte(s) at the end of %s (%s); "
+                    "the last good record is offset %s",
+                    p,
+                    self.path,
+                    truncated,
+                    segment.path.name,
+                    reason,
+                    entry["last_good_offset"],
+                )
+        segment.size = good
+        segment.indexed_to = good
+        return report, last + 1
+
+    def _spawn(self, target: Any, name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    # -- the interface ----------------------------------------------------------
+
+    @property
+    def partitions(self) -> int:
+        return self._partitions
+
+    @property
+    def max_record_bytes(self) -> int:
+        return self._max_record_bytes
+
+    @property
+    def tombstone_retention_seconds(self) -> float:
+        return self.tombstone_retention
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": self.kind, "log_id": self.log_id, "partitions": self._partitions}
+
+    def describe(self) -> str:
+        return f"embedded log at {self.path}"
+
+    def __repr__(self) -> str:
+        return f"<LocalLog {str(self.path)!r} partitions={self._partitions} fsync={self.fsync!r}>"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"{self.describe()} is closed")
+
+    def partition_for(self, key: bytes) -> int:
+        """The partition a key's records go to (stable across processes and versions)."""
+        return zlib.crc32(key) % self._partitions if self._partitions > 1 else 0
+
+    def append(
+        self, records: Sequence[tuple[bytes, bytes | None]], timeout: float = 30.0
+    ) -> list[tuple[int, int]]:
+        """Append records; return after they are written (and synced, per the fsync policy).
+
+        Raises:
+            RecordTooLargeError: a key + value is larger than ``max_record_bytes`` (nothing written).
+            WriteError: the disk refused the write (nothing of the failed partition's batch stays).
+        """
+        self._check_open()
+        limit = self._max_record_bytes
+        for key, value in records:
+            size = len(key) + (0 if value is None else len(value))
+            if size > limit:
+                raise RecordTooLargeError(
+                    f"a record of {size} bytes (key + value) is larger than the log accepts "
+                    f"({limit} bytes; LocalLog(max_record_bytes=...) raises it)"
+                )
+        if not records:
+            return []
+        with self._append_lock:
+            self._check_open()
+            timestamp = time.time_ns() // 1_000_000
+            by_partition: dict[int, list[int]] = {}
+            for i, (key, _value) in enumerate(records):
+                by_partition.setdefault(self.partition_for(key), []).append(i)
+            result: list[tuple[int, int]] = [(0, 0)] * len(records)
+            for p, indexes in by_partition.items():
+                self._append_partition(p, [records[i] for i in indexes], timestamp, indexes, result)
+            return result
+
+    def _append_partition(
+        self,
+        p: int,
+        records: list[tuple[bytes, bytes | None]],
+        timestamp: int,
+        indexes: list[int],
+        result: list[tuple[int, int]],
+    ) -> None:
+        segment = self._segments[p][-1]
+        fd = self._active_fd[p]
+        start_size = segment.size
+        offset = self._end[p]
+        frames = []
+        notes = []
+        position = start_size
+        for i, (key, value) in zip(indexes, records, strict=True):
+            frame = encode_frame(offset, timestamp, key, value)
+            frames.append(frame)
+            notes.append((offset, position, position + len(frame)))
+            position += len(frame)
+            result[i] = (p, offset)
+            offset += 1
+        data = b"".join(frames)
+        try:
+            written = os.pwrite(fd, data, start_size)
+            while written < len(data):
+                written += os.pwrite(fd, data[written:], start_size + written)
+            if self.fsync == "always":
+                os.fdatasync(fd)
+            else:
+                self._unsynced = True
+        except OSError as exc:
+            # Leave nothing half-written: cut the file back to the last published record.
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start_size)
+            raise WriteError(f"cannot append to {segment.path}: {exc}") from exc
+        with self._cond:
+            for note in notes:
+                segment.note(*note)
+            segment.size = position
+            self._end[p] = offset
+            self._cond.notify_all()
+        if segment.size >= self.segment_bytes:
+            self._roll(p)
+
+    def _roll(self, p: int) -> None:
+        """Close the active segment (synced) and start a new one at the end offset."""
+        fd = self._active_fd[p]
+        if self.fsync != "never":
+            os.fdatasync(fd)  # closed segments are never scanned on open: they must be whole
+        base = self._end[p]
+        path = self.path / str(p) / _segment_name(base)
+        self._create_segment_file(path)
+        new = _Segment(path, base, len(MAGIC))
+        new_fd = os.open(path, os.O_WRONLY)
+        with self._cond:
+            self._segments[p].append(new)
+            self._active_fd[p] = new_fd
+        os.close(fd)
+        self._wake.set()
+
+    def begin_offsets(self) -> dict[int, int]:
+        self._check_open()
+        with self._cond:
+            return {p: segments[0].base for p, segments in self._segments.items()}
+
+    def end_offsets(self, timeout: float | None = None) -> dict[int, int]:
+        self._check_open()
+        with self._cond:
+            return dict(self._end)
+
+    def open_reader(self, positions: Mapping[int, int]) -> LocalReader:
+        self._check_open()
+        return LocalReader(self, positions)
+
+    # -- locating offsets (callers hold self._cond) -----------------------------
+
+    def _check_position(self, p: int, position: int) -> None:
+        segments = self._segments[p]
+        if position < segments[0].base or position > self._end[p]:
+            raise PositionOutOfRangeError(
+                f"position {position} of partition {p} is outside the log "
+                f"[{segments[0].base}, {self._end[p]}] at {self.path}"
+            )
+
+    def _following_base(self, p: int, segment: _Segment) -> int | None:
+        """The base offset of the segment after ``segment``, or None if it is the active one."""
+        segments = self._segments[p]
+        if segments[-1] is segment:
+            return None
+        # Callers checked that the segment was not replaced, so it is in the list.
+        i = bisect.bisect_right([s.base for s in segments], segment.base) - 1
+        return segments[i + 1].base
+
+    def _locate(self, p: int, position: int) -> tuple[_Segment, int]:
+        """Return the segment holding ``position`` and a file position at or before its frame."""
+        self._check_position(p, position)
+        segments = self._segments[p]
+        i = bisect.bisect_right([s.base for s in segments], position) - 1
+        segment = segments[i]
+        if segment.indexed_to < segment.size:
+            self._index(segment)
+        j = bisect.bisect_right(segment.index_offsets, position) - 1
+        return segment, (segment.index_positions[j] if j >= 0 else len(MAGIC))
+
+    def _index(self, segment: _Segment) -> None:
+        """Extend the sparse index of a segment up to its published size (callers hold the lock)."""
+        with open(segment.path, "rb") as f:
+            data = f.read(segment.size)
+        try:
+            for frame in _parse(data, segment.indexed_to, 0, _MAX_FRAME, -1):
+                segment.note(frame.offset, frame.position, frame.end)
+        except _BadFrame as bad:
+            raise LogCorruptError(
+                f"corrupt record in {segment.path} at file position {bad.position}: {bad.reason}"
+            ) from None
+        segment.indexed_to = segment.size
+
+    # -- compaction ---------------------------------------------------------------
+
+    def _segment_frames(self, path: Path, size: int) -> Iterator[_Frame]:
+        with open(path, "rb") as f:
+            data = f.read(size)
+        try:
+            yield from _parse(data, len(MAGIC), 0, _MAX_FRAME, -1)
+        except _BadFrame as bad:
+            raise LogCorruptError(
+                f"corrupt record in {path} at file position {bad.position}: {bad.reason}"
+            ) from None
+
+    def dirty_ratio(self, p: int) -> float:
+        """The share of the closed segments' bytes written since partition ``p`` was last compacted."""
+        with self._cond:
+            closed = self._segments[p][:-1]
+            total = sum(s.size for s in closed)
+            dirty = sum(s.size for s in closed if s.base >= self._cleaned_to.get(p, 0))
+        return dirty / total if total else 0.0
+
+    def compact(self) -> dict[str, Any]:
+        """Compact every partition now: keep each key's latest record, drop old tombstones.
+
+        Only closed segments are rewritten (as in Kafka, the active segment is
+        not); readers and writers keep going meanwhile.
+
+        Returns:
+            A report: ``segments_before``/``after``, ``records_before``/``after``,
+            ``bytes_before``/``after``, ``tombstones_dropped``, ``seconds``.
+        """
+        self._check_open()
+        started = time.monotonic()
+        total: dict[str, Any] = dict.fromkeys(
+            (
+                "segments_before",
+                "segments_after",
+                "records_before",
+                "records_after",
+                "bytes_before",
+                "bytes_after",
+                "tombstones_dropped",
+            ),
+            0,
+        )
+        with self._compact_lock:
+            for p in range(self._partitions):
+                for name, value in self._compact_partition(p).items():
+                    total[name] += value
+            _write_json_atomically(
+                self.path / "cleaner-checkpoint.json", {str(p): o for p, o in self._cleaned_to.items()}
+            )
+        total["seconds"] = round(time.monotonic() - started, 3)
+        self.last_compaction = total
+        log.info("compacted %s: %s", self.describe(), total)
+        return total
+
+    def _compact_partition(self, p: int) -> dict[str, int]:
+        with self._cond:
+            segments = list(self._segments[p])
+            active_size = segments[-1].size
+        closed, active = segments[:-1], segments[-1]
+        report = {
+            "segments_before": len(segments),
+            "segments_after": len(segments),
+            "records_before": 0,
+            "records_after": 0,
+            "bytes_before": sum(s.size for s in closed),
+            "bytes_after": sum(s.size for s in closed),
+            "tombstones_dropped": 0,
+        }
+        if not closed:
+            return report
+        # The latest offset of every key anywhere in the log (up to this
+        # snapshot): a record is kept only if nothing later supersedes it.
+        # Records appended after the snapshot can only supersede more.
+        latest: dict[bytes, int] = {}
+        for segment in [*closed, active]:
+            size = active_size if segment is active else segment.size
+            for frame in self._segment_frames(segment.path, size):
+                latest[frame.key] = frame.offset
+        horizon = time.time_ns() // 1_000_000 - int(self.tombstone_retention * 1000)
+        directory = self.path / str(p)
+        # Group consecutive closed segments whose combined size fits one segment.
+        groups: list[list[_Segment]] = []
+        for segment in closed:
+            if groups and sum(s.size for s in groups[-1]) + segment.size <= self.segment_bytes:
+                groups[-1].append(segment)
+            else:
+                groups.append([segment])
+        replaced: list[tuple[list[_Segment], _Segment]] = []
+        for group in groups:
+            base = group[0].base
+            end = segments[segments.index(group[-1]) + 1].base
+            cleaned = directory / f"{base:020d}.cleaned"
+            new = _Segment(directory / _segment_name(base), base, 0)
+            with open(cleaned, "wb") as out:
+                out.write(MAGIC)
+                position = len(MAGIC)
+                for segment in group:
+                    for frame in self._segment_frames(segment.path, segment.size):
+                        report["records_before"] += 1
+                        if latest[frame.key] != frame.offset:
+                            continue
+                        if frame.value is None and frame.timestamp < horizon:
+                            report["tombstones_dropped"] += 1
+                            continue
+                        data = encode_frame(frame.offset, frame.timestamp, frame.key, frame.value)
+                        out.write(data)
+                        new.note(frame.offset, position, position + len(data))
+                        position += len(data)
+                        report["records_after"] += 1
+                out.flush()
+                os.fsync(out.fileno())
+            new.size = new.indexed_to = position
+            swap = directory / f"{base:020d}-{end:020d}.swap"
+            # Commit point: once the .swap name is durable, an open finishes the swap.
+            os.replace(cleaned, swap)
+            _fsync_dir(directory)
+            replaced.append((group, new))
+            with self._cond:
+                for old in group[1:]:
+                    old.path.unlink()
+                os.replace(swap, new.path)
+                current = self._segments[p]
+                at = current.index(group[0])
+                current[at : at + len(group)] = [new]
+                for old in group:
+                    old.replaced = True
+            _fsync_dir(directory)
+        with self._cond:
+            self._cleaned_to[p] = active.base
+            after = self._segments[p]
+            report["segments_after"] = len(after)
+            report["bytes_after"] = sum(s.size for s in after[:-1])
+        return report
+
+    def _compact_loop(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._closed:
+                return
+            try:
+                if any(
+                    self.dirty_ratio(p) >= self.min_cleanable_dirty_ratio for p in range(self._partitions)
+                ):
+                    self.compact()
+            except ClosedError:
+                return
+            except Exception:
+                log.exception(
+                    "background compaction of %s failed; it is retried after the next roll", self.path
+                )
+
+    # -- syncing and closing ----------------------------------------------------------
+
+    def flush(self) -> None:
+        """Sync every active segment to disk now (what ``fsync="always"`` does per write)."""
+        with self._append_lock:
+            self._check_open()
+            for fd in self._active_fd.values():
+                os.fdatasync(fd)
+            self._unsynced = False
+
+    def _flush_loop(self) -> None:
+        while not self._closed:
+            with self._cond:
+                self._cond.wait_for(lambda: self._closed, timeout=self.fsync_interval)
+            if self._closed:
+                return
+            if self._unsynced:
+                try:
+                    self.flush()
+                except ClosedError:
+                    return
+                except OSError:
+                    log.exception("syncing %s failed", self.path)
+
+    def stats(self) -> dict[str, Any]:
+        """Per partition: segments, bytes, begin and end offsets, dirty ratio; and the fsync policy."""
+        self._check_open()
+        partitions: dict[int, dict[str, Any]] = {}
+        for p in range(self._partitions):
+            with self._cond:
+                segments = self._segments[p]
+                partitions[p] = {
+                    "segments": len(segments),
+                    "bytes": sum(s.size for s in segments),
+                    "begin_offset": segments[0].base,
+                    "end_offset": self._end[p],
+                    "cleaned_to": self._cleaned_to.get(p, 0),
+                }
+            partitions[p]["dirty_ratio"] = round(self.dirty_ratio(p), 3)
+        return {
+            "path": str(self.path),
+            "fsync": self.fsync,
+            "segment_bytes": self.segment_bytes,
+            "partitions": partitions,
+            "recovery": self.recovery,
+            "last_compaction": self.last_compaction,
+        }
+
+    def close(self) -> None:
+        """Sync (unless ``fsync="never"``), stop the background threads, release the lock. Idempotent."""
+        if self._closed:
+            return
+        with self._append_lock:
+            with self._cond:
+                self._closed = True
+                self._cond.notify_all()
+            self._wake.set()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join()
+        with self._compact_lock:  # a compaction started by compact() in another thread finishes first
+            pass
+        self._release(clean=True)
+
+    def _release(self, clean: bool = False) -> None:
+        synced = True
+        for fd in self._active_fd.values():
+            try:
+                if self.fsync != "never":
+                    os.fdatasync(fd)
+            except OSError:
+                synced = False
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if clean and synced and self._active_fd and self.fsync != "never":
+            # The next open trusts these sizes instead of scanning the active
+            # segments. Written only after the data is synced: a marker that
+            # describes unsynced data could hide a torn tail after an OS crash.
+            marker = {
+                str(p): {"base": segments[-1].base, "size": segments[-1].size, "end": self._end[p]}
+                for p, segments in self._segments.items()
+            }
+            with contextlib.suppress(OSError):
+                _write_json_atomically(
+                    self.path / "clean-shutdown.json", {"format": FORMAT_VERSION, "partitions": marker}
+                )
+        self._active_fd = {}
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor drops the flock
+            self._lock_fd = None
