@@ -123,6 +123,8 @@ class KVLog(MutableMapping[Any, Any]):
             from .log.local import LocalLog
 
             log = LocalLog(self.path / "log", partitions=partitions, fsync=fsync)
+        elif fsync != "always":
+            raise ValueError("fsync= applies to the embedded log; Kafka's durability is acks=all")
         elif log is None:
             if bootstrap_servers is None or topic is None:
                 raise ValueError("a Kafka store needs both bootstrap_servers= and topic=")
