@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -290,7 +291,10 @@ class Cache:
                 txn.put(_META_FORMAT, _pack(_FORMAT), db=self._meta)
                 txn.put(_META_IDENTITY, _pack(dict(identity)), db=self._meta)
                 txn.put(_META_CHECKPOINT, _pack(dict(checkpoint or {})), db=self._meta)
-                txn.delete(_META_CURRENT_AT, db=self._meta)
+                # A replay from the log start that begins now misses no delete
+                # unless the log drops tombstones before the replay reaches
+                # them: the same bound as a cache that was current now.
+                txn.put(_META_CURRENT_AT, _pack(time.time()), db=self._meta)
         except lmdb.Error as exc:
             raise CacheError(f"cannot reset the cache at {self.path}: {exc}") from exc
 

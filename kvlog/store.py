@@ -182,10 +182,17 @@ class KVLog(MutableMapping[Any, Any]):
                 return f"checkpoint {position} of partition {p} is below the log start offset {begin[p]}"
             if position > end[p]:
                 return f"checkpoint {position} of partition {p} is past the log end offset {end[p]}"
-        retention = self._log.tombstone_retention_seconds
         behind = any(checkpoint.get(p, 0) < end[p] for p in range(self._log.partitions))
-        if retention is not None and behind:
-            current_at = self._cache.current_at()
+        if not behind:
+            return None
+        current_at = self._cache.current_at()
+        dropped = self._log.tombstones_dropped_after(checkpoint, current_at or 0.0)
+        if dropped:
+            return "compaction dropped tombstones past the checkpoint since the cache was last current"
+        retention = self._log.tombstone_retention_seconds
+        if dropped is None and retention is not None:
+            # The log cannot tell (Kafka): a cache away for longer than the
+            # topic keeps tombstones may have missed one.
             away = None if current_at is None else time.time() - current_at
             if away is None or away > retention:
                 since = "an unknown time" if away is None else f"{away:.0f}s"

@@ -119,6 +119,14 @@ class Log(abc.ABC):
         """
         return None
 
+    def tombstones_dropped_after(self, positions: Mapping[int, int], since: float) -> bool | None:
+        """Whether compaction removed a tombstone at or past ``positions`` after ``since`` (unix time).
+
+        ``None`` when the log cannot tell (Kafka): the store then falls back
+        to :attr:`tombstone_retention_seconds`.
+        """
+        return None
+
     @abc.abstractmethod
     def describe(self) -> str:
         """A short human description, e.g. ``kafka topic 'orders' at 127.0.0.1:9092``."""

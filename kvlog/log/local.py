@@ -9,7 +9,8 @@ On disk (``data/log/``)::
 
     LOCK                       flock()ed by the one process that writes; holds its pid
     log.json                   format version, log id (part of the cache identity), partitions
-    cleaner-checkpoint.json    per partition, the offset up to which the log was compacted
+    cleaner-checkpoint.json    per partition, the offset up to which the log was compacted,
+                               and when compaction dropped tombstones up to which offset
     0/00000000000000000000.log a segment of partition 0, named by its base offset
     0/00000000000000004096.log ... the last segment of a partition is the active one
 
@@ -84,6 +85,8 @@ _READ_CHUNK = 4 * 1024 * 1024
 #: Frames longer than this are corruption. Fixed, not derived from
 #: max_record_bytes: reopening with a smaller limit must not cut good records.
 _MAX_FRAME = 1 << 30
+#: Compaction passes that dropped tombstones remembered per partition.
+_DROPS_KEPT = 256
 
 
 def _segment_name(base: int) -> str:
@@ -381,6 +384,11 @@ class LocalLog(Log):
         self._active_fd: dict[int, int] = {}
         self._unsynced = False
         self._cleaned_to: dict[int, int] = {}
+        # Per partition, [unix time, highest offset] of each compaction pass
+        # that dropped tombstones (the newest _DROPS_KEPT of them): what lets a
+        # cache that was away know for certain whether it missed a delete.
+        self._tombstone_drops: dict[int, list[tuple[float, int]]] = {}
+        self._drops_known_since = 0.0
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
         #: What the last open found and repaired: per partition, a list of
@@ -394,7 +402,8 @@ class LocalLog(Log):
             meta = self._load_meta(partitions)
             self.log_id: str = meta["log_id"]
             self._partitions: int = meta["partitions"]
-            self._cleaned_to = self._load_cleaner_checkpoint()
+            self._drops_known_since = float(meta.get("created", 0.0))
+            self._load_cleaner_checkpoint()
             clean_shutdown = self._take_clean_shutdown()
             for p in range(self._partitions):
                 self._open_partition(p, clean_shutdown)
@@ -430,7 +439,12 @@ class LocalLog(Log):
     def _load_meta(self, partitions: int) -> dict[str, Any]:
         meta_path = self.path / "log.json"
         if not meta_path.exists():
-            meta = {"format": FORMAT_VERSION, "log_id": uuid.uuid4().hex, "partitions": partitions}
+            meta = {
+                "format": FORMAT_VERSION,
+                "log_id": uuid.uuid4().hex,
+                "partitions": partitions,
+                "created": time.time(),
+            }
             _write_json_atomically(meta_path, meta)
             return meta
         try:
@@ -442,15 +456,47 @@ class LocalLog(Log):
             raise LogCorruptError(f"{meta_path} is not a kvlog log of format {FORMAT_VERSION}: {meta!r}")
         return dict(meta)
 
-    def _load_cleaner_checkpoint(self) -> dict[int, int]:
+    def _load_cleaner_checkpoint(self) -> None:
         path = self.path / "cleaner-checkpoint.json"
         try:
-            return {int(p): int(o) for p, o in json.loads(path.read_text(encoding="utf-8")).items()}
+            state = json.loads(path.read_text(encoding="utf-8"))
+            self._cleaned_to = {int(p): int(o) for p, o in state["cleaned_to"].items()}
+            self._tombstone_drops = {
+                int(p): [(float(t), int(o)) for t, o in drops] for p, drops in state["tombstone_drops"].items()
+            }
+            self._drops_known_since = max(self._drops_known_since, float(state["drops_known_since"]))
         except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as exc:
+            pass
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # Without the record of dropped tombstones no cache can prove it
+            # missed none: from now on, a cache that is behind is rebuilt.
             log.warning("ignoring unreadable %s (%s); the next compaction rewrites it", path, exc)
-            return {}
+            self._drops_known_since = time.time()
+
+    def _save_cleaner_checkpoint(self) -> None:
+        _write_json_atomically(
+            self.path / "cleaner-checkpoint.json",
+            {
+                "cleaned_to": {str(p): o for p, o in self._cleaned_to.items()},
+                "tombstone_drops": {str(p): drops for p, drops in self._tombstone_drops.items()},
+                "drops_known_since": self._drops_known_since,
+            },
+        )
+
+    def tombstones_dropped_after(self, positions: Mapping[int, int], since: float) -> bool:
+        """Whether compaction dropped a tombstone at or past ``positions`` after ``since`` (unix time).
+
+        Exact for this log (it records every pass that dropped tombstones), so a
+        cache that was away for any length of time knows whether it may have
+        missed a delete.
+        """
+        if since < self._drops_known_since:
+            return any(positions.get(p, 0) < end for p, end in self.end_offsets().items())
+        return any(
+            t > since and offset >= positions.get(p, 0)
+            for p, drops in self._tombstone_drops.items()
+            for t, offset in drops
+        )
 
     def _take_clean_shutdown(self) -> dict[str, Any]:
         """Read and remove the marker :meth:`close` leaves (removed first: a crash must not find it)."""
@@ -807,9 +853,7 @@ class LocalLog(Log):
             for p in range(self._partitions):
                 for name, value in self._compact_partition(p).items():
                     total[name] += value
-            _write_json_atomically(
-                self.path / "cleaner-checkpoint.json", {str(p): o for p, o in self._cleaned_to.items()}
-            )
+            self._save_cleaner_checkpoint()
         total["seconds"] = round(time.monotonic() - started, 3)
         self.last_compaction = total
         log.info("compacted %s: %s", self.describe(), total)
@@ -854,16 +898,22 @@ class LocalLog(Log):
             end = segments[segments.index(group[-1]) + 1].base
             cleaned = directory / f"{base:020d}.cleaned"
             new = _Segment(directory / _segment_name(base), base, 0)
+            dropped_up_to = -1
             with open(cleaned, "wb") as out:
                 out.write(MAGIC)
                 position = len(MAGIC)
                 for segment in group:
+                    if self._closed:  # close() does not wait for a long pass; nothing is committed yet
+                        out.close()
+                        cleaned.unlink()
+                        return report
                     for frame in self._segment_frames(segment.path, segment.size):
                         report["records_before"] += 1
                         if latest[frame.key] != frame.offset:
                             continue
                         if frame.value is None and frame.timestamp < horizon:
                             report["tombstones_dropped"] += 1
+                            dropped_up_to = frame.offset
                             continue
                         data = encode_frame(frame.offset, frame.timestamp, frame.key, frame.value)
                         out.write(data)
@@ -873,6 +923,14 @@ class LocalLog(Log):
                 out.flush()
                 os.fsync(out.fileno())
             new.size = new.indexed_to = position
+            if dropped_up_to >= 0:
+                # Recorded before the commit point: a crash in between records a
+                # drop that did not happen, which only costs a cache a rebuild.
+                drops = self._tombstone_drops.setdefault(p, [])
+                drops.append((time.time(), dropped_up_to))
+                if len(drops) > _DROPS_KEPT:
+                    self._drops_known_since = max(self._drops_known_since, drops.pop(0)[0])
+                self._save_cleaner_checkpoint()
             swap = directory / f"{base:020d}-{end:020d}.swap"
             # Commit point: once the .swap name is durable, an open finishes the swap.
             os.replace(cleaned, swap)
