@@ -462,7 +462,8 @@ class LocalLog(Log):
             state = json.loads(path.read_text(encoding="utf-8"))
             self._cleaned_to = {int(p): int(o) for p, o in state["cleaned_to"].items()}
             self._tombstone_drops = {
-                int(p): [(float(t), int(o)) for t, o in drops] for p, drops in state["tombstone_drops"].items()
+                int(p): [(float(t), int(o)) for t, o in drops]
+                for p, drops in state["tombstone_drops"].items()
             }
             self._drops_known_since = max(self._drops_known_since, float(state["drops_known_since"]))
         except FileNotFoundError:
