@@ -97,12 +97,35 @@ class Cache:
                 max_readers=512,
             )
             self._page_size = int(self._env.stat()["psize"])
+            self._check_size()
             self._data = self._env.open_db(b"data")
             self._meta = self._env.open_db(b"meta")
+        except CacheError:
+            self._env.close()
+            raise
         except lmdb.Error as exc:
             raise CacheError(f"cannot open the cache at {self.path}: {exc}") from exc
         except OSError as exc:
             raise CacheError(f"cannot create the cache directory {self.path}: {exc}") from exc
+
+    def _check_size(self) -> None:
+        # A data file shorter than the pages its meta page claims (truncated by
+        # a bad copy or a full disk) would make LMDB touch unmapped memory: the
+        # process dies of SIGBUS instead of getting an error. Refuse it first.
+        data_file = self.path / "data.mdb"
+        needed = (int(self._env.info()["last_pgno"]) + 1) * self._page_size
+        actual = data_file.stat().st_size
+        if actual < needed:
+            raise CacheError(
+                f"the cache at {self.path} is damaged: data.mdb has {actual} bytes but its pages need "
+                f"{needed}; delete the cache directory (it is rebuilt from the log) or run `kvlog rewarm`"
+            )
+
+    def _damaged(self, exc: lmdb.Error) -> CacheError:
+        return CacheError(
+            f"cannot read the cache at {self.path}: {exc}; delete the cache directory "
+            "(it is rebuilt from the log) or run `kvlog rewarm`"
+        )
 
     # -- reading ------------------------------------------------------------
 
@@ -126,6 +149,8 @@ class Cache:
         try:
             with self._env.begin(db=self._data, buffers=False) as txn:
                 return txn.get(key)  # type: ignore[no-any-return]
+        except lmdb.Error as exc:
+            raise self._damaged(exc) from exc
         finally:
             self._leave()
 
@@ -134,6 +159,8 @@ class Cache:
         try:
             with self._env.begin() as txn:
                 return int(txn.stat(self._data)["entries"])
+        except lmdb.Error as exc:
+            raise self._damaged(exc) from exc
         finally:
             self._leave()
 
@@ -162,6 +189,8 @@ class Cache:
                     while positioned and len(chunk) < _SCAN_CHUNK:
                         chunk.append((cursor.key(), cursor.value()))
                         positioned = cursor.next()
+            except lmdb.Error as exc:
+                raise self._damaged(exc) from exc
             finally:
                 self._leave()
             for key, value in chunk:
@@ -186,6 +215,8 @@ class Cache:
         try:
             with self._env.begin(db=self._meta) as txn:
                 raw = txn.get(name)
+        except lmdb.Error as exc:
+            raise self._damaged(exc) from exc
         finally:
             self._leave()
         return None if raw is None else _unpack(raw)

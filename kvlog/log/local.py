@@ -17,7 +17,8 @@ On disk (``data/log/``)::
 A segment starts with the 8-byte magic ``KVLSEG1\\n`` followed by frames::
 
     u32 body length | u32 crc32(body) | body
-    body = i64 offset | i64 timestamp (ms) | u8 flags (1 = tombstone) | u32 key length | key | value
+    body = i64 offset | i64 timestamp (ms) | u8 flags | u32 key length | key | value
+    flags: 1 = tombstone, 2 = the last record of an append() batch
 
 (little-endian). Segment ``i`` covers offsets ``[base_i, base_i+1)``; records
 inside it are in offset order, with gaps where compaction removed records.
@@ -74,6 +75,7 @@ MAGIC = b"KVLSEG1\n"
 _FRAME_HEAD = struct.Struct("<II")  # body length, crc32(body)
 _BODY_HEAD = struct.Struct("<qqBI")  # offset, timestamp ms, flags, key length
 _TOMBSTONE = 1
+_BATCH_END = 2
 #: Bytes a record costs beyond its key and value.
 FRAME_OVERHEAD = _FRAME_HEAD.size + _BODY_HEAD.size
 
@@ -112,9 +114,11 @@ def _write_json_atomically(path: Path, data: Mapping[str, Any]) -> None:
     _fsync_dir(path.parent)
 
 
-def encode_frame(offset: int, timestamp_ms: int, key: bytes, value: bytes | None) -> bytes:
+def encode_frame(
+    offset: int, timestamp_ms: int, key: bytes, value: bytes | None, *, batch_end: bool = True
+) -> bytes:
     """Return the bytes of one record as a segment holds it."""
-    flags = _TOMBSTONE if value is None else 0
+    flags = (_TOMBSTONE if value is None else 0) | (_BATCH_END if batch_end else 0)
     body = _BODY_HEAD.pack(offset, timestamp_ms, flags, len(key)) + key + (value or b"")
     return _FRAME_HEAD.pack(len(body), zlib.crc32(body)) + body
 
@@ -122,13 +126,21 @@ def encode_frame(offset: int, timestamp_ms: int, key: bytes, value: bytes | None
 class _Frame:
     """One decoded frame and where it lies in its segment."""
 
-    __slots__ = ("end", "key", "offset", "position", "timestamp", "value")
+    __slots__ = ("batch_end", "end", "key", "offset", "position", "timestamp", "value")
 
     def __init__(
-        self, position: int, end: int, offset: int, timestamp: int, key: bytes, value: bytes | None
+        self,
+        position: int,
+        end: int,
+        offset: int,
+        timestamp: int,
+        key: bytes,
+        value: bytes | None,
+        batch_end: bool,
     ) -> None:
         self.position, self.end = position, end
         self.offset, self.timestamp, self.key, self.value = offset, timestamp, key, value
+        self.batch_end = batch_end
 
 
 class _BadFrame(Exception):
@@ -163,7 +175,7 @@ def _parse(buf: bytes, start: int, file_pos: int, max_frame: int, after: int) ->
             raise _BadFrame(file_pos + pos, f"offset {offset} out of order or key length {key_len} invalid")
         key = body[body_head : body_head + key_len]
         value = None if flags & _TOMBSTONE else body[body_head + key_len :]
-        yield _Frame(file_pos + pos, file_pos + end, offset, timestamp, key, value)
+        yield _Frame(file_pos + pos, file_pos + end, offset, timestamp, key, value, bool(flags & _BATCH_END))
         after = offset
         pos = end
 
@@ -279,10 +291,7 @@ class LocalReader(LogReader):
                     if len(out) >= max_records:
                         break
             except _BadFrame as bad:
-                raise LogCorruptError(
-                    f"corrupt record in {segment.path} at file position {bad.position}: {bad.reason}; "
-                    "the log cannot be read past it (restore the file or remove the data directory's log)"
-                ) from None
+                raise lg._corrupt(p, segment, bad) from None
             if file_pos == cursor[2]:
                 # A frame larger than the chunk: read it whole next time.
                 head = os.pread(fd, _FRAME_HEAD.size, file_pos)
@@ -291,9 +300,7 @@ class LocalReader(LogReader):
                 try:
                     frames = list(_parse(buf, 0, file_pos, _MAX_FRAME, -1))
                 except _BadFrame as bad:
-                    raise LogCorruptError(
-                        f"corrupt record in {segment.path} at file position {bad.position}: {bad.reason}"
-                    ) from None
+                    raise lg._corrupt(p, segment, bad) from None
                 if not frames:
                     raise LogCorruptError(
                         f"{segment.path} has a truncated record at file position {file_pos}"
@@ -391,6 +398,10 @@ class LocalLog(Log):
         self._drops_known_since = 0.0
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
+        # Partitions whose active segment showed a bad record this session:
+        # close() leaves no clean-shutdown marker for them, so the next open
+        # scans that segment and cuts it back to the last good record.
+        self._suspect: set[int] = set()
         #: What the last open found and repaired: per partition, a list of
         #: ``{"segment", "truncated_bytes", "reason", "last_good_offset"}``.
         self.recovery: dict[int, list[dict[str, Any]]] = {}
@@ -439,22 +450,60 @@ class LocalLog(Log):
     def _load_meta(self, partitions: int) -> dict[str, Any]:
         meta_path = self.path / "log.json"
         if not meta_path.exists():
-            meta = {
-                "format": FORMAT_VERSION,
-                "log_id": uuid.uuid4().hex,
-                "partitions": partitions,
-                "created": time.time(),
-            }
-            _write_json_atomically(meta_path, meta)
-            return meta
+            return self._create(meta_path, partitions)
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            ok = meta.get("format") == FORMAT_VERSION and isinstance(meta.get("partitions"), int)
         except (OSError, ValueError) as exc:
             raise LogCorruptError(f"cannot read {meta_path}: {exc}") from exc
+        ok = (
+            isinstance(meta, dict)
+            and meta.get("format") == FORMAT_VERSION
+            and isinstance(meta.get("log_id"), str)
+            and isinstance(meta.get("partitions"), int)
+            and not isinstance(meta.get("partitions"), bool)
+            and meta["partitions"] >= 1
+            and isinstance(meta.get("created", 0.0), int | float)
+        )
         if not ok:
-            raise LogCorruptError(f"{meta_path} is not a kvlog log of format {FORMAT_VERSION}: {meta!r}")
+            raise LogCorruptError(
+                f"{meta_path} is not the metadata of a kvlog log of format {FORMAT_VERSION}: {meta!r}"
+            )
+        for p in range(meta["partitions"]):
+            directory = self.path / str(p)
+            if not directory.is_dir() or (
+                not any(directory.glob("*.log")) and not any(directory.glob("*.swap"))
+            ):
+                raise LogCorruptError(
+                    f"partition {p} of the log at {self.path} is missing ({directory} has no segments); "
+                    "restore it, or move the log away to start a new one"
+                )
         return dict(meta)
+
+    def _create(self, meta_path: Path, partitions: int) -> dict[str, Any]:
+        """Create a new log: partition directories first, ``log.json`` last.
+
+        A crash before ``log.json`` is durable leaves only empty segments, which
+        the next open takes over; once it is, every partition exists.
+        """
+        for p in range(partitions):
+            directory = self.path / str(p)
+            directory.mkdir(exist_ok=True)
+            for segment in directory.glob("*.log"):
+                if segment.name != _segment_name(0) or segment.stat().st_size > len(MAGIC):
+                    raise LogCorruptError(
+                        f"{meta_path} is missing but {directory} holds records; "
+                        "restore log.json, or move the log away to start a new one"
+                    )
+            if not (directory / _segment_name(0)).exists():
+                self._create_segment_file(directory / _segment_name(0))
+        meta = {
+            "format": FORMAT_VERSION,
+            "log_id": uuid.uuid4().hex,
+            "partitions": partitions,
+            "created": time.time(),
+        }
+        _write_json_atomically(meta_path, meta)
+        return meta
 
     def _load_cleaner_checkpoint(self) -> None:
         path = self.path / "cleaner-checkpoint.json"
@@ -516,12 +565,8 @@ class LocalLog(Log):
 
     def _open_partition(self, p: int, clean_shutdown: Mapping[str, Any]) -> None:
         directory = self.path / str(p)
-        directory.mkdir(exist_ok=True)
         self._finish_swaps(directory)
         bases = sorted(int(f.name[:-4]) for f in directory.glob("*.log") if f.name[:-4].isdigit())
-        if not bases:
-            bases = [0]
-            self._create_segment_file(directory / _segment_name(0))
         segments = []
         for base in bases:
             path = directory / _segment_name(base)
@@ -582,15 +627,25 @@ class LocalLog(Log):
                     reason = "torn segment header"
                 good = 0
             else:
+                # An append() batch is all or nothing: the tail is cut back to
+                # the last record that ends a batch, so a batch a crash tore
+                # leaves no record behind (Kafka keeps producer batches whole too).
+                pending: list[_Frame] = []
                 try:
                     for frame in _parse(data, len(MAGIC), 0, _MAX_FRAME, segment.base - 1):
-                        segment.note(frame.offset, frame.position, frame.end)
-                        good = frame.end
-                        last = frame.offset
+                        pending.append(frame)
+                        if frame.batch_end:
+                            for whole in pending:
+                                segment.note(whole.offset, whole.position, whole.end)
+                            pending.clear()
+                            good = frame.end
+                            last = frame.offset
                 except _BadFrame as bad:
                     reason = f"{bad.reason} at file position {bad.position}"
                 if reason is None and good < len(data):
-                    reason = f"incomplete record at file position {good}"
+                    reason = f"incomplete record at file position {pending[-1].end if pending else good}"
+                if pending:
+                    reason = f"{reason}; {len(pending)} record(s) of an incomplete batch cut with it"
             if reason is not None:
                 truncated = len(data) - good
                 if good == 0:
@@ -703,8 +758,9 @@ class LocalLog(Log):
         frames = []
         notes = []
         position = start_size
-        for i, (key, value) in zip(indexes, records, strict=True):
-            frame = encode_frame(offset, timestamp, key, value)
+        last = len(records) - 1
+        for n, (i, (key, value)) in enumerate(zip(indexes, records, strict=True)):
+            frame = encode_frame(offset, timestamp, key, value, batch_end=n == last)
             frames.append(frame)
             notes.append((offset, position, position + len(frame)))
             position += len(frame)
@@ -789,11 +845,28 @@ class LocalLog(Log):
         i = bisect.bisect_right([s.base for s in segments], position) - 1
         segment = segments[i]
         if segment.indexed_to < segment.size:
-            self._index(segment)
+            self._index(p, segment)
         j = bisect.bisect_right(segment.index_offsets, position) - 1
         return segment, (segment.index_positions[j] if j >= 0 else len(MAGIC))
 
-    def _index(self, segment: _Segment) -> None:
+    def _corrupt(self, p: int, segment: _Segment, bad: _BadFrame) -> LogCorruptError:
+        """The error for a bad frame found while reading; marks an active segment for repair."""
+        with self._cond:
+            return self._corrupt_locked(p, segment, bad)
+
+    def _corrupt_locked(self, p: int, segment: _Segment, bad: _BadFrame) -> LogCorruptError:
+        active = self._segments[p][-1] is segment
+        if active:
+            self._suspect.add(p)
+        if active:
+            advice = "the next open of the log cuts the segment back to the last good record before it"
+        else:
+            advice = "the log cannot be read past it: restore the file, or rebuild the log from a dump"
+        return LogCorruptError(
+            f"corrupt record in {segment.path} at file position {bad.position}: {bad.reason}; {advice}"
+        )
+
+    def _index(self, p: int, segment: _Segment) -> None:
         """Extend the sparse index of a segment up to its published size (callers hold the lock)."""
         with open(segment.path, "rb") as f:
             data = f.read(segment.size)
@@ -801,9 +874,7 @@ class LocalLog(Log):
             for frame in _parse(data, segment.indexed_to, 0, _MAX_FRAME, -1):
                 segment.note(frame.offset, frame.position, frame.end)
         except _BadFrame as bad:
-            raise LogCorruptError(
-                f"corrupt record in {segment.path} at file position {bad.position}: {bad.reason}"
-            ) from None
+            raise self._corrupt_locked(p, segment, bad) from None
         segment.indexed_to = segment.size
 
     # -- compaction ---------------------------------------------------------------
@@ -1053,6 +1124,7 @@ class LocalLog(Log):
             marker = {
                 str(p): {"base": segments[-1].base, "size": segments[-1].size, "end": self._end[p]}
                 for p, segments in self._segments.items()
+                if p not in self._suspect
             }
             with contextlib.suppress(OSError):
                 _write_json_atomically(
