@@ -64,7 +64,7 @@ from typing import IO, Any
 import msgpack
 
 from .codec import encode_key, get_codec
-from .errors import KVLogError
+from .errors import CacheError, KVLogError
 
 __all__ = ["main"]
 
@@ -858,10 +858,25 @@ def _cmd_rewarm(args: argparse.Namespace, target: _Target) -> int:
             elif any(bar.first.values()):
                 resumed = f", resumed from {_offsets(bar.first)}"
         else:
-            kv = _open(args, target)
-            result = kv.rewarm(progress=bar)
-            bar.finish()
-            records, seconds = result["records"], result["seconds"]
+            try:
+                kv = _open(args, target)
+            except CacheError as exc:
+                # Rebuilding the cache is what rewarm is for, so a damaged one is
+                # no reason to stop: the log holds everything it held.
+                print(f"kvlog: warning: {exc}", file=sys.stderr)
+                print(
+                    f"kvlog: warning: deleting {target.cache_dir} and rebuilding it from the log",
+                    file=sys.stderr,
+                )
+                shutil.rmtree(target.cache_dir)
+                started = time.monotonic()
+                kv = _open(args, target, progress=bar)
+                bar.finish()
+                records, seconds = kv.open_replay["records"], time.monotonic() - started
+            else:
+                result = kv.rewarm(progress=bar)
+                bar.finish()
+                records, seconds = result["records"], result["seconds"]
         entries = len(kv)
     except KeyboardInterrupt:
         with _signals_ignored():  # a second Ctrl-C must not cut the clean-up short

@@ -282,6 +282,26 @@ class TestDumpLoad:
 
 
 class TestMaintenance:
+    def test_a_damaged_cache_is_an_error_that_rewarm_repairs(
+        self, run: Run, data: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        with KVLog(data) as kv:
+            kv.update({f"k{i}": i for i in range(2000)})
+        data_mdb = data / "cache" / "data.mdb"
+        with open(data_mdb, "r+b") as f:  # cut the file short, as a bad copy or a full disk would
+            f.truncate(data_mdb.stat().st_size // 2)
+        capsys.readouterr()
+        assert run("get", "k1") == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert "cache" in line and "damaged" in line and "rewarm" in line
+        assert run("rewarm") == 0
+        captured = capsys.readouterr()
+        assert "deleting" in captured.err and "rebuilding it from the log" in captured.err
+        assert "rewarmed 2,000 entries" in captured.out
+        assert run("verify") == 0
+        capsys.readouterr()
+        assert run("get", "k1999") == 0 and capsys.readouterr().out.strip() == "1999"
+
     def test_compact_rewrites_closed_segments_and_keeps_the_contents(
         self, run: Run, data: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
