@@ -485,15 +485,21 @@ class LocalLog(Log):
         A crash before ``log.json`` is durable leaves only empty segments, which
         the next open takes over; once it is, every partition exists.
         """
-        for p in range(partitions):
-            directory = self.path / str(p)
-            directory.mkdir(exist_ok=True)
-            for segment in directory.glob("*.log"):
-                if segment.name != _segment_name(0) or segment.stat().st_size > len(MAGIC):
+        # Every partition directory there is, not only those asked for now: a
+        # log that lost its log.json may have had more partitions.
+        for directory in self.path.iterdir():
+            if not directory.name.isdigit() or not directory.is_dir():
+                continue
+            for found in directory.iterdir():
+                empty = found.name == _segment_name(0) and found.stat().st_size <= len(MAGIC)
+                if found.suffix in (".log", ".swap", ".cleaned") and not empty:
                     raise LogCorruptError(
                         f"{meta_path} is missing but {directory} holds records; "
                         "restore log.json, or move the log away to start a new one"
                     )
+        for p in range(partitions):
+            directory = self.path / str(p)
+            directory.mkdir(exist_ok=True)
             if not (directory / _segment_name(0)).exists():
                 self._create_segment_file(directory / _segment_name(0))
         meta = {
@@ -642,10 +648,16 @@ class LocalLog(Log):
                             last = frame.offset
                 except _BadFrame as bad:
                     reason = f"{bad.reason} at file position {bad.position}"
-                if reason is None and good < len(data):
-                    reason = f"incomplete record at file position {pending[-1].end if pending else good}"
+                tail = pending[-1].end if pending else good
+                if reason is None and tail < len(data):
+                    reason = f"incomplete record at file position {tail}"
                 if pending:
-                    reason = f"{reason}; {len(pending)} record(s) of an incomplete batch cut with it"
+                    what = (
+                        f"a batch without its last record at file position {tail}"
+                        if reason is None
+                        else reason
+                    )
+                    reason = f"{what}; {len(pending)} record(s) of an incomplete batch cut with it"
             if reason is not None:
                 truncated = len(data) - good
                 if good == 0:
@@ -879,15 +891,13 @@ class LocalLog(Log):
 
     # -- compaction ---------------------------------------------------------------
 
-    def _segment_frames(self, path: Path, size: int) -> Iterator[_Frame]:
-        with open(path, "rb") as f:
+    def _segment_frames(self, p: int, segment: _Segment, size: int) -> Iterator[_Frame]:
+        with open(segment.path, "rb") as f:
             data = f.read(size)
         try:
             yield from _parse(data, len(MAGIC), 0, _MAX_FRAME, -1)
         except _BadFrame as bad:
-            raise LogCorruptError(
-                f"corrupt record in {path} at file position {bad.position}: {bad.reason}"
-            ) from None
+            raise self._corrupt(p, segment, bad) from None
 
     def dirty_ratio(self, p: int) -> float:
         """The share of the closed segments' bytes written since partition ``p`` was last compacted."""
@@ -953,7 +963,7 @@ class LocalLog(Log):
         latest: dict[bytes, int] = {}
         for segment in [*closed, active]:
             size = active_size if segment is active else segment.size
-            for frame in self._segment_frames(segment.path, size):
+            for frame in self._segment_frames(p, segment, size):
                 latest[frame.key] = frame.offset
         horizon = time.time_ns() // 1_000_000 - int(self.tombstone_retention * 1000)
         directory = self.path / str(p)
@@ -979,7 +989,7 @@ class LocalLog(Log):
                         out.close()
                         cleaned.unlink()
                         return report
-                    for frame in self._segment_frames(segment.path, segment.size):
+                    for frame in self._segment_frames(p, segment, segment.size):
                         report["records_before"] += 1
                         if latest[frame.key] != frame.offset:
                             continue

@@ -1,0 +1,733 @@
+"""Crash tests of the embedded log: real child processes, killed with SIGKILL at many points.
+
+The children are ``tests/_crash_child.py``. A writer reports every write it
+starts (``begin``) and every write that returned (``ack``) on a pipe; the
+parent kills it after a number of acknowledgements, while it opens, or while
+the frames of a multi-megabyte batch are being written (the parent watches the
+segment file grow), reopens the data directory and checks:
+
+- every acknowledged write is there, and nothing else except the one write
+  that was in flight, which is, per partition, wholly there or wholly absent:
+  ``LocalLog.append()`` writes one batch per partition, whose last frame has
+  the batch-end flag, and recovery cuts a batch a crash tore back to its start,
+  so a batch is never partly there (a prefix of it fails the test), a record
+  never half there, a value never garbled. Atomicity is per partition only: an
+  ``update()`` spanning partitions may be there in some and absent in others;
+- ``LocalLog.recovery`` reports exactly the cut the kill calls for (found by
+  this module's own reading of the segment files: back to the end of the last
+  whole frame with the batch-end flag, naming the records of a torn batch cut
+  with it), and the log is appendable;
+- the cache equals the log folded (read back with a ``LocalReader``), and a
+  cache rebuilt from scratch equals the model.
+
+A re-warming child is killed at several points of the replay: the cache is
+then the log folded up to its checkpoint, and reopening resumes from it.
+
+The crash summary is printed to the terminal at the end of the module (even
+without ``-s``) and appended to the file named by ``KVLOG_CRASH_SUMMARY``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _crash_child import MAX_BIG_RECORDS, TOMBSTONE, op_records
+
+from kvlog import KVLog, LogLockedError
+from kvlog.cache import Cache
+from kvlog.codec import encode_key, get_codec
+from kvlog.log.local import LocalLog
+from kvlog.store import UPDATE_BATCH
+
+CHILD_SCRIPT = Path(__file__).with_name("_crash_child.py")
+MAGIC = b"KVLSEG1\n"
+MSGPACK = get_codec("msgpack")
+
+#: What the crash tests saw, for the summary printed at the end of the module.
+SUMMARY: Counter[str] = Counter()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def crash_summary(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Print the crash summary once the module's tests ran (to the terminal, bypassing capture)."""
+    yield
+    if not SUMMARY:
+        return
+    s = SUMMARY
+    line = (
+        f"kvlog crash summary: writers: {s['write_rounds']} rounds, {s['write_kills']} SIGKILLs "
+        f"({s['kills_after_acks']} after N acks, {s['kills_mid_write']} mid-batch, "
+        f"{s['kills_while_opening']} while opening), {s['acked_ops']} acknowledged writes "
+        f"({s['acked_records']} records) checked after the kills; in-flight write wholly there "
+        f"{s['inflight_present']}, wholly absent {s['inflight_absent']}, there in some partitions and "
+        f"absent in others {s['inflight_split']} (per partition: {s['inflight_batches_present']} batches "
+        f"whole, {s['inflight_batches_absent']} absent, a partial batch fails the test); "
+        f"{s['torn_tails']} torn tails recovered ({s['torn_bytes']} bytes cut, {s['torn_batches']} of them "
+        f"a torn batch whose {s['batch_records_cut']} whole records were cut with it), "
+        f"{s['compactions_interrupted']} interrupted compactions finished | "
+        f"re-warm: {s['rewarm_kills']} SIGKILLs mid-replay, {s['rewarm_prefixes']} caches checked to be "
+        f"the log folded up to their checkpoint, {s['rewarm_resumed']} resumed from the checkpoint "
+        f"(of {s['rewarm_resumable']} resumable) | "
+        f"lock: {s['lock_holders_killed']} holder SIGKILLed, lock taken over {s['lock_taken_over']}"
+    )
+    print(line)
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    reporter = request.config.pluginmanager.getplugin("terminalreporter")
+    if reporter is not None:
+        with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+            reporter.write("\n")
+            reporter.write_line(line)
+    target = os.environ.get("KVLOG_CRASH_SUMMARY")
+    if target:
+        with open(target, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
+# -- child processes ---------------------------------------------------------------
+
+
+class Child:
+    """A ``_crash_child.py`` process in its own process group; its stdout lines are parsed as they come."""
+
+    def __init__(self, tmp: Path, mode: str, path: Path, *args: str) -> None:
+        self._stderr_path = tmp / f"child-{time.monotonic_ns()}.stderr"
+        with open(self._stderr_path, "wb") as stderr:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(CHILD_SCRIPT), mode, str(path), *args],
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                start_new_session=True,  # its own group: the kill takes any helper with it
+            )
+        self.cond = threading.Condition()
+        self.lines = 0
+        self.eof = False
+        self.opening = False
+        self.ready_pid: int | None = None
+        self.ops: dict[int, dict[str, Any]] = {}
+        self.acked: list[int] = []
+        self.last_begin: dict[str, Any] | None = None
+        self.progress: list[dict[str, Any]] = []
+        self.done = False
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            word, _, rest = raw.rstrip("\n").partition(" ")
+            with self.cond:
+                self.lines += 1
+                if word == "opening":
+                    self.opening = True
+                elif word == "ready":
+                    self.ready_pid = int(rest)
+                elif word == "begin":
+                    op = json.loads(rest)
+                    self.ops[op["seq"]] = op
+                    self.last_begin = op
+                elif word == "ack":
+                    self.acked.append(int(rest))
+                elif word == "progress":
+                    self.progress.append(json.loads(rest))
+                elif word == "done":
+                    self.done = True
+                self.cond.notify_all()
+        with self.cond:
+            self.eof = True
+            self.cond.notify_all()
+
+    def stderr(self) -> str:
+        return self._stderr_path.read_text(errors="replace")[-3000:]
+
+    def wait_for(self, predicate: Callable[[Child], bool], what: str, timeout: float = 60.0) -> None:
+        """Wait (with a deadline) until ``predicate(self)`` holds; fail if the child exits first."""
+        with self.cond:
+            self.cond.wait_for(lambda: predicate(self) or self.eof, timeout)
+            if predicate(self):
+                return
+            state = "exited" if self.eof else f"still running after {timeout}s"
+        pytest.fail(f"child {state} before {what}; its stderr:\n{self.stderr()}")
+
+    def kill(self) -> None:
+        """SIGKILL the child's process group and collect everything it said before dying."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=60)
+        self._reader.join(timeout=60)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+
+
+@contextlib.contextmanager
+def child_process(tmp: Path, mode: str, path: Path, *args: str) -> Iterator[Child]:
+    child = Child(tmp, mode, path, *args)
+    try:
+        yield child
+    finally:
+        child.kill()
+
+
+# -- reading the log independently of kvlog ------------------------------------------
+
+
+def active_segments(log_dir: Path) -> dict[int, Path]:
+    """Per partition, the segment with the highest base offset (the active one)."""
+    result = {}
+    for directory in log_dir.iterdir():
+        if directory.is_dir() and directory.name.isdigit():
+            segments = sorted(f for f in directory.glob("*.log") if f.name[:-4].isdigit())
+            if segments:
+                result[int(directory.name)] = segments[-1]
+    return result
+
+
+@dataclass(frozen=True)
+class Tail:
+    """What a SIGKILL left at the end of an active segment, and what recovery must cut.
+
+    ``cut``: the bytes after the end of the last whole frame that ends an
+    ``append()`` batch (flag 2), which recovery cuts; ``last``: that frame's
+    offset (None if the segment has none); ``frames_end``: the file position
+    after the last whole frame; ``batch_records``: whole frames after the cut
+    point (records of a batch the kill tore, cut with it); ``torn_magic``: the
+    file is shorter than the magic.
+    """
+
+    cut: int
+    last: int | None
+    frames_end: int
+    batch_records: int
+    torn_magic: bool
+
+
+def torn_tail(segment: Path) -> Tail:
+    """Parse a segment as the module docstring of kvlog.log.local documents it.
+
+    A SIGKILL can leave an incomplete last frame, never a complete but bad
+    one: that fails the test here.
+    """
+    data = segment.read_bytes()
+    if len(data) < len(MAGIC):
+        assert MAGIC.startswith(data), f"{segment} starts with {data!r}, not a prefix of the magic"
+        return Tail(len(data), None, 0, 0, torn_magic=True)
+    assert data[: len(MAGIC)] == MAGIC, f"{segment} has a bad magic {data[:8]!r}"
+    pos = good = len(MAGIC)
+    last, pending = None, 0
+    while pos + 8 <= len(data):
+        length, crc = struct.unpack_from("<II", data, pos)
+        if pos + 8 + length > len(data):
+            break
+        body = data[pos + 8 : pos + 8 + length]
+        assert zlib.crc32(body) == crc, f"a whole frame with a bad CRC at {segment}:{pos} after a SIGKILL"
+        offset, _timestamp, flags = struct.unpack_from("<qqB", body, 0)
+        pos += 8 + length
+        pending += 1
+        if flags & 2:  # the last record of an append() batch: the batch is whole up to here
+            good, last, pending = pos, offset, 0
+    return Tail(len(data) - good, last, pos, pending, torn_magic=False)
+
+
+def expected_reason(tail: Tail) -> str:
+    """The ``reason`` of the recovery entry for a torn tail (see ``LocalLog._recover``)."""
+    if tail.torn_magic:
+        return "torn segment header"
+    reason = f"incomplete record at file position {tail.frames_end}"
+    if tail.batch_records:
+        reason += f"; {tail.batch_records} record(s) of an incomplete batch cut with it"
+    return reason
+
+
+def fold_log(
+    log_dir: Path, upto: dict[int, int] | None = None
+) -> tuple[dict[bytes, bytes], dict[int, int], dict[int, int]]:
+    """Read the whole log with a LocalReader and fold it.
+
+    Returns:
+        ``(key -> value bytes of the records below upto, end offsets,
+        per partition the number of records at or after upto)``.
+    """
+    local = LocalLog(log_dir, background_compaction=False)
+    try:
+        end = local.end_offsets()
+        reader = local.open_reader(local.begin_offsets())
+        state: dict[bytes, bytes] = {}
+        after: dict[int, int] = dict.fromkeys(end, 0)
+        deadline = time.monotonic() + 120
+        while any(reader.positions()[p] < end[p] for p in end):
+            assert time.monotonic() < deadline, "reading the log back did not finish"
+            for record in reader.poll(1.0, 100_000):
+                if upto is not None and record.offset >= upto.get(record.partition, 0):
+                    after[record.partition] += 1
+                    continue
+                assert record.key is not None
+                if record.value is None:
+                    state.pop(record.key, None)
+                else:
+                    state[record.key] = record.value
+        reader.close()
+    finally:
+        local.close()
+    return state, end, after
+
+
+def cache_contents(cache_dir: Path) -> tuple[dict[bytes, bytes], dict[int, int], dict[str, Any] | None]:
+    cache = Cache(cache_dir)
+    try:
+        return dict(cache.items()), cache.checkpoint(), cache.identity()
+    finally:
+        cache.close()
+
+
+# -- writers killed at many points ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WriteRound:
+    fsync: str
+    partitions: int
+    segment_bytes: int  # 0: the embedded default (16 MiB)
+    kills: int
+    seed: int
+
+    def __str__(self) -> str:
+        return f"fsync={self.fsync}-p{self.partitions}-seg{self.segment_bytes or 'default'}-{self.kills}kills"
+
+    def open_store(self, path: Path) -> KVLog:
+        if self.segment_bytes:
+            log = LocalLog(path / "log", fsync=self.fsync, segment_bytes=self.segment_bytes)
+            return KVLog(path, log=log, follow=False)
+        return KVLog(path, fsync=self.fsync, follow=False)
+
+    def child_args(self, start: int) -> list[str]:
+        return [
+            f"--start={start}",
+            f"--seed={self.seed}",
+            f"--fsync={self.fsync}",
+            f"--partitions={self.partitions}",
+            f"--segment-bytes={self.segment_bytes}",
+            "--big-share=0.12",
+        ]
+
+    def kill_plan(self) -> list[tuple[str, float]]:
+        """Where to kill each child: after N acks (N different each time), mid-batch, or while opening."""
+        rng = random.Random(self.seed)
+        plan: list[tuple[str, float]] = [("acks", 0), ("mid-write", rng.uniform(0.05, 0.95))]
+        ranges = [(1, 3), (4, 15), (16, 60), (61, 150)]
+        while len(plan) < self.kills:
+            kind = rng.choice(["acks", "acks", "mid-write", "mid-write", "opening"])
+            if kind == "acks":
+                low, high = ranges[len(plan) % len(ranges)]
+                plan.append(("acks", rng.randint(low, high)))
+            elif kind == "mid-write":
+                plan.append(("mid-write", rng.uniform(0.02, 0.98)))
+            else:
+                plan.append(("opening", 0))
+        return plan[: self.kills]
+
+
+def segment_bytes_now(log_dir: Path, segments: dict[int, Path]) -> int:
+    total = 0
+    for path in segments.values():
+        with contextlib.suppress(FileNotFoundError):
+            total += path.stat().st_size
+    return total
+
+
+def frame_bytes(op: dict[str, Any]) -> int:
+    """The bytes the frames of an operation take in the log."""
+    total = 0
+    for key, value in op_records(op):
+        total += 29 + len(encode_key(key)) + (0 if value is TOMBSTONE else len(MSGPACK.encode(value)))
+    return total
+
+
+def kill_mid_write(child: Child, log_dir: Path, fraction: float) -> bool:
+    """Kill the child while it writes the frames of its next large batch.
+
+    Waits for the ``begin`` of a large batch, then watches the active segments
+    grow and kills once ``fraction`` of the batch's bytes reached the file.
+    Returns whether the kill came before the batch was acknowledged.
+    """
+    child.wait_for(
+        lambda c: (
+            c.last_begin is not None and c.last_begin["kind"] == "big" and c.last_begin["seq"] not in c.acked
+        ),
+        "a large batch",
+    )
+    with child.cond:
+        assert child.last_begin is not None
+        op = child.last_begin
+    segments = active_segments(log_dir)
+    start = segment_bytes_now(log_dir, segments)
+    threshold = start + fraction * frame_bytes(op)
+    deadline = time.monotonic() + 60
+    # A deadline-bounded busy wait: the frames of a batch reach the file within milliseconds.
+    while segment_bytes_now(log_dir, segments) < threshold:
+        if op["seq"] in child.acked or child.eof:
+            break
+        if time.monotonic() > deadline:
+            pytest.fail(f"the segments did not grow past {threshold} bytes; child stderr:\n{child.stderr()}")
+    child.kill()
+    return op["seq"] not in child.acked
+
+
+def apply_records(model: dict[str, Any], records: list[tuple[str, Any]]) -> None:
+    for key, value in records:
+        if value is TOMBSTONE:
+            model.pop(key, None)
+        else:
+            model[key] = value
+
+
+def in_flight_outcome(
+    actual: dict[str, Any], model: dict[str, Any], op: dict[str, Any], partition_for: Callable[[bytes], int]
+) -> tuple[dict[int, str], dict[str, Any]]:
+    """Which part of the in-flight write is there: per partition, all of its records or none.
+
+    ``LocalLog.append()`` writes one batch per partition, and recovery cuts a
+    batch a crash tore back to its start: per partition, the write is wholly
+    there or wholly absent, and a prefix of a batch (some of its records there,
+    the rest not) fails the test. Atomicity is per partition only: an
+    ``update()`` whose records span several partitions is several batches,
+    written one partition after the other, so a kill between them leaves the
+    write there in some partitions and absent in others (as with Kafka, whose
+    producer batches are per partition too).
+
+    Returns:
+        ``({partition: "present" | "absent"}, the model with the present batches applied)``.
+    """
+    by_partition: dict[int, list[tuple[str, Any]]] = {}
+    for key, value in op_records(op):
+        by_partition.setdefault(partition_for(encode_key(key)), []).append((key, value))
+    expected = dict(model)
+    outcomes: dict[int, str] = {}
+    for p, records in sorted(by_partition.items()):
+        # Every value names its write (and a delete is only written for a key that is there),
+        # so a record cannot be both there and absent.
+        there = [
+            key not in actual if value is TOMBSTONE else actual.get(key, TOMBSTONE) == value
+            for key, value in records
+        ]
+        absent = [actual.get(key, TOMBSTONE) == model.get(key, TOMBSTONE) for key, _ in records]
+        if all(there):
+            outcomes[p] = "present"
+            apply_records(expected, records)
+        elif all(absent):
+            outcomes[p] = "absent"
+        else:
+            not_there = [key for (key, _), t in zip(records, there, strict=True) if not t]
+            neither = [key for (key, _), t, a in zip(records, there, absent, strict=True) if not (t or a)]
+            pytest.fail(
+                f"write {op['seq']} ({op['kind']}) was in flight at the kill and partition {p} holds "
+                f"{sum(there)} of the {len(records)} records of its batch: a torn batch was not cut whole "
+                f"(not there: {not_there[:5]}; neither written nor as before: {neither[:5]})"
+            )
+    return outcomes, expected
+
+
+def check_after_kill(
+    rnd: WriteRound, path: Path, child: Child, model: dict[str, Any], kill_no: int, seq: int
+) -> tuple[dict[str, Any], int]:
+    """Reopen after a kill and check everything the module docstring promises.
+
+    Returns:
+        The new model and the next sequence number to write.
+    """
+    log_dir = path / "log"
+    with child.cond:
+        ops, acked = dict(child.ops), list(child.acked)
+    in_flight = sorted(set(ops) - set(acked))
+    assert len(in_flight) <= 1, f"more than one write in flight: {in_flight}"
+    for done in acked:
+        apply_records(model, op_records(ops[done]))
+    SUMMARY["acked_ops"] += len(acked)
+    SUMMARY["acked_records"] += sum(len(op_records(ops[done])) for done in acked)
+
+    leftovers = [f for d in log_dir.glob("[0-9]*") for f in [*d.glob("*.swap"), *d.glob("*.cleaned")]]
+    SUMMARY["compactions_interrupted"] += bool(leftovers)
+    tails = {p: (segment, torn_tail(segment)) for p, segment in active_segments(log_dir).items()}
+
+    kv = rnd.open_store(path)
+    try:
+        recovery = kv.log.recovery  # type: ignore[attr-defined]
+        for p, (segment, tail) in tails.items():
+            if tail.cut or tail.torn_magic:
+                wanted = {
+                    "segment": str(segment),
+                    "truncated_bytes": tail.cut,
+                    "reason": expected_reason(tail),
+                    "last_good_offset": tail.last,
+                }
+                assert recovery[p] == [wanted], f"partition {p}: expected the recovery {wanted}"
+                SUMMARY["torn_tails"] += 1
+                SUMMARY["torn_bytes"] += tail.cut
+                SUMMARY["batch_records_cut"] += tail.batch_records
+                SUMMARY["torn_batches"] += bool(tail.batch_records)
+            else:
+                assert recovery[p] == [], (
+                    f"partition {p}: recovery reported a tail that was whole: {recovery[p]}"
+                )
+        actual = dict(kv.scan())
+        if in_flight:
+            outcomes, expected = in_flight_outcome(actual, model, ops[in_flight[0]], kv.log.partition_for)  # type: ignore[attr-defined]
+            kinds = set(outcomes.values())
+            SUMMARY[f"inflight_{kinds.pop() if len(kinds) == 1 else 'split'}"] += 1
+            for outcome in outcomes.values():
+                SUMMARY[f"inflight_batches_{outcome}"] += 1
+        else:
+            expected = model
+        missing = sorted(k for k in expected if k not in actual)[:5]
+        extra = sorted(k for k in actual if k not in expected)[:5]
+        wrong = sorted(k for k in expected if k in actual and actual[k] != expected[k])[:5]
+        assert actual == expected, (
+            f"kill {kill_no} of round {rnd}: missing {missing}, unexpected {extra}, wrong values {wrong}; "
+            f"{len(acked)} acks, in flight {in_flight}"
+        )
+        model = expected
+        # The log is appendable after the recovery, and the append is read back.
+        end_before = kv.log.end_offsets()
+        key = f"parent:{kill_no}"
+        kv[key] = {"kill": kill_no}
+        model[key] = {"kill": kill_no}
+        assert kv[key] == {"kill": kill_no}
+        assert sum(kv.log.end_offsets().values()) == sum(end_before.values()) + 1
+    finally:
+        kv.close()
+
+    for segment in active_segments(log_dir).values():
+        tail = torn_tail(segment)
+        assert tail.cut == 0 and not tail.torn_magic, (
+            f"{segment} still has a torn tail after the repair and a clean close: {tail}"
+        )
+    folded, end, _ = fold_log(log_dir)
+    cached, checkpoint, _ = cache_contents(path / "cache")
+    assert checkpoint == end
+    assert cached == folded, "the cache is not the log folded"
+    assert {k.decode(): MSGPACK.decode(v) for k, v in folded.items()} == model
+    return model, max([seq - 1, *ops]) + 1
+
+
+WRITE_ROUNDS = [
+    pytest.param(WriteRound("always", 1, 0, kills=12, seed=11), id="always-1p"),
+    pytest.param(WriteRound("always", 2, 64 * 1024, kills=12, seed=12), id="always-2p-small-segments"),
+    pytest.param(WriteRound("never", 1, 0, kills=10, seed=13), id="never-1p"),
+    pytest.param(
+        WriteRound("always", 3, 256 * 1024, kills=40, seed=14), id="always-3p-many", marks=pytest.mark.slow
+    ),
+    pytest.param(
+        WriteRound("never", 2, 64 * 1024, kills=40, seed=15), id="never-2p-many", marks=pytest.mark.slow
+    ),
+    pytest.param(WriteRound("interval", 1, 0, kills=25, seed=16), id="interval-1p", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("rnd", WRITE_ROUNDS)
+def test_sigkilled_writer_loses_no_acknowledged_write(tmp_path: Path, rnd: WriteRound) -> None:
+    """Every write that returned survives a SIGKILL; the one in flight is whole or absent, per partition."""
+    # Each write of the child is one LocalLog.append() call (KVLog.update() splits only above
+    # UPDATE_BATCH records), so it is one batch per partition.
+    assert MAX_BIG_RECORDS <= UPDATE_BATCH
+    path = tmp_path / "data"
+    model: dict[str, Any] = {}
+    seq = 0
+    SUMMARY["write_rounds"] += 1
+    for kill_no, (how, amount) in enumerate(rnd.kill_plan()):
+        with child_process(tmp_path, "write", path, *rnd.child_args(seq)) as child:
+            if how == "opening":
+                child.wait_for(lambda c: c.opening, "it starts opening the store")
+                child.kill()
+                SUMMARY["kills_while_opening"] += 1
+            elif how == "acks":
+                child.wait_for(
+                    lambda c, n=int(amount): len(c.acked) >= n and c.ready_pid is not None, f"{amount} acks"
+                )
+                child.kill()
+                SUMMARY["kills_after_acks"] += 1
+            else:
+                child.wait_for(lambda c: c.ready_pid is not None, "it is ready")
+                mid = kill_mid_write(child, path / "log", amount)
+                SUMMARY["kills_mid_write" if mid else "kills_after_acks"] += 1
+        SUMMARY["write_kills"] += 1
+        model, seq = check_after_kill(rnd, path, child, model, kill_no, seq)
+    # Finally the cache is thrown away: a replay of the log from scratch gives the same store.
+    shutil.rmtree(path / "cache")
+    kv = rnd.open_store(path)
+    try:
+        assert kv.stats()["open_replay"]["mode"] == "cold"
+        assert dict(kv.scan()) == model
+    finally:
+        kv.close()
+
+
+# -- re-warming killed mid-replay --------------------------------------------------------
+
+REWARM_RECORDS = 200_000
+
+
+@pytest.fixture(scope="module")
+def rewarm_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data directory with 200k keys (plus overwrites and deletes) over 2 partitions, compacted, cache warm."""
+    path = tmp_path_factory.mktemp("rewarm") / "data"
+    local = LocalLog(path / "log", partitions=2, segment_bytes=4 * 1024 * 1024, background_compaction=False)
+    encode = MSGPACK.encode
+    batch: list[tuple[bytes, bytes | None]] = []
+    for i in range(REWARM_RECORDS):
+        batch.append((b"r%06d" % i, encode([i, "x" * (i % 50)])))
+        if i % 10 == 0:
+            batch.append((b"r%06d" % (i // 2), encode([i, "overwritten"])))
+        if i % 25 == 0 and i:
+            batch.append((b"r%06d" % (i - 7), None))
+        if len(batch) >= 10_000:
+            local.append(batch)
+            batch = []
+    local.append(batch)
+    local.compact()  # so that no background compaction runs in the tests (dirty ratio 0)
+    local.close()
+    kv = KVLog(path, follow=False)  # the first, cold replay builds the cache
+    kv.close()
+    return path
+
+
+def kill_when_written(child: Child, path: Path) -> None:
+    """Wait (busily, with a deadline) until ``path`` is written to, then kill the child at once."""
+
+    def signature() -> tuple[int, int]:
+        st = path.stat()
+        return st.st_size, st.st_mtime_ns
+
+    before = signature()
+    deadline = time.monotonic() + 60
+    while signature() == before and not child.eof:
+        if time.monotonic() > deadline:
+            pytest.fail(f"{path} was not written to; child stderr:\n{child.stderr()}")
+    child.kill()
+
+
+def kill_when_checkpoint_moves(child: Child, cache_dir: Path) -> None:
+    """Read the cache's checkpoint from this process (LMDB allows it) and kill the child once it moves."""
+    cache = Cache(cache_dir)
+    try:
+        before = cache.checkpoint()
+        deadline = time.monotonic() + 60
+        while cache.checkpoint() == before and not child.eof:
+            if time.monotonic() > deadline:
+                pytest.fail(f"the checkpoint did not move from {before}; child stderr:\n{child.stderr()}")
+        child.kill()
+    finally:
+        cache.close()
+
+
+def check_replay_kill(path: Path, full: dict[bytes, bytes], resume_problems: list[str], label: str) -> None:
+    """After a kill mid-replay: the cache is a prefix of the log, and reopening resumes from it."""
+    cached, checkpoint, identity = cache_contents(path / "cache")
+    prefix, end, after = fold_log(path / "log", upto=checkpoint)
+    SUMMARY["rewarm_prefixes"] += 1
+    assert cached == prefix, (
+        f"{label}: the cache is not the log folded up to its checkpoint {checkpoint} "
+        f"({len(cached)} entries, the prefix has {len(prefix)})"
+    )
+    if checkpoint:
+        assert identity is not None and identity["kind"] == "local"
+    kv = KVLog(path, follow=False)
+    try:
+        opened = kv.stats()["open_replay"]
+        assert kv.stats()["checkpoint"] == end
+    finally:
+        kv.close()
+    cached_after, checkpoint_after, _ = cache_contents(path / "cache")
+    assert checkpoint_after == end
+    assert cached_after == full, f"{label}: the reopened cache is not the whole log folded"
+    if checkpoint:
+        SUMMARY["rewarm_resumable"] += 1
+        wanted = {"mode": "warm", "rebuild_reason": None, "records": sum(after.values())}
+        got = {k: opened[k] for k in wanted}
+        if got == wanted:
+            SUMMARY["rewarm_resumed"] += 1
+        else:
+            resume_problems.append(
+                f"{label}: checkpoint {checkpoint} of end {end}: reopening should resume ({wanted}), got {got}"
+            )
+
+
+@pytest.mark.parametrize("how", ["rewarm", "cold-open"])
+def test_sigkilled_replay_leaves_a_prefix_that_the_next_open_resumes(
+    tmp_path: Path, rewarm_source: Path, how: str
+) -> None:
+    """A re-warm (``kv.rewarm()``, or an open after the cache was deleted) killed at several points."""
+    path = tmp_path / "data"
+    shutil.copytree(rewarm_source, path)
+    full, end, _ = fold_log(path / "log")
+    assert sum(end.values()) > REWARM_RECORDS
+    resume_problems: list[str] = []
+    # After the k-th progress report, kill at once (the replay is reading its k-th batch), as
+    # soon as data.mdb is written to (the batch is being committed), or as soon as another
+    # process sees the checkpoint move (the batch was just committed).
+    plan = [
+        ("report", 1),
+        ("write", 1),
+        ("checkpoint", 1),
+        ("report", 2),
+        ("write", 2),
+        ("checkpoint", 3),
+        ("write", 3),
+    ]
+    for how_kill, k in plan:
+        if how == "cold-open":
+            shutil.rmtree(path / "cache")
+        mode = "rewarm" if how == "rewarm" else "open"
+        with child_process(tmp_path, mode, path) as child:
+            child.wait_for(lambda c, k=k: len(c.progress) >= k or c.done, f"progress report {k}")
+            if how_kill == "write":
+                kill_when_written(child, path / "cache" / "data.mdb")
+            elif how_kill == "checkpoint":
+                kill_when_checkpoint_moves(child, path / "cache")
+            child.kill()
+            finished = child.done
+        SUMMARY["rewarm_kills"] += not finished
+        check_replay_kill(path, full, resume_problems, f"{how} killed at the {how_kill} of batch {k}")
+    assert not resume_problems, "an interrupted replay was not resumed:\n" + "\n".join(resume_problems)
+
+
+# -- the writer lock --------------------------------------------------------------------
+
+
+def test_lock_names_the_holder_and_dies_with_it(tmp_path: Path) -> None:
+    """A second process gets LogLockedError naming the holder's pid; SIGKILL releases the lock."""
+    path = tmp_path / "data"
+    with child_process(tmp_path, "hold", path) as holder:
+        holder.wait_for(lambda c: c.ready_pid is not None, "the holder is ready")
+        with pytest.raises(LogLockedError, match=rf"\b{holder.proc.pid}\b"):
+            KVLog(path)
+        with pytest.raises(LogLockedError, match=rf"\b{holder.proc.pid}\b"):
+            LocalLog(path / "log")
+        holder.kill()
+    SUMMARY["lock_holders_killed"] += 1
+    assert (path / "log" / "LOCK").read_text().strip() == str(holder.proc.pid), (
+        "the dead holder's LOCK is left over"
+    )
+    kv = KVLog(path)
+    try:
+        kv["after"] = "the lock was released"
+        assert (path / "log" / "LOCK").read_text().strip() == str(os.getpid())
+    finally:
+        kv.close()
+    SUMMARY["lock_taken_over"] += 1
