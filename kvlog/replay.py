@@ -71,6 +71,9 @@ class Replayer:
         self.records_skipped = 0
         self.batches = 0
         self._marked_current_at = 0.0
+        # A "current" mark requested while the follower held the pull lock; it
+        # writes it after its step (see mark_current).
+        self._current_pending: float | None = None
         self._open_reader()
 
     def _open_reader(self) -> None:
@@ -108,7 +111,12 @@ class Replayer:
         with self._pull_lock:
             if self._closed:
                 raise ClosedError("the replayer is closed")
-            return self._step_locked(timeout, max_records)
+            try:
+                return self._step_locked(timeout, max_records)
+            finally:
+                pending, self._current_pending = self._current_pending, None
+                if pending is not None:
+                    self._write_current(pending)
 
     def _step_locked(self, timeout: float, max_records: int) -> int:
         reader = self._reader
@@ -181,12 +189,26 @@ class Replayer:
             self._cache.mark_current(now)
 
     def mark_current(self) -> None:
-        """Record that the cache is at the end of the log now (after a successful sync)."""
-        with self._pull_lock:
-            if not self._closed:
-                now = time.time()
-                self._cache.mark_current(now)
-                self._marked_current_at = now
+        """Record that the cache is at the end of the log now (after a successful sync).
+
+        Never waits for the follower's idle poll: if the follower holds the
+        pull lock, it writes the mark when its step ends (a crash before that
+        only makes the cache look less recent than it was).
+        """
+        now = time.time()
+        if self._pull_lock.acquire(blocking=False):
+            try:
+                self._write_current(now)
+            finally:
+                self._pull_lock.release()
+        else:
+            self._current_pending = now
+
+    def _write_current(self, when: float) -> None:
+        # Callers hold the pull lock: cache writes (and map resizes) happen in one thread at a time.
+        if not self._closed:
+            self._cache.mark_current(when)
+            self._marked_current_at = when
 
     def _reached(self, targets: Mapping[int, int]) -> bool:
         positions = self._positions

@@ -68,6 +68,7 @@ class KafkaReader(LogReader):
     """Reads every partition of a topic with a group-less, manually assigned consumer."""
 
     def __init__(self, kafka_log: KafkaLog, positions: Mapping[int, int]) -> None:
+        self._log = kafka_log
         self._tps = [TopicPartition(kafka_log.topic, p) for p in range(kafka_log.partitions)]
         self._consumer = kafka_log._new_consumer(
             max_poll_records=100_000,
@@ -82,6 +83,8 @@ class KafkaReader(LogReader):
         self._closed = False
 
     def poll(self, timeout: float, max_records: int) -> list[Any]:
+        if self._closed or self._log._closed:
+            raise ClosedError(f"a reader of {self._log.describe()} was used after close()")
         try:
             batches = self._consumer.poll(timeout_ms=int(timeout * 1000), max_records=max_records)
         except kerr.OffsetOutOfRangeError as exc:
