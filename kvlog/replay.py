@@ -288,6 +288,9 @@ class Replayer:
     def stop(self) -> None:
         """Stop the background follower and wait for it (idempotent)."""
         self._stop.set()
+        reader = self._reader
+        if reader is not None:
+            reader.wakeup()
         follower, self._follower = self._follower, None
         if follower is not None and follower is not threading.current_thread():
             follower.join()

@@ -19,7 +19,16 @@ from hypothesis import strategies as st
 
 from kvlog.codec import MAX_KEY_SIZE
 
-__all__ = ["bad_keys", "keys", "unencodable_values", "values"]
+__all__ = [
+    "LOG_KEYS",
+    "bad_keys",
+    "keys",
+    "log_operations",
+    "log_records",
+    "log_values",
+    "unencodable_values",
+    "values",
+]
 
 #: Characters most keys are made of: few enough that keys collide often.
 _COMMON_ALPHABET = "ab:1"
@@ -136,4 +145,53 @@ def unencodable_values() -> st.SearchStrategy[Any]:
         bad,
         st.lists(bad, min_size=1, max_size=2),
         st.dictionaries(st.text(max_size=3), bad, min_size=1, max_size=2),
+    )
+
+
+# -- raw log records, for the embedded log's compaction tests -----------------
+
+#: The key space of raw log records: small, so that every key is overwritten,
+#: deleted and written again many times in one example.
+LOG_KEYS = tuple(f"k{i}".encode() for i in range(6))
+
+
+def log_values() -> st.SearchStrategy[bytes]:
+    """Raw record values: mostly a few bytes, sometimes a few hundred.
+
+    The large ones fill a 1 KiB segment in a handful of records, so that an
+    example of a few dozen operations rolls segments and gives compaction
+    closed segments to rewrite and merge.
+    """
+    return st.one_of(st.binary(max_size=8), st.binary(max_size=8), st.binary(min_size=200, max_size=400))
+
+
+def log_records() -> st.SearchStrategy[tuple[bytes, bytes | None]]:
+    """One ``(key, value)`` record for ``Log.append``; about one in four is a tombstone (``None``)."""
+    return st.tuples(
+        st.sampled_from(LOG_KEYS),
+        st.one_of(log_values(), log_values(), log_values(), st.none()),
+    )
+
+
+def log_operations(min_size: int = 10, max_size: int = 80) -> st.SearchStrategy[list[tuple[Any, ...]]]:
+    """Operation sequences on an embedded log, as tuples a test interprets.
+
+    * ``("put", key, value)`` and ``("delete", key)``: append one record (a
+      delete appends a tombstone whether or not the key holds a value);
+    * ``("batch", [(key, value or None), ...])``: one ``append`` call;
+    * ``("compact",)``: compact the log now;
+    * ``("reopen",)``: close the log and open its directory again;
+    * ``("read", n)``: a reader that stays open across everything else reads
+      up to ``n`` more records.
+    """
+    put = st.tuples(st.just("put"), st.sampled_from(LOG_KEYS), log_values())
+    delete = st.tuples(st.just("delete"), st.sampled_from(LOG_KEYS))
+    batch = st.tuples(st.just("batch"), st.lists(log_records(), min_size=1, max_size=16))
+    compact = st.just(("compact",))
+    reopen = st.just(("reopen",))
+    read = st.tuples(st.just("read"), st.integers(1, 10))
+    return st.lists(
+        st.one_of(put, put, delete, batch, batch, compact, compact, reopen, read),
+        min_size=min_size,
+        max_size=max_size,
     )

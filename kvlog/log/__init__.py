@@ -55,6 +55,13 @@ class LogReader(abc.ABC):
         transaction markers); that is what makes "caught up" decidable.
         """
 
+    def wakeup(self) -> None:  # noqa: B027 - an optional hook: a no-op where a log cannot wake a poll
+        """Make a ``poll`` waiting in another thread return early (with ``[]``), if the log can.
+
+        The follower calls it when it is asked to stop, so that closing a store
+        does not wait for an idle poll to time out.
+        """
+
     @abc.abstractmethod
     def close(self) -> None:
         """Release the reader's resources. Idempotent."""

@@ -69,7 +69,14 @@ class KafkaReader(LogReader):
 
     def __init__(self, kafka_log: KafkaLog, positions: Mapping[int, int]) -> None:
         self._log = kafka_log
+        self._closed = True  # until the consumer is set up
         self._tps = [TopicPartition(kafka_log.topic, p) for p in range(kafka_log.partitions)]
+        for tp in self._tps:
+            position = positions.get(tp.partition)
+            if position is None or position < 0:
+                raise PositionOutOfRangeError(
+                    f"no valid position for partition {tp.partition} of topic {kafka_log.topic!r}: {position}"
+                )
         self._consumer = kafka_log._new_consumer(
             max_poll_records=100_000,
             # Large fetches keep replay throughput up; one partition fetch must
@@ -77,9 +84,13 @@ class KafkaReader(LogReader):
             fetch_max_bytes=64 * 1024 * 1024,
             max_partition_fetch_bytes=max(16 * 1024 * 1024, kafka_log.max_record_bytes or 0),
         )
-        self._consumer.assign(self._tps)
-        for tp in self._tps:
-            self._consumer.seek(tp, positions[tp.partition])
+        try:
+            self._consumer.assign(self._tps)
+            for tp in self._tps:
+                self._consumer.seek(tp, positions[tp.partition])
+        except BaseException:
+            self._consumer.close(autocommit=False)  # or it keeps reconnecting in the background
+            raise
         self._closed = False
 
     def poll(self, timeout: float, max_records: int) -> list[Any]:

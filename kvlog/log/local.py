@@ -212,6 +212,7 @@ class LocalReader(LogReader):
         self._cursors: dict[int, tuple[_Segment, int, int] | None] = dict.fromkeys(self._positions)
         self._next_partition = 0
         self._closed = False
+        self._woken = False
         with local_log._cond:
             for p, position in self._positions.items():
                 local_log._check_position(p, position)
@@ -229,7 +230,8 @@ class LocalReader(LogReader):
                 if any(self._positions[p] < lg._end[p] for p in self._positions):
                     break
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or self._woken:
+                    self._woken = False
                     return []
                 lg._cond.wait(remaining)
         records: list[Record] = []
@@ -241,6 +243,11 @@ class LocalReader(LogReader):
             self._read_partition(p, records, max_records)
         self._next_partition = (self._next_partition + 1) % n
         return records
+
+    def wakeup(self) -> None:
+        with self._log._cond:
+            self._woken = True
+            self._log._cond.notify_all()
 
     def _close_cursor(self, p: int) -> None:
         cursor = self._cursors[p]
