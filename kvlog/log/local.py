@@ -91,6 +91,10 @@ _MAX_FRAME = 1 << 30
 _DROPS_KEPT = 256
 
 
+#: fdatasync where the OS has it (Linux); macOS has only fsync.
+_datasync = getattr(os, "fdatasync", os.fsync)
+
+
 def _segment_name(base: int) -> str:
     return f"{base:020d}.log"
 
@@ -791,7 +795,7 @@ class LocalLog(Log):
             while written < len(data):
                 written += os.pwrite(fd, data[written:], start_size + written)
             if self.fsync == "always":
-                os.fdatasync(fd)
+                _datasync(fd)
             else:
                 self._unsynced = True
         except OSError as exc:
@@ -812,7 +816,7 @@ class LocalLog(Log):
         """Close the active segment (synced) and start a new one at the end offset."""
         fd = self._active_fd[p]
         if self.fsync != "never":
-            os.fdatasync(fd)  # closed segments are never scanned on open: they must be whole
+            _datasync(fd)  # closed segments are never scanned on open: they must be whole
         base = self._end[p]
         path = self.path / str(p) / _segment_name(base)
         self._create_segment_file(path)
@@ -1067,7 +1071,7 @@ class LocalLog(Log):
         with self._append_lock:
             self._check_open()
             for fd in self._active_fd.values():
-                os.fdatasync(fd)
+                _datasync(fd)
             self._unsynced = False
 
     def _flush_loop(self) -> None:
@@ -1129,7 +1133,7 @@ class LocalLog(Log):
         for fd in self._active_fd.values():
             try:
                 if self.fsync != "never":
-                    os.fdatasync(fd)
+                    _datasync(fd)
             except OSError:
                 synced = False
             with contextlib.suppress(OSError):
