@@ -242,9 +242,9 @@ class Cache:
     def mark_current(self, when: float) -> None:
         """Record that at ``when`` the checkpoint was at the end of the log.
 
-        A reopened cache compares this with the log's tombstone retention: a
-        cache that has not been current for longer than that may have missed
-        deletes whose tombstones compaction has since removed.
+        A reopened cache that is behind asks the log whether compaction dropped
+        tombstones past its checkpoint since then (or, where the log cannot
+        tell, compares the time away with the tombstone retention).
         """
         if self._closed:
             raise ClosedError(f"the cache at {self.path} is closed")

@@ -270,11 +270,7 @@ def _open(args: argparse.Namespace, target: _Target, *, progress: Any = None, **
             # No background compaction in a short-lived command: it would make
             # `kvlog get` wait for a pass at close. `kvlog compact` runs one.
             log = LocalLog(target.path / "log", background_compaction=False)
-            try:
-                kv = KVLog(target.path, log=log, **options)
-            except BaseException:
-                log.close()  # idempotent; KVLog closes it too once it got that far
-                raise
+            kv = KVLog(target.path, log=log, **options)  # it closes the log if it fails
     finally:
         if own_bar is not None:
             own_bar.close()

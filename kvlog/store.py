@@ -108,10 +108,22 @@ class KVLog(MutableMapping[Any, Any]):
         fsync: str = "always",
         progress: Callable[[dict[int, int], dict[int, int]], None] | None = None,
     ) -> None:
-        if key_type not in (str, bytes):
-            raise TypeError("key_type must be str or bytes")
+        try:
+            if key_type not in (str, bytes):
+                raise TypeError("key_type must be str or bytes")
+            self._codec = get_codec(codec)
+            if log is not None and (bootstrap_servers is not None or topic is not None):
+                raise ValueError("pass either log= or bootstrap_servers= and topic=, not both")
+            embedded = log is None and bootstrap_servers is None and topic is None
+            if fsync != "always" and not embedded:
+                raise ValueError(
+                    "fsync= applies to the embedded log KVLog creates; Kafka's durability is acks=all"
+                )
+        except BaseException:
+            if log is not None:
+                log.close()  # the store owns a log it is given, also when it refuses the rest
+            raise
         self.path = Path(path)
-        self._codec = get_codec(codec)
         self._key_type = key_type
         self._timeout = timeout
         self._closed = True  # until fully open: close() must be safe on a half-built store
@@ -119,12 +131,10 @@ class KVLog(MutableMapping[Any, Any]):
         self._replayer: Replayer | None = None
         self._log: Log | None = None
         self.rebuilds: list[str] = []
-        if log is None and bootstrap_servers is None and topic is None:
+        if embedded:
             from .log.local import LocalLog
 
             log = LocalLog(self.path / "log", partitions=partitions, fsync=fsync)
-        elif fsync != "always":
-            raise ValueError("fsync= applies to the embedded log; Kafka's durability is acks=all")
         elif log is None:
             if bootstrap_servers is None or topic is None:
                 raise ValueError("a Kafka store needs both bootstrap_servers= and topic=")
@@ -141,8 +151,6 @@ class KVLog(MutableMapping[Any, Any]):
                 timeout=timeout,
                 kafka_config=kafka_config,
             )
-        elif bootstrap_servers is not None or topic is not None:
-            raise ValueError("pass either log= or bootstrap_servers= and topic=, not both")
         self._log = log
         try:
             self._cache = Cache(self.path / "cache", map_size=map_size)

@@ -100,6 +100,12 @@ class TestMisuse:
         with KVLog(tmp_path) as kv:  # closing released the lock
             assert kv["a"] == 1
 
+    def test_a_refused_store_releases_the_log_it_was_given(self, tmp_path: Path) -> None:
+        with pytest.raises(ValueError, match="codec"):
+            KVLog(tmp_path, log=LocalLog(tmp_path / "log"), codec="no-such-codec")
+        with KVLog(tmp_path) as kv:  # the writer lock was released with the refused store
+            kv["a"] = 1
+
     def test_an_oversize_record_writes_nothing(self, tmp_path: Path) -> None:
         with KVLog(tmp_path, log=LocalLog(tmp_path / "log", max_record_bytes=1000)) as kv:
             kv["small"] = "x"

@@ -286,12 +286,16 @@ class LocalReader(LogReader):
                 self._close_cursor(p)
                 self._positions[p] = max(self._positions[p], following)
                 continue
-            buf = os.pread(fd, min(_READ_CHUNK, visible - file_pos), file_pos)
-            if len(buf) < _FRAME_HEAD.size:
+            # Read a large chunk, but always at least the whole first frame.
+            head = os.pread(fd, _FRAME_HEAD.size, file_pos)
+            if len(head) < _FRAME_HEAD.size:
                 raise LogCorruptError(
                     f"{segment.path} is shorter than the log expects at position {file_pos}"
                 )
+            first = _FRAME_HEAD.size + _FRAME_HEAD.unpack(head)[0]
+            buf = os.pread(fd, min(max(_READ_CHUNK, first), visible - file_pos), file_pos)
             position = self._positions[p]
+            start = file_pos
             try:
                 for frame in _parse(buf, 0, file_pos, _MAX_FRAME, -1):
                     file_pos = frame.end
@@ -303,24 +307,9 @@ class LocalReader(LogReader):
                         break
             except _BadFrame as bad:
                 raise lg._corrupt(p, segment, bad) from None
-            if file_pos == cursor[2]:
-                # A frame larger than the chunk: read it whole next time.
-                head = os.pread(fd, _FRAME_HEAD.size, file_pos)
-                length = _FRAME_HEAD.unpack(head)[0] if len(head) == _FRAME_HEAD.size else 0
-                buf = os.pread(fd, _FRAME_HEAD.size + length, file_pos)
-                try:
-                    frames = list(_parse(buf, 0, file_pos, _MAX_FRAME, -1))
-                except _BadFrame as bad:
-                    raise lg._corrupt(p, segment, bad) from None
-                if not frames:
-                    raise LogCorruptError(
-                        f"{segment.path} has a truncated record at file position {file_pos}"
-                    )
-                frame = frames[0]
-                file_pos = frame.end
-                if frame.offset >= position:
-                    out.append(Record(p, frame.offset, frame.key, frame.value))
-                    position = frame.offset + 1
+            if file_pos == start:
+                # Published bytes always end at a whole frame: one that does not fit is damage.
+                raise lg._corrupt(p, segment, _BadFrame(start, "a record runs past the end of the segment"))
             self._positions[p] = position
             self._cursors[p] = (segment, fd, file_pos)
 
@@ -985,7 +974,6 @@ class LocalLog(Log):
                 groups[-1].append(segment)
             else:
                 groups.append([segment])
-        replaced: list[tuple[list[_Segment], _Segment]] = []
         for group in groups:
             base = group[0].base
             end = segments[segments.index(group[-1]) + 1].base
@@ -1028,7 +1016,6 @@ class LocalLog(Log):
             # Commit point: once the .swap name is durable, an open finishes the swap.
             os.replace(cleaned, swap)
             _fsync_dir(directory)
-            replaced.append((group, new))
             with self._cond:
                 for old in group[1:]:
                     old.path.unlink()
