@@ -1,0 +1,71 @@
+"""The data every subject reads: one compacted topic per value size, filled once.
+
+The records are exactly what ``KVLog`` writes with its default codec (UTF-8
+keys, msgpack values), produced with a plain kafka-python producer so filling
+the topic is not part of any measurement. Every subject of a run (kvlog, the
+raw consumer, the hand-rolled dict, ktables) reads the same topic.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import msgpack
+from kafka import KafkaAdminClient, KafkaProducer
+from kafka.admin import NewTopic
+
+from benchmarks.harness import Context, value_of_size
+
+__all__ = ["encoded_values", "topic_for"]
+
+_topics: dict[tuple[str, int, int], str] = {}
+
+
+def encoded_values(ctx: Context, size: int) -> list[bytes]:
+    """The msgpack value of every key, about ``size`` bytes each."""
+    return [msgpack.packb(value_of_size(i, size)) for i in range(ctx.keys)]
+
+
+def create_topic(bootstrap_servers: str, prefix: str, *, partitions: int = 1) -> str:
+    """Create a fresh compacted topic and return its name."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    try:
+        admin.create_topics(
+            [
+                NewTopic(
+                    name,
+                    num_partitions=partitions,
+                    replication_factor=1,
+                    topic_configs={"cleanup.policy": "compact", "max.message.bytes": str(8 << 20)},
+                )
+            ]
+        )
+    finally:
+        admin.close()
+    return name
+
+
+def topic_for(ctx: Context, size: int) -> str:
+    """The topic holding ``ctx.keys`` keys with ~``size``-byte values (created on first use)."""
+    cache_key = (ctx.bootstrap_servers, ctx.keys, size)
+    if cache_key in _topics:
+        return _topics[cache_key]
+    topic = create_topic(ctx.bootstrap_servers, f"bench-{size}b")
+    print(f"  filling topic {topic}: {ctx.keys:,} keys, ~{size} B values", flush=True)
+    producer = KafkaProducer(
+        bootstrap_servers=ctx.bootstrap_servers,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=20,
+        batch_size=1 << 20,
+        max_request_size=8 << 20,
+    )
+    try:
+        for i in range(ctx.keys):
+            producer.send(topic, key=ctx.key(i).encode(), value=msgpack.packb(value_of_size(i, size)))
+        producer.flush(timeout=300)
+    finally:
+        producer.close()
+    _topics[cache_key] = topic
+    return topic
