@@ -76,12 +76,17 @@ class Cache:
 
     def __init__(self, path: str | os.PathLike[str], *, map_size: int = DEFAULT_MAP_SIZE) -> None:
         self.path = Path(path)
-        # Readers take the plain lock (a C-level context manager, cheaper on the
-        # hot path than the Condition's Python-level one); waits use the Condition.
-        self._lock = threading.Lock()
-        self._gate = threading.Condition(self._lock)
-        self._readers = 0
-        self._resizing = False
+        # Growing the map (mdb_env_set_mapsize) needs every read transaction of
+        # this process closed. Readers announce themselves without a lock, on the
+        # hot path: a reader appends to _active and then checks _blocked; a
+        # resizer (or close) sets _blocked and then checks _active. Both list
+        # operations and attribute accesses are atomic and ordered under the GIL,
+        # so at least one side sees the other (Dekker): the reader backs off, or
+        # the resizer waits for it. Leaving readers wake a waiting resizer.
+        self._gate = threading.Condition(threading.Lock())
+        self._active: list[None] = []
+        self._blocked = False
+        self._resize_lock = threading.Lock()
         self._closed = False
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -130,29 +135,51 @@ class Cache:
     # -- reading ------------------------------------------------------------
 
     def _enter(self) -> None:
-        with self._lock:
-            while self._resizing:
+        active = self._active
+        active.append(None)
+        if self._blocked:
+            active.pop()
+            self._enter_slow()
+
+    def _enter_slow(self) -> None:
+        with self._gate:
+            # A resizer may be waiting for the entry just removed.
+            self._gate.notify_all()
+            while True:
+                if self._closed:
+                    raise ClosedError(f"the cache at {self.path} is closed")
+                if not self._blocked:
+                    self._active.append(None)
+                    if not self._blocked:
+                        return
+                    self._active.pop()
+                    self._gate.notify_all()
                 self._gate.wait()
-            if self._closed:
-                raise ClosedError(f"the cache at {self.path} is closed")
-            self._readers += 1
 
     def _leave(self) -> None:
-        with self._lock:
-            self._readers -= 1
-            if self._readers == 0 and self._resizing:
+        self._active.pop()
+        if self._blocked:
+            with self._gate:
                 self._gate.notify_all()
 
     def get(self, key: bytes) -> bytes | None:
         """Return the stored value bytes of ``key``, or ``None`` if absent."""
-        self._enter()
+        # _enter and _leave inlined: this is the point-read hot path.
+        active = self._active
+        active.append(None)
+        if self._blocked:
+            active.pop()
+            self._enter_slow()
         try:
             with self._env.begin(db=self._data, buffers=False) as txn:
                 return txn.get(key)  # type: ignore[no-any-return]
         except lmdb.Error as exc:
             raise self._damaged(exc) from exc
         finally:
-            self._leave()
+            active.pop()
+            if self._blocked:
+                with self._gate:
+                    self._gate.notify_all()
 
     def __len__(self) -> int:
         self._enter()
@@ -346,13 +373,10 @@ class Cache:
             self._grow()
 
     def _grow(self) -> None:
-        # Raise the flag before competing for the gate's lock: readers that see
-        # it queue up in wait() instead of re-taking the lock, so busy readers
-        # cannot starve the resize (Python locks are not fair).
-        self._resizing = True
-        with self._gate:
+        with self._resize_lock, self._gate:
+            self._blocked = True
             try:
-                while self._readers:
+                while self._active:
                     self._gate.wait()
                 new_size = self._env.info()["map_size"] * 2
                 try:
@@ -362,7 +386,7 @@ class Cache:
                         f"the cache at {self.path} is full and cannot grow to {new_size} bytes: {exc}"
                     ) from exc
             finally:
-                self._resizing = False
+                self._blocked = self._closed
                 self._gate.notify_all()
 
     # -- housekeeping -------------------------------------------------------
@@ -388,7 +412,8 @@ class Cache:
             if self._closed:
                 return
             self._closed = True
-            while self._readers:
+            self._blocked = True
+            while self._active:
                 self._gate.wait()
         self._env.close()
 

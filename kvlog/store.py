@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .cache import DEFAULT_MAP_SIZE, Cache
-from .codec import Codec, decode_key, encode_key, get_codec
+from .codec import MAX_KEY_SIZE, Codec, decode_key, encode_key, get_codec
 from .errors import ClosedError
 from .log import Log
 from .replay import Replayer
@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 _MISSING: Any = object()
+# A str key of at most this many characters encodes to at most MAX_KEY_SIZE
+# bytes of UTF-8 (4 bytes a character at worst), so reads skip the length check.
+_FAST_KEY_CHARS = MAX_KEY_SIZE // 4
 
 #: Records sent per append call by :meth:`KVLog.update`.
 UPDATE_BATCH = 10_000
@@ -112,6 +115,7 @@ class KVLog(MutableMapping[Any, Any]):
             if key_type not in (str, bytes):
                 raise TypeError("key_type must be str or bytes")
             self._codec = get_codec(codec)
+            self._decode = self._codec.decode
             if log is not None and (bootstrap_servers is not None or topic is not None):
                 raise ValueError("pass either log= or bootstrap_servers= and topic=, not both")
             embedded = log is None and bootstrap_servers is None and topic is None
@@ -154,6 +158,7 @@ class KVLog(MutableMapping[Any, Any]):
         self._log = log
         try:
             self._cache = Cache(self.path / "cache", map_size=map_size)
+            self._cache_get = self._cache.get
             self._open_replay(ready_timeout, progress)
             self._closed = False
             if follow:
@@ -254,25 +259,43 @@ class KVLog(MutableMapping[Any, Any]):
 
     # -- the mapping --------------------------------------------------------
 
+    # The three read methods below are the point-read hot path: they inline the
+    # common case of encode_key (a str short enough that its UTF-8 cannot pass
+    # MAX_KEY_SIZE) and call the cache and codec through bound methods.
+
     def __getitem__(self, key: str | bytes) -> Any:
-        self._check_open()
-        assert self._cache is not None
-        raw = self._cache.get(encode_key(key))
+        if self._closed:
+            raise ClosedError(f"{self!r} is closed")
+        if type(key) is str and 0 < len(key) <= _FAST_KEY_CHARS:
+            try:
+                data = key.encode()
+            except UnicodeEncodeError:
+                data = encode_key(key)  # raises the documented ValueError
+        else:
+            data = encode_key(key)
+        raw = self._cache_get(data)
         if raw is None:
             raise KeyError(key)
-        return self._codec.decode(raw)
+        return self._decode(raw)
 
     def get(self, key: str | bytes, default: Any = None) -> Any:
         """Return the value of ``key``, or ``default`` if it is absent."""
-        self._check_open()
-        assert self._cache is not None
-        raw = self._cache.get(encode_key(key))
-        return default if raw is None else self._codec.decode(raw)
+        if self._closed:
+            raise ClosedError(f"{self!r} is closed")
+        if type(key) is str and 0 < len(key) <= _FAST_KEY_CHARS:
+            try:
+                data = key.encode()
+            except UnicodeEncodeError:
+                data = encode_key(key)
+        else:
+            data = encode_key(key)
+        raw = self._cache_get(data)
+        return default if raw is None else self._decode(raw)
 
     def __contains__(self, key: object) -> bool:
-        self._check_open()
-        assert self._cache is not None
-        return self._cache.get(encode_key(key)) is not None  # type: ignore[arg-type]
+        if self._closed:
+            raise ClosedError(f"{self!r} is closed")
+        return self._cache_get(encode_key(key)) is not None  # type: ignore[arg-type]
 
     def __setitem__(self, key: str | bytes, value: Any) -> None:
         """Write ``value`` to the log; return once it is durable and visible in this cache.

@@ -78,7 +78,7 @@ def test_map_grows_while_other_threads_read(tmp_path: Path) -> None:
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             errors.append(exc)
 
-    threads = [threading.Thread(target=reader) for _ in range(2)]
+    threads = [threading.Thread(target=reader) for _ in range(4)]
     for t in threads:
         t.start()
     try:
@@ -92,7 +92,35 @@ def test_map_grows_while_other_threads_read(tmp_path: Path) -> None:
             t.join()
     assert not errors
     assert len(cache) == 1 + 20 * 200
+    assert cache.map_size >= 2 * 1024 * 1024  # it did grow, several times, under the readers
     cache.close()
+
+
+def test_close_while_threads_read(tmp_path: Path) -> None:
+    """Readers racing close() get their value or ClosedError, never a closed environment."""
+    cache = Cache(tmp_path)
+    cache.apply([rec(b"anchor", b"A")], {0: 1})
+    outcomes: list[object] = []
+    reading = threading.Barrier(5)
+
+    def reader() -> None:
+        reading.wait()
+        try:
+            while True:
+                assert cache.get(b"anchor") == b"A"
+        except ClosedError as exc:
+            outcomes.append(exc)
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for t in threads:
+        t.start()
+    reading.wait()
+    cache.close()
+    for t in threads:
+        t.join(timeout=30)
+    assert [type(o) for o in outcomes] == [ClosedError] * 4
 
 
 def test_items_respects_bounds_across_chunks(tmp_path: Path) -> None:
