@@ -64,6 +64,24 @@ def _retention_from(configs: Mapping[str, Any], name: str, default: int) -> int:
         return default
 
 
+# kafka-python 3.0 counts its bootstrap as a metadata refresh and then waits
+# retry_backoff_ms (100 ms, and the client's own setting is not passed down)
+# before it fetches the metadata of any topic: every new client paid 100 ms
+# before its first request, half of a warm restart. The backoff after a failed
+# refresh is separate (exponential, KIP-580), so a short one here only shortens
+# that first wait and the pause between refreshes that found topic errors.
+_METADATA_BACKOFF_MS = 10
+
+
+def _shorten_startup_backoff(client: Any) -> None:
+    try:
+        config = client._client._manager.cluster.config
+    except AttributeError:  # another kafka-python layout: keep its behaviour
+        return
+    if isinstance(config, dict) and config.get("retry_backoff_ms", 0) > _METADATA_BACKOFF_MS:
+        config["retry_backoff_ms"] = _METADATA_BACKOFF_MS
+
+
 class KafkaReader(LogReader):
     """Reads every partition of a topic with a group-less, manually assigned consumer."""
 
@@ -220,9 +238,11 @@ class KafkaLog(Log):
     def _connect(self, client: type, **settings: Any) -> Any:
         config = {"bootstrap_servers": self.bootstrap_servers, **self._kafka_config, **settings}
         try:
-            return client(**config)
+            instance = client(**config)
         except _UNREACHABLE as exc:
             raise self._unavailable(exc) from exc
+        _shorten_startup_backoff(instance)
+        return instance
 
     def _new_consumer(self, **settings: Any) -> KafkaConsumer:
         return self._connect(
