@@ -101,6 +101,11 @@ class KafkaReader(LogReader):
             # still hold the largest record the topic accepts.
             fetch_max_bytes=64 * 1024 * 1024,
             max_partition_fetch_bytes=max(16 * 1024 * 1024, kafka_log.max_record_bytes or 0),
+            # A new consumer's first poll finds no fetchable position until its
+            # metadata arrives, and then sleeps retry_backoff_ms (100 ms by
+            # default) before it fetches: most of a warm restart with a few
+            # new records. A short backoff only shortens that pause.
+            retry_backoff_ms=kafka_log._kafka_config.get("retry_backoff_ms", 10),
         )
         try:
             self._consumer.assign(self._tps)
