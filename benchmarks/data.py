@@ -18,7 +18,7 @@ from benchmarks.harness import Context, value_of_size
 
 __all__ = ["encoded_values", "topic_for"]
 
-_topics: dict[tuple[str, int, int], str] = {}
+_topics: dict[tuple[str, int, int, str], str] = {}
 
 
 def encoded_values(ctx: Context, size: int) -> list[bytes]:
@@ -46,12 +46,16 @@ def create_topic(bootstrap_servers: str, prefix: str, *, partitions: int = 1) ->
     return name
 
 
-def topic_for(ctx: Context, size: int) -> str:
-    """The topic holding ``ctx.keys`` keys with ~``size``-byte values (created on first use)."""
-    cache_key = (ctx.bootstrap_servers, ctx.keys, size)
+def topic_for(ctx: Context, size: int, *, tag: str = "") -> str:
+    """The topic holding ``ctx.keys`` keys with ~``size``-byte values (created on first use).
+
+    Workloads that append to their topic pass a ``tag`` of their own, so the
+    shared topics keep exactly one record a key.
+    """
+    cache_key = (ctx.bootstrap_servers, ctx.keys, size, tag)
     if cache_key in _topics:
         return _topics[cache_key]
-    topic = create_topic(ctx.bootstrap_servers, f"bench-{size}b")
+    topic = create_topic(ctx.bootstrap_servers, f"bench-{tag or 'data'}-{size}b")
     print(f"  filling topic {topic}: {ctx.keys:,} keys, ~{size} B values", flush=True)
     producer = KafkaProducer(
         bootstrap_servers=ctx.bootstrap_servers,

@@ -39,6 +39,9 @@ class Context:
     bootstrap_servers: str
     reads: int  # point reads per sample and subject
     seed: int = 42
+    #: Whether a workload may install a missing system package (redis-server
+    #: with apt-get, as root). Tests turn it off.
+    install: bool = True
     #: Free-form messages a workload wants printed and kept with the results.
     notes: list[str] = field(default_factory=list)
     #: Subjects that could not be measured, and why (never silently dropped).

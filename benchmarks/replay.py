@@ -1,0 +1,242 @@
+"""Workloads 2 and 3: cold replay (a cache built from nothing) and warm restart.
+
+Cold replay: every subject starts from nothing and reads the whole topic. The
+clock runs from creating the client to holding every key (KVLog: from the
+constructor to its return, which is when the cache is current). Subjects run
+interleaved (a, b, c, a, b, c, ...) so a noisy moment of the machine does not
+land on one of them only.
+
+- ``kvlog``: ``KVLog(fresh_dir, ...)`` -- replays into LMDB, ready when it returns.
+- ``kvlog rewarm()``: ``kv.rewarm()`` on an open store (drops and replays).
+- ``raw kafka-python consumer``: the floor of the client. A consumer with
+  exactly the settings kvlog's reader uses (``read_committed``, large fetches),
+  polling every record into nothing. This is the baseline of the --check goal.
+- ``raw kafka-python consumer (defaults)``: the same loop with kafka-python's
+  default fetch settings, to show what the settings are worth.
+- ``dict consumer (hand-rolled)``: what users write first: consume the topic
+  into a dict, decoding every value with msgpack.
+- ``ktables``: ktables' ``KafkaTable`` (aiokafka), ready when ``start()`` returns.
+
+Warm restart reopens a cache whose checkpoint is in place, with nothing new
+in the topic or with 1% of the keys rewritten since; ktables has no
+checkpoint, so its restart is a cold load.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from benchmarks import ktables_bench
+from benchmarks.data import topic_for
+from benchmarks.harness import Context, Row, Skipped, value_of_size
+from kvlog import KVLog
+from kvlog.log.kafka import _shorten_startup_backoff
+
+__all__ = ["run_cold", "run_restart"]
+
+SIZES = {100: "~100 B values", 1000: "~1 KB values"}
+COLD = "cold replay"
+RESTART = "restart (time to ready)"
+RAW = "raw kafka-python consumer"
+
+# The settings of kvlog's KafkaReader (kvlog/log/kafka.py): the raw baseline
+# reads with the same ones, so the ratio is what kvlog adds on top of the client.
+KVLOG_READER_SETTINGS: dict[str, Any] = {
+    "isolation_level": "read_committed",
+    "max_poll_records": 100_000,
+    "fetch_max_bytes": 64 * 1024 * 1024,
+    "max_partition_fetch_bytes": 16 * 1024 * 1024,
+    "retry_backoff_ms": 10,
+}
+
+
+def _end_offset(bootstrap: str, topic: str) -> int:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    try:
+        tp = TopicPartition(topic, 0)
+        return int(consumer.end_offsets([tp])[tp])
+    finally:
+        consumer.close()
+
+
+def _consume(bootstrap: str, topic: str, end: int, into: dict[bytes, Any] | None, **settings: Any) -> float:
+    """Seconds to read offsets [0, end) with a fresh consumer, into nothing or a dict."""
+    started = time.perf_counter()
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, **settings)
+    # kvlog's clients skip kafka-python's 100 ms metadata backoff after
+    # bootstrap; so does the baseline, or kvlog would win 100 ms for free.
+    _shorten_startup_backoff(consumer)
+    try:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        consumer.seek(tp, 0)
+        unpack = msgpack.unpackb
+        while consumer.position(tp) < end:
+            for records in consumer.poll(timeout_ms=1000).values():
+                if into is None:
+                    continue
+                for record in records:
+                    if record.value is None:
+                        into.pop(record.key, None)
+                    else:
+                        into[record.key] = unpack(record.value)
+        return time.perf_counter() - started
+    finally:
+        consumer.close()
+
+
+def _kvlog_cold(ctx: Context, topic: str) -> float:
+    path = ctx.subdir("replay-kvlog")
+    try:
+        started = time.perf_counter()
+        kv = KVLog(
+            path, bootstrap_servers=ctx.bootstrap_servers, topic=topic, create_topic=False, follow=False
+        )
+        seconds = time.perf_counter() - started
+        entries = len(kv)
+        kv.close()
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+    if entries != ctx.keys:
+        raise AssertionError(f"kvlog replayed {entries} keys, expected {ctx.keys}")
+    return seconds
+
+
+def _interleaved(
+    ctx: Context, subjects: dict[str, Callable[[], float]], label: str
+) -> dict[str, list[float]]:
+    """Run every subject once per round, ``ctx.runs`` rounds after one warm-up round."""
+    samples: dict[str, list[float]] = {name: [] for name in subjects}
+    for round_ in range(ctx.runs + 1):
+        for name, measure in list(subjects.items()):
+            try:
+                seconds = measure()
+            except Skipped as exc:
+                ctx.skip(label, name, str(exc))
+                del subjects[name], samples[name]
+                continue
+            if round_:  # round 0 warms the broker's page cache and the clients
+                samples[name].append(seconds)
+    return samples
+
+
+def run_cold(ctx: Context) -> list[Row]:
+    """Cold replay of the whole topic, for ~100 B and ~1 KB values."""
+    rows: list[Row] = []
+    for size, case in SIZES.items():
+        rows.extend(_cold_case(ctx, size, case))
+    return rows
+
+
+def _cold_case(ctx: Context, size: int, case: str) -> list[Row]:
+    bs = ctx.bootstrap_servers
+    topic = topic_for(ctx, size)
+    end = _end_offset(bs, topic)
+    rewarm_path = ctx.subdir("replay-rewarm")
+    rewarm_kv = KVLog(rewarm_path, bootstrap_servers=bs, topic=topic, create_topic=False, follow=False)
+
+    def rewarm() -> float:
+        started = time.perf_counter()
+        rewarm_kv.rewarm()
+        return time.perf_counter() - started
+
+    def ktables() -> float:
+        seconds, entries = ktables_bench.cold_load_seconds(bs, topic)
+        if entries != ctx.keys:
+            raise AssertionError(f"ktables loaded {entries} keys, expected {ctx.keys}")
+        return seconds
+
+    subjects: dict[str, Callable[[], float]] = {
+        RAW: lambda: _consume(bs, topic, end, None, **KVLOG_READER_SETTINGS),
+        "kvlog": lambda: _kvlog_cold(ctx, topic),
+        "kvlog rewarm()": rewarm,
+        f"{RAW} (defaults)": lambda: _consume(bs, topic, end, None),
+        "dict consumer (hand-rolled)": lambda: _consume(bs, topic, end, {}),
+        "ktables": ktables,
+    }
+    try:
+        samples = _interleaved(ctx, subjects, COLD)
+    finally:
+        rewarm_kv.close()
+        shutil.rmtree(rewarm_path, ignore_errors=True)
+    rows = []
+    for name, seconds in samples.items():
+        rate = [end / s for s in seconds]
+        rows.append(Row(COLD, case, name, "records/s", rate, True, baseline=None if name == RAW else RAW))
+        print(f"  {COLD}: {name}, {case}: {sorted(rate)[len(rate) // 2]:,.0f} records/s", flush=True)
+    return rows
+
+
+def _rewrite(bootstrap: str, topic: str, ctx: Context, count: int, size: int, seed: int) -> None:
+    """Overwrite ``count`` random existing keys with new values, as a writer would."""
+    rng = random.Random(seed)
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5)
+    try:
+        for i in rng.sample(range(ctx.keys), count):
+            producer.send(topic, key=ctx.key(i).encode(), value=msgpack.packb(value_of_size(i + seed, size)))
+        producer.flush(timeout=60)
+    finally:
+        producer.close()
+
+
+def run_restart(ctx: Context) -> list[Row]:
+    """Time to ready: cold replay vs warm restart (0% and 1% new records) vs ktables."""
+    size = 100
+    topic = topic_for(ctx, size, tag="restart")
+    bs = ctx.bootstrap_servers
+    path = ctx.subdir("restart-kvlog")
+    KVLog(path, bootstrap_servers=bs, topic=topic, create_topic=False, follow=False).close()
+    new = max(1, ctx.keys // 100)
+    rewrites = iter(range(1, 10_000))
+
+    def warm() -> float:
+        started = time.perf_counter()
+        kv = KVLog(path, bootstrap_servers=bs, topic=topic, create_topic=False, follow=False)
+        seconds = time.perf_counter() - started
+        mode = kv.open_replay["mode"]
+        kv.close()
+        if mode != "warm":
+            raise AssertionError(f"the reopened cache was not warm: {kv.open_replay}")
+        return seconds
+
+    def warm_after_new() -> float:
+        _rewrite(bs, topic, ctx, new, size, seed=next(rewrites))
+        return warm()
+
+    def cold() -> float:
+        return _kvlog_cold(ctx, topic)
+
+    def ktables() -> float:
+        return ktables_bench.cold_load_seconds(bs, topic)[0]
+
+    rows: list[Row] = []
+    case_0 = "0% new records"
+    case_1 = f"1% new records ({new:,})"
+    for case, subjects in (
+        (
+            case_0,
+            {"kvlog warm restart": warm, "kvlog cold replay": cold, "ktables (always replays)": ktables},
+        ),
+        (
+            case_1,
+            {
+                "kvlog warm restart": warm_after_new,
+                "kvlog cold replay": cold,
+                "ktables (always replays)": ktables,
+            },
+        ),
+    ):
+        samples = _interleaved(ctx, dict(subjects), RESTART)
+        for name, seconds in samples.items():
+            baseline = None if name == "kvlog cold replay" else "kvlog cold replay"
+            rows.append(Row(RESTART, case, name, "s", seconds, False, baseline=baseline))
+            print(f"  {RESTART}: {name}, {case}: {sorted(seconds)[len(seconds) // 2]:.3f} s", flush=True)
+    shutil.rmtree(path, ignore_errors=True)
+    return rows

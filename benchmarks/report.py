@@ -1,0 +1,710 @@
+"""The report of a benchmark run: a Markdown summary and PNG charts, from the results dict.
+
+The results dict is what the harness writes as JSON::
+
+    {"started": "2026-11-26T15:04:05Z", "duration_seconds": 512.3, "command": "...",
+     "args": {"keys": ..., "runs": ..., ...}, "machine": machine_info(...),
+     "rows": [Row.to_json(), ...], "checks": [{"name", "goal", "ratio", "passed", "detail"}, ...],
+     "skipped": [{"workload", "subject", "why"}, ...], "notes": ["...", ...]}
+
+:func:`write` stores it as ``<stem>.json`` next to ``<stem>.md`` (:func:`markdown`)
+and the charts (:func:`charts`): one ``<stem>-<workload>.png`` per workload and
+``<stem>-summary.png``, kvlog's ratio to its baseline in every case.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot: no display needed
+
+import matplotlib.pyplot as plt
+from matplotlib import ticker
+from matplotlib.transforms import blended_transform_factory
+
+__all__ = ["charts", "markdown", "write"]
+
+TIMES = "\u00d7"  # the multiplication sign of ratios (ruff flags the literal character)
+DASH = "\u2013"  # the en dash of ranges
+
+#: Goals of kvlog's ratio to its baseline, per workload, when the checks do not name them.
+DEFAULT_GOALS = {"point reads": 0.7, "cold replay": 0.8}
+#: Package versions shown in the machine summary, in this order (others follow).
+KEY_PACKAGES = ("kvlog", "lmdb", "msgpack", "kafka-python")
+
+KVLOG_COLOR = "#1f5fbf"
+KVLOG_SHADES = ("#1f5fbf", "#3d85e0", "#0b3d82", "#6aa5ee")
+MUTED = (
+    "#9aa5b1",
+    "#c4b59a",
+    "#a8bfa3",
+    "#c9a3a8",
+    "#b3a9cc",
+    "#a3c4c9",
+    "#cdbf8f",
+    "#b8b8b8",
+    "#d4b3c9",
+    "#9fb7a0",
+    "#c2a98d",
+    "#a9b4d0",
+)
+BELOW_GOAL_COLOR = "#d1495b"
+DPI = 120
+WIDTH_INCHES = 1600 / DPI
+LOG_SPAN = 30.0
+
+
+# -- rows ------------------------------------------------------------------------------
+
+
+def is_kvlog(subject: str) -> bool:
+    """Whether a subject is kvlog itself (``kvlog``, ``kvlog ...`` or an fsync policy of it)."""
+    s = subject.lower()
+    return s.startswith("kvlog") or s.startswith("fsync=")
+
+
+def _rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The rows with median/min/max present (computed from the samples when missing)."""
+    rows = []
+    for raw in results.get("rows") or []:
+        row = dict(raw)
+        samples = [float(x) for x in row.get("samples") or []]
+        if samples:
+            row.setdefault("median", statistics.median(samples))
+            row.setdefault("min", min(samples))
+            row.setdefault("max", max(samples))
+        if row.get("median") is None:
+            continue
+        row.setdefault("min", row["median"])
+        row.setdefault("max", row["median"])
+        row.setdefault("higher_is_better", True)
+        row.setdefault("baseline", None)
+        row.setdefault("ratio", None)
+        row.setdefault("note", "")
+        row.setdefault("unit", "")
+        rows.append(row)
+    return rows
+
+
+def _grouped(rows: Iterable[dict[str, Any]], key: str) -> dict[str, list[dict[str, Any]]]:
+    """Rows by ``row[key]``, in order of first appearance."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(str(row[key]), []).append(row)
+    return groups
+
+
+def slug(text: str) -> str:
+    """A filesystem-safe, lowercase name: ``"point reads"`` -> ``"point-reads"``."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "workload"
+
+
+def stem_of(results: Mapping[str, Any]) -> str:
+    """The file stem of a run: its start time, filesystem-safe (``2026-11-26T15-04-05Z``)."""
+    started = str(results.get("started") or "")
+    return re.sub(r"[^0-9A-Za-z_.-]+", "-", started).strip("-.") or "results"
+
+
+def goals(results: Mapping[str, Any]) -> dict[str, float]:
+    """Goal ratio per workload: the checks' (``"<workload> vs ..."``), else :data:`DEFAULT_GOALS`."""
+    found = dict(DEFAULT_GOALS)
+    workloads = {str(r.get("workload")) for r in results.get("rows") or []}
+    for check in results.get("checks") or []:
+        name, goal = str(check.get("name", "")), check.get("goal")
+        if goal is None:
+            continue
+        for workload in workloads:
+            if name == workload or name.startswith(f"{workload} vs") or name.startswith(f"{workload}:"):
+                found[workload] = float(goal)
+    return found
+
+
+# -- numbers ---------------------------------------------------------------------------
+
+
+def fmt(value: float | None) -> str:
+    """Thousands separators for large values, three significant digits for small ones."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    magnitude = abs(value)
+    if magnitude >= 100:
+        return f"{value:,.0f}"
+    if magnitude == 0:
+        return "0"
+    digits = max(0, 2 - math.floor(math.log10(magnitude)))
+    return f"{value:.{digits}f}"
+
+
+def fmt_ratio(ratio: float | None) -> str:
+    if ratio is None:
+        return "—"
+    if ratio >= 10:
+        return f"{ratio:,.0f}{TIMES}"
+    if ratio >= 0.095:
+        return f"{ratio:.2f}{TIMES}"
+    return f"{ratio:.2g}{TIMES}"
+
+
+def _bytes_gb(value: Any) -> str | None:
+    try:
+        return f"{float(value) / 1e9:.1f} GB RAM"
+    except (TypeError, ValueError):
+        return None
+
+
+def _when(started: str) -> str:
+    try:
+        moment = datetime.fromisoformat(started.replace("Z", "+00:00"))
+    except ValueError:
+        return started
+    offset = moment.utcoffset()
+    zone = "UTC" if offset is not None and offset.total_seconds() == 0 else ""
+    return f"{moment:%Y-%m-%d %H:%M} {zone}".strip()
+
+
+def _duration(seconds: Any) -> str | None:
+    try:
+        total = round(float(seconds))
+    except (TypeError, ValueError):
+        return None
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
+def machine_summary(machine: Mapping[str, Any]) -> str:
+    """One line: cores, memory, CPU, OS, Python, Kafka broker, key package versions."""
+    parts = []
+    if machine.get("cores"):
+        parts.append(f"{machine['cores']} cores")
+    memory = _bytes_gb(machine.get("memory_bytes"))
+    if memory:
+        parts.append(memory)
+    for name in ("cpu", "os", "python"):
+        if machine.get(name):
+            parts.append(str(machine[name]))
+    if machine.get("kafka_broker"):
+        parts.append(f"Kafka {machine['kafka_broker']}")
+    packages = {k: v for k, v in (machine.get("packages") or {}).items() if v}
+    ordered = [k for k in KEY_PACKAGES if k in packages] + [k for k in packages if k not in KEY_PACKAGES]
+    if ordered:
+        parts.append(", ".join(f"{k} {packages[k]}" for k in ordered))
+    return " · ".join(parts)
+
+
+# -- markdown --------------------------------------------------------------------------
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _vs_baseline(row: Mapping[str, Any], baselines: set[str]) -> str:
+    if row["baseline"] is None:
+        return "*baseline*" if row["subject"] in baselines else ""
+    if row["ratio"] is None:
+        return f"— ({row['baseline']}: not measured)"
+    return f"{fmt_ratio(row['ratio'])} {row['baseline']}"
+
+
+def _row_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """The rows' notes as bullets, each once, saying which cases or subjects it is about."""
+    about: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row.get("note"):
+            about.setdefault(str(row["note"]), []).append(row)
+    if not about:
+        return []
+    cases = _grouped(rows, "case")
+    lines = [""]
+    for note, noted in about.items():
+        ids = {id(r) for r in noted}
+        whole = [c for c, case_rows in cases.items() if all(id(r) in ids for r in case_rows)]
+        if len(noted) == len(rows):
+            who = ""
+        elif sum(len(cases[c]) for c in whole) == len(noted):
+            who = ", ".join(whole)
+        else:
+            who = ", ".join(dict.fromkeys(r["subject"] for r in noted))
+        lines.append(f"- {_cell(f'{who}: {note}' if who else note)}")
+    return lines
+
+
+def markdown(results: Mapping[str, Any], images: Mapping[str, str] | None = None) -> str:
+    """The report as Markdown: header, one table per workload, checks, skipped subjects, notes.
+
+    ``images`` maps a workload (or ``"summary"``) to a chart's path relative to
+    the Markdown file; each is linked under its table.
+    """
+    images = images or {}
+    args = results.get("args") or {}
+    lines = ["# kvlog benchmarks", ""]
+    header = []
+    if results.get("command"):
+        header.append(f"`{results['command']}`")
+    if results.get("started"):
+        header.append(_when(str(results["started"])))
+    duration = _duration(results.get("duration_seconds"))
+    if duration:
+        header.append(f"took {duration}")
+    if args.get("keys") is not None:
+        runs = f", {args['runs']} runs per figure" if args.get("runs") is not None else ""
+        header.append(f"{int(args['keys']):,} keys{runs}")
+    if header:
+        lines += [" · ".join(header), ""]
+    machine = machine_summary(results.get("machine") or {})
+    if machine:
+        lines += [f"Machine: {machine}", ""]
+    lines += [
+        "Medians of the runs, with their range. *vs baseline* is speed relative to the subject named, "
+        f"measured in the same case of the same run: above 1{TIMES} is faster, whatever the unit.",
+        "",
+    ]
+    if "summary" in images:
+        lines += [f"![kvlog relative to its baselines]({images['summary']})", ""]
+
+    for workload, rows in _grouped(_rows(results), "workload").items():
+        lines += [f"## {workload}", ""]
+        lines += [
+            f"| case | subject | median | min {DASH} max | unit | vs baseline |",
+            "|---|---|--:|--:|---|---|",
+        ]
+        for case, case_rows in _grouped(rows, "case").items():
+            baselines = {r["baseline"] for r in case_rows if r["baseline"]}
+            for n, row in enumerate(case_rows):
+                bold = is_kvlog(row["subject"])
+                cells = [
+                    _cell(case) if n == 0 else "",
+                    _cell(row["subject"]),
+                    fmt(row["median"]),
+                    f"{fmt(row['min'])} {DASH} {fmt(row['max'])}",
+                    _cell(row["unit"]),
+                    _cell(_vs_baseline(row, baselines)),
+                ]
+                if bold:
+                    cells[1:3] = [f"**{c}**" for c in cells[1:3]]
+                    cells[5] = f"**{cells[5]}**" if cells[5] else ""
+                lines.append("| " + " | ".join(cells) + " |")
+        lines += _row_notes(rows)
+        if workload in images:
+            lines += ["", f"![{workload}]({images[workload]})"]
+        lines.append("")
+
+    checks = results.get("checks") or []
+    if checks:
+        lines += ["## Checks", "", "| | check | goal | measured | detail |", "|---|---|--:|--:|---|"]
+        for check in checks:
+            mark = "✅" if check.get("passed") else "❌"
+            goal = check.get("goal")
+            cells = [
+                mark,
+                _cell(str(check.get("name", ""))),
+                f"≥ {fmt_ratio(goal)}" if goal is not None else "",
+                fmt_ratio(check.get("ratio")),
+                _cell(str(check.get("detail") or "")),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    skipped = results.get("skipped") or []
+    if skipped:
+        lines += ["## Skipped", ""]
+        for item in skipped:
+            lines.append(
+                f"- **{item.get('subject', '?')}** ({item.get('workload', '?')}): {item.get('why', '')}"
+            )
+        lines.append("")
+    notes_list = results.get("notes") or []
+    if notes_list:
+        lines += ["## Notes", ""]
+        lines += [f"- {note}" for note in notes_list]
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# -- charts ----------------------------------------------------------------------------
+
+
+def _style() -> Any:
+    return {
+        "font.size": 11,
+        "axes.titlesize": 15,
+        "axes.titleweight": "bold",
+        "axes.labelsize": 11,
+        "xtick.labelsize": 10,
+        "ytick.labelsize": 10.5,
+        "axes.spines.top": False,
+        "axes.spines.right": False,
+        "axes.edgecolor": "#555555",
+        "axes.grid": True,
+        "axes.grid.axis": "x",
+        "grid.color": "#e3e3e3",
+        "grid.linewidth": 0.8,
+        "axes.axisbelow": True,
+        "figure.facecolor": "white",
+    }
+
+
+def _colors(rows: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """Per workload, a colour per subject: kvlog in strong blues, the rest muted.
+
+    A subject keeps its colour from chart to chart unless that would repeat a
+    colour within a chart.
+    """
+    chosen: dict[str, str] = {}
+    result: dict[str, dict[str, str]] = {}
+    for workload, workload_rows in _grouped(rows, "workload").items():
+        colors: dict[str, str] = {}
+        for subject in dict.fromkeys(r["subject"] for r in workload_rows):
+            palette = KVLOG_SHADES if is_kvlog(subject) else MUTED
+            used = set(colors.values())
+            color = chosen.get(subject)
+            if color is None or color in used:
+                free = [c for c in palette if c not in used] or list(palette)
+                fresh = [c for c in free if c not in chosen.values()]
+                color = (fresh or free)[0]
+                chosen.setdefault(subject, color)
+            colors[subject] = color
+        result[workload] = colors
+    return result
+
+
+def _use_log(values: list[float]) -> bool:
+    positive = [v for v in values if v > 0]
+    return bool(positive) and max(positive) / min(positive) > LOG_SPAN
+
+
+def _header_rows(ax: Any, headers: list[tuple[float, str]], separators: list[float]) -> None:
+    trans = blended_transform_factory(ax.transAxes, ax.transData)
+    for y, text in headers:
+        ax.text(0.004, y, text, transform=trans, fontsize=11, fontweight="bold", color="#222222", va="center")
+    for y in separators:
+        ax.axhline(y, color="#cccccc", linewidth=0.8, zorder=1)
+
+
+def _panel(ax: Any, rows: list[dict[str, Any]], colors: Mapping[str, str]) -> list[Any]:
+    """Grouped horizontal bars on ``ax``: a header line per case, a bar per subject.
+
+    Returns the value labels (for :func:`_fit_labels`).
+    """
+    unit = rows[0]["unit"]
+    higher = rows[0]["higher_is_better"]
+    values = [v for r in rows for v in (r["median"], r["min"], r["max"])]
+    log = _use_log(values)
+    positive = [v for v in values if v > 0] or [1.0]
+    low, high = min(positive), max(positive)
+    base = 10 ** math.floor(math.log10(low) - 0.15) if log else 0.0
+    y = 0.0
+    ticks, labels, weights, texts = [], [], [], []
+    headers: list[tuple[float, str]] = []
+    separators: list[float] = []
+    for n, (case, case_rows) in enumerate(_grouped(rows, "case").items()):
+        if n:
+            separators.append(y - 0.1)
+            y += 0.35
+        headers.append((y, case))
+        y += 0.85
+        for row in case_rows:
+            median, lo, hi = row["median"], row["min"], row["max"]
+            kv = is_kvlog(row["subject"])
+            ax.barh(
+                y,
+                max(median - base, 0.0) if median > 0 else 0.0,
+                left=base,
+                height=0.72,
+                color=colors.get(row["subject"], MUTED[0]),
+                edgecolor="#1b1b1b" if kv else "none",
+                linewidth=0.6 if kv else 0,
+                zorder=2,
+            )
+            if hi > lo and median > 0:
+                ax.errorbar(
+                    median,
+                    y,
+                    xerr=[[max(median - lo, 0)], [max(hi - median, 0)]],
+                    fmt="none",
+                    ecolor="#333333",
+                    elinewidth=1.1,
+                    capsize=3,
+                    zorder=3,
+                )
+            label = fmt(median)
+            if kv and row["ratio"] is not None:
+                label += f"   {fmt_ratio(row['ratio'])} {row['baseline']}"
+            elif kv and row["baseline"]:
+                label += f"   ({row['baseline']} not measured)"
+            end = max(hi, median, base)
+            texts.append(
+                ax.text(
+                    end * 1.1 if log else end + high * 0.012,
+                    y,
+                    label,
+                    va="center",
+                    ha="left",
+                    fontsize=9.5,
+                    fontweight="bold" if kv else "normal",
+                    color="#111111" if kv else "#444444",
+                    zorder=4,
+                )
+            )
+            ticks.append(y)
+            labels.append(row["subject"])
+            weights.append("bold" if kv else "normal")
+            y += 1.0
+    ax.set_yticks(ticks, labels)
+    for tick, weight in zip(ax.get_yticklabels(), weights, strict=True):
+        tick.set_fontweight(weight)
+    ax.tick_params(axis="y", length=0)
+    ax.set_ylim(y - 0.4, -0.6)
+    _header_rows(ax, headers, separators)
+    if log:
+        ax.set_xscale("log")
+        ax.set_xlim(base, high * 1.5)
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    else:
+        ax.set_xlim(0, high * 1.1)
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(_tick))
+    better = "higher is better" if higher else "lower is better"
+    scale = ", log scale" if log else ""
+    ax.set_xlabel(f"{unit}  ({better}{scale}; bar: median, whiskers: min {DASH} max)")
+    return texts
+
+
+def _fit_labels(fig: Any, labelled: list[tuple[Any, list[Any]]]) -> None:
+    """Make room on the right of the figure for value labels that run past their axes.
+
+    The axes keep their data range (no empty decades on a log axis just for a
+    label); the constrained layout's area is narrowed instead, until every
+    label ends inside the figure.
+    """
+    engine = fig.get_layout_engine()
+    margin = 0.0
+    for _ in range(6):
+        fig.canvas.draw()
+        limit = fig.bbox.width - 10
+        worst, share = 0.0, 1.0
+        for ax, texts in labelled:
+            box = ax.get_window_extent()
+            for text in texts:
+                extent = text.get_window_extent()
+                if extent.x1 - limit > worst:
+                    worst = extent.x1 - limit
+                    # A label moves left by this share of what the axes lose in width.
+                    share = max(0.2, (extent.x0 - box.x0) / box.width)
+        if worst <= 0.5:
+            return
+        margin = min(0.5, margin + worst / share / fig.bbox.width)
+        engine.set(rect=(0.0, 0.0, 1.0 - margin, 1.0))
+
+
+def _place_inside(fig: Any, ax: Any, candidates: list[tuple[Any, float, float]]) -> list[Any]:
+    """Keep each label inside its bar where it fits; move the others after the bar.
+
+    ``candidates`` are ``(text, bar start, x after the bar)``. Returns the moved labels.
+    """
+    fig.canvas.draw()
+    moved = []
+    for text, start, outside in candidates:
+        left_px = ax.transData.transform((start, 0))[0]
+        if text.get_window_extent().x0 < left_px + 6:
+            text.set_x(outside)
+            text.set_horizontalalignment("left")
+            text.set_color("#222222")
+            text.set_fontweight("normal")
+            text.set_bbox({"facecolor": "white", "edgecolor": "none", "alpha": 0.85, "pad": 1.0})
+            moved.append(text)
+    return moved
+
+
+def _tick(value: float, _pos: Any = None) -> str:
+    """An axis tick: whole numbers without decimals."""
+    if value >= 1 and float(value).is_integer():
+        return f"{value:,.0f}"
+    return f"{value:g}" if abs(value) < 1 else fmt(value)
+
+
+def _tick_ratio(value: float, _pos: Any = None) -> str:
+    return f"{value:g}{TIMES}"
+
+
+def _height(n_rows: int, n_groups: int) -> float:
+    return 0.34 * n_rows + 0.45 * n_groups + 0.9
+
+
+def _workload_chart(
+    workload: str, rows: list[dict[str, Any]], keys: Any, colors: Mapping[str, str], path: Path
+) -> Path:
+    by_unit = _grouped(rows, "unit")
+    heights = [_height(len(r), len(_grouped(r, "case"))) for r in by_unit.values()]
+    with plt.rc_context(_style()):
+        fig, axes = plt.subplots(
+            len(by_unit),
+            1,
+            figsize=(WIDTH_INCHES, sum(heights) + 0.6),
+            gridspec_kw={"height_ratios": heights},
+            squeeze=False,
+            layout="constrained",
+        )
+        labelled = [(ax, _panel(ax, r, colors)) for ax, r in zip(axes[:, 0], by_unit.values(), strict=True)]
+        title = workload if keys is None else f"{workload} — {int(keys):,} keys"
+        fig.suptitle(title, fontsize=15, fontweight="bold", x=0.01, ha="left")
+        _fit_labels(fig, labelled)
+        fig.savefig(path, dpi=DPI)
+        plt.close(fig)
+    return path
+
+
+def _summary_label(ratio: float, goal: float | None) -> str:
+    text = fmt_ratio(ratio)
+    if goal is not None and ratio < goal and text == fmt_ratio(goal):
+        text = f"{ratio:.3f}{TIMES}"  # just below the goal: do not print it as the goal
+    return text
+
+
+def _summary_chart(results: Mapping[str, Any], rows: list[dict[str, Any]], path: Path) -> Path:
+    goal_of = goals(results)
+    entries = [r for r in rows if is_kvlog(r["subject"]) and r["baseline"]]
+    by_workload = _grouped(entries, "workload")
+    with plt.rc_context(_style()):
+        fig, ax = plt.subplots(
+            figsize=(WIDTH_INCHES, _height(max(len(entries), 1), len(by_workload)) + 0.6),
+            layout="constrained",
+        )
+        ratios = [r["ratio"] for r in entries if r["ratio"]]
+        ratios += [1.0] + [goal_of[w] for w in by_workload if w in goal_of]
+        log = _use_log(ratios)
+        low, high = min(ratios), max(ratios)
+        base = 10 ** math.floor(math.log10(low) - 0.15) if log else 0.0
+        y = 0.0
+        ticks, labels, texts = [], [], []
+        candidates: list[tuple[Any, float, float]] = []
+        headers: list[tuple[float, str]] = []
+        separators: list[float] = []
+        below = False
+        for n, (workload, workload_rows) in enumerate(by_workload.items()):
+            if n:
+                separators.append(y - 0.1)
+                y += 0.35
+            headers.append((y, workload))
+            y += 0.85
+            top = y - 0.5
+            goal = goal_of.get(workload)
+            for row in workload_rows:
+                ratio = row["ratio"]
+                name = row["case"] if row["subject"] == "kvlog" else f"{row['case']} · {row['subject']}"
+                if ratio:
+                    missed = goal is not None and ratio < goal
+                    below = below or missed
+                    color = BELOW_GOAL_COLOR if missed else KVLOG_COLOR
+                    ax.barh(y, ratio - base, left=base, height=0.72, color=color, zorder=2)
+                    text = f"{_summary_label(ratio, goal)} {row['baseline']}"
+                    # Inside the bar's end when it fits (see _place_inside), else after it.
+                    inside = ratio / 1.04 if log else ratio - high * 0.01
+                    label = ax.text(
+                        inside, y, text, va="center", ha="right", fontsize=9.5, color="white", zorder=6
+                    )
+                    label.set_fontweight("bold")
+                    outside = ratio * 1.04 if log else ratio + high * 0.01
+                    candidates.append((label, base, outside))
+                else:
+                    text = f"not measured (no {row['baseline']})"
+                    x = base * 1.06 if log else high * 0.012
+                    texts.append(ax.text(x, y, text, va="center", ha="left", fontsize=9.5, color="#222222"))
+                ticks.append(y)
+                labels.append(name)
+                y += 1.0
+            if goal is not None:
+                # Behind the bars: seen between them and past the ones that fall short of it.
+                ax.plot(
+                    [goal, goal],
+                    [top, y - 0.5],
+                    color=BELOW_GOAL_COLOR,
+                    linestyle="--",
+                    linewidth=2,
+                    zorder=1.5,
+                )
+                ax.text(
+                    goal,
+                    top - 0.35,
+                    f" goal {fmt_ratio(goal)}",
+                    color="#b3263a",
+                    zorder=6,
+                    fontsize=9.5,
+                    fontweight="bold",
+                    va="center",
+                    ha="left",
+                )
+        ax.axvline(1.0, color="#222222", linewidth=1.5, zorder=1.5)
+        ax.set_yticks(ticks, labels)
+        ax.tick_params(axis="y", length=0)
+        ax.set_ylim(y - 0.4, -0.6)
+        _header_rows(ax, headers, separators)
+        if log:
+            ax.set_xscale("log")
+            ax.set_xlim(base, max(high, 1.0) * 1.5)
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        else:
+            ax.set_xlim(0, max(high, 1.0) * 1.1)
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(_tick_ratio))
+        ax.set_xlabel(
+            f"kvlog's speed relative to its baseline (1{TIMES} = as fast; above = faster"
+            + (", log scale)" if log else ")")
+            + ("; red: below the goal" if below else "")
+        )
+        keys = (results.get("args") or {}).get("keys")
+        title = "kvlog relative to its baselines" + (f" — {int(keys):,} keys" if keys is not None else "")
+        fig.suptitle(title, fontsize=15, fontweight="bold", x=0.01, ha="left")
+        if not entries:
+            ax.text(0.5, 0.5, "no kvlog row with a baseline", transform=ax.transAxes, ha="center")
+        texts += _place_inside(fig, ax, candidates)
+        _fit_labels(fig, [(ax, texts)])
+        fig.savefig(path, dpi=DPI)
+        plt.close(fig)
+    return path
+
+
+def charts(results: Mapping[str, Any], out_dir: Path, stem: str) -> list[Path]:
+    """One PNG per workload (``<stem>-<workload>.png``) and ``<stem>-summary.png``.
+
+    A subject has the same colour in every chart: kvlog in strong blues, the rest muted.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = _rows(results)
+    keys = (results.get("args") or {}).get("keys")
+    colors = _colors(rows)
+    paths = []
+    for workload, workload_rows in _grouped(rows, "workload").items():
+        path = out_dir / f"{stem}-{slug(workload)}.png"
+        paths.append(_workload_chart(workload, workload_rows, keys, colors[workload], path))
+    paths.append(_summary_chart(results, rows, out_dir / f"{stem}-summary.png"))
+    return paths
+
+
+def write(results: Mapping[str, Any], out_dir: Path) -> dict[str, Path]:
+    """Write ``<stem>.json``, ``<stem>.md`` and the charts; return their paths.
+
+    Keys: ``"json"``, ``"markdown"``, ``"summary"`` and each workload's name.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = stem_of(results)
+    paths: dict[str, Path] = {"json": out_dir / f"{stem}.json", "markdown": out_dir / f"{stem}.md"}
+    paths["json"].write_text(json.dumps(results, indent=2, ensure_ascii=False, default=str) + "\n")
+    chart_paths = charts(results, out_dir, stem)
+    workloads = list(_grouped(_rows(results), "workload"))
+    for workload, path in zip([*workloads, "summary"], chart_paths, strict=True):
+        paths[workload] = path
+    images = {name: path.name for name, path in paths.items() if path.suffix == ".png"}
+    paths["markdown"].write_text(markdown(results, images=images))
+    return paths

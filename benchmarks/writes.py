@@ -1,0 +1,186 @@
+"""Workload 4: writes through kvlog against a raw producer and ktables.
+
+- Single writes: ``kv[k] = v`` returns once the broker acknowledged the record
+  (acks=all, idempotent) AND this process's cache shows it (read-your-writes).
+  The baseline is a raw kafka-python producer with the same settings
+  (``send(...).get()``): acknowledged only, visible nowhere.
+- Batched writes: ``kv.update(1,000 records)`` against the raw producer sending
+  1,000 records and flushing.
+- Cross-instance visibility: one KVLog writes, a second KVLog (following, in the
+  same process) is polled until it serves the new value; against ktables'
+  publish-to-visible (a KafkaTableWriter's set, polled in a KafkaTable).
+
+Every sample writes fresh keys to a fresh, empty topic, so the big data topics
+are untouched.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import msgpack
+from kafka import KafkaProducer
+
+from benchmarks import ktables_bench
+from benchmarks.data import create_topic
+from benchmarks.harness import Context, Row, Skipped, value_of_size
+from kvlog import KVLog
+
+__all__ = ["run"]
+
+WORKLOAD = "writes"
+RAW = "raw kafka-python producer"
+BATCH = 1_000
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _raw_producer(bootstrap: str) -> KafkaProducer:
+    # kvlog's producer settings (kvlog/log/kafka.py).
+    return KafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=0)
+
+
+def run(ctx: Context) -> list[Row]:
+    """Single-write latency, batched throughput and cross-instance visibility."""
+    bs = ctx.bootstrap_servers
+    singles = 300
+    batched = min(max(ctx.keys, BATCH), 50_000)
+    values = [msgpack.packb(value_of_size(i, 100)) for i in range(BATCH)]
+    objects = [value_of_size(i, 100) for i in range(BATCH)]
+    rows: list[Row] = []
+    latencies: dict[str, dict[str, list[float]]] = {}  # subject -> p50/p99 samples (ms)
+    rates: dict[str, list[float]] = {}
+
+    def add_latency(subject: str, per_write: list[float]) -> None:
+        entry = latencies.setdefault(subject, {"p50": [], "p99": []})
+        entry["p50"].append(_percentile(per_write, 0.50) * 1000)
+        entry["p99"].append(_percentile(per_write, 0.99) * 1000)
+
+    for round_ in range(ctx.runs + 1):
+        topic = create_topic(bs, "bench-writes")
+        keep = round_ > 0  # round 0 warms up
+
+        # -- kvlog ----------------------------------------------------------
+        path = ctx.subdir("writes-kvlog")
+        with KVLog(path, bootstrap_servers=bs, topic=topic, create_topic=False) as kv:
+            per_write = []
+            for i in range(singles):
+                started = time.perf_counter()
+                kv[f"single:{i:06d}"] = objects[i % BATCH]
+                per_write.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            for start in range(0, batched, BATCH):
+                kv.update({f"batch:{start + j:09d}": objects[j] for j in range(BATCH)})
+            rate = batched // BATCH * BATCH / (time.perf_counter() - started)
+        if keep:
+            add_latency("kvlog kv[k] = v", per_write)
+            rates.setdefault("kvlog update()", []).append(rate)
+
+        # -- raw producer -----------------------------------------------------
+        producer = _raw_producer(bs)
+        try:
+            per_write = []
+            for i in range(singles):
+                started = time.perf_counter()
+                producer.send(topic, key=f"raw-single:{i:06d}".encode(), value=values[i % BATCH]).get(
+                    timeout=30
+                )
+                per_write.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            for start in range(0, batched, BATCH):
+                futures = [
+                    producer.send(topic, key=f"raw-batch:{start + j:09d}".encode(), value=values[j])
+                    for j in range(BATCH)
+                ]
+                producer.flush(timeout=30)
+                for future in futures:
+                    future.get(timeout=30)
+            rate = batched // BATCH * BATCH / (time.perf_counter() - started)
+        finally:
+            producer.close()
+        if keep:
+            add_latency(f"{RAW} send().get()", per_write)
+            rates.setdefault(f"{RAW} send() + flush()", []).append(rate)
+
+        # -- cross-instance visibility ----------------------------------------
+        per_write = _visibility(ctx, topic, objects)
+        if keep:
+            add_latency("kvlog writer -> kvlog reader", per_write)
+        try:
+            per_write = ktables_bench.publish_to_visible_seconds(
+                bs, create_topic(bs, "bench-ktables-vis"), 100
+            )
+        except Skipped as exc:
+            if round_ == 0:
+                ctx.skip(WORKLOAD, "ktables", str(exc))
+        else:
+            if keep:
+                add_latency("ktables writer -> ktables table", per_write)
+
+    for q in ("p50", "p99"):
+        for subject, entry in latencies.items():
+            cross = "->" in subject
+            case = f"{'cross-instance visibility' if cross else 'single write latency'} {q}"
+            baseline = "ktables writer -> ktables table" if cross else f"{RAW} send().get()"
+            rows.append(
+                Row(
+                    WORKLOAD,
+                    case,
+                    subject,
+                    "ms",
+                    entry[q],
+                    False,
+                    baseline=None if subject == baseline else baseline,
+                    note="returns once acknowledged (acks=all) and visible in this cache"
+                    if subject == "kvlog kv[k] = v"
+                    else "",
+                )
+            )
+    for subject, samples in rates.items():
+        rows.append(
+            Row(
+                WORKLOAD,
+                f"batched writes ({BATCH:,} per batch)",
+                subject,
+                "records/s",
+                samples,
+                True,
+                baseline=None if subject.startswith(RAW) else f"{RAW} send() + flush()",
+            )
+        )
+    for row in rows:
+        print(
+            f"  {WORKLOAD}: {row.subject}, {row.case}: {statistics.median(row.samples):,.2f} {row.unit}",
+            flush=True,
+        )
+    return rows
+
+
+def _visibility(ctx: Context, topic: str, objects: Sequence[object]) -> list[float]:
+    """Seconds from starting ``writer[k] = v`` to a following reader serving ``v``."""
+    bs = ctx.bootstrap_servers
+    per_write: list[float] = []
+    with (
+        KVLog(ctx.subdir("writes-writer"), bootstrap_servers=bs, topic=topic, create_topic=False) as writer,
+        KVLog(ctx.subdir("writes-reader"), bootstrap_servers=bs, topic=topic, create_topic=False) as reader,
+    ):
+        get: Callable[[str], object] = reader.get
+        for i in range(100):
+            key = f"visible:{i:06d}"
+            value = {"n": i, "body": objects[i % len(objects)]}
+            started = time.perf_counter()
+            writer[key] = value
+            deadline = started + 10
+            # Poll with a short sleep, not a busy loop: a busy loop would hold
+            # the GIL away from the reader's follower thread and measure itself.
+            while get(key) != value:
+                if time.perf_counter() > deadline:
+                    raise AssertionError(f"{key} not visible in the reader after 10 s")
+                time.sleep(0.00005)
+            per_write.append(time.perf_counter() - started)
+    return per_write
