@@ -42,6 +42,7 @@ WORKLOADS = ("reads", "replay", "restart", "writes", "footprint", "embedded")
 READ_GOAL = 0.7
 REPLAY_GOAL = 0.8
 RESULTS = Path(__file__).resolve().parent / "results"
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def _workload(name: str) -> Callable[[Context], list[Row]]:
@@ -118,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--workdir", type=Path, help="scratch directory (default: a temporary one)")
     parser.add_argument(
+        "--readme",
+        action="store_true",
+        help="also rewrite the benchmark block of README.md with this run's table and chart",
+    )
+    parser.add_argument(
         "--no-install",
         action="store_true",
         help="never install a missing redis-server (by default, as root, it is installed with apt-get)",
@@ -186,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks import report
 
     paths = report.write(results, args.out)
+    if args.readme:
+        report.update_readme(README, results, paths)
+        paths["readme"] = README
     print()
     print(report.markdown(results))
     print("wrote " + ", ".join(str(p) for p in paths.values()), flush=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import statistics
 from collections.abc import Iterable, Mapping
@@ -330,6 +331,92 @@ def markdown(results: Mapping[str, Any], images: Mapping[str, str] | None = None
         lines += [f"- {note}" for note in notes_list]
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def compact(results: Mapping[str, Any]) -> str:
+    """One small table per workload, cases as rows and subjects as columns (for the README).
+
+    A cell is the median, with its ratio to the case's baseline in brackets;
+    kvlog's cells are bold and the baseline's is marked *(base)*.
+    """
+    lines: list[str] = []
+    for workload, rows in _grouped(_rows(results), "workload").items():
+        subjects = list(_grouped(rows, "subject"))
+        units = sorted({str(r["unit"]) for r in rows})
+        lines += [f"**{workload}** ({', '.join(units)})", ""]
+        lines.append("| case | " + " | ".join(_cell(s) for s in subjects) + " |")
+        lines.append("|---|" + "--:|" * len(subjects))
+        for case, case_rows in _grouped(rows, "case").items():
+            by_subject = {r["subject"]: r for r in case_rows}
+            baselines = {r["baseline"] for r in case_rows if r["baseline"]}
+            cells = [_cell(case)]
+            for subject in subjects:
+                row = by_subject.get(subject)
+                if row is None:
+                    cells.append("")
+                    continue
+                text = fmt(row["median"])
+                if row["subject"] in baselines:
+                    text += " *(base)*"
+                elif row.get("ratio") is not None:
+                    text += f" ({fmt_ratio(row['ratio'])})"
+                cells.append(f"**{text}**" if is_kvlog(subject) else text)
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    checks = results.get("checks") or []
+    for check in checks:
+        mark = "✅" if check.get("passed") else "❌"
+        lines.append(
+            f"- {mark} {check.get('name')}: {fmt_ratio(check.get('ratio'))} "
+            f"(goal {fmt_ratio(check.get('goal'))}; {check.get('detail')})"
+        )
+    skipped = results.get("skipped") or []
+    for item in skipped:
+        lines.append(f"- not measured: {item.get('subject')} ({item.get('workload')}): {item.get('why')}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+README_START = "<!-- benchmarks:start (written by python -m benchmarks --readme) -->"
+README_END = "<!-- benchmarks:end -->"
+
+
+def update_readme(readme: Path, results: Mapping[str, Any], paths: Mapping[str, Path]) -> None:
+    """Replace the README's benchmark block (between the markers) with this run's.
+
+    The block holds the command, the machine, the summary chart and the
+    compact tables, and links the full report; chart and report paths are
+    written relative to the README.
+    """
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{readme} has no benchmark block ({README_START} ... {README_END})")
+
+    def rel(path: Path) -> str:
+        return Path(os.path.relpath(path.resolve(), readme.resolve().parent)).as_posix()
+
+    args = results.get("args") or {}
+    block = [
+        README_START,
+        "",
+        f"`{results.get('command')}` on {_when(str(results.get('started')))}, "
+        f"{int(args.get('keys', 0)):,} keys, median of {args.get('runs')} runs "
+        f"(took {_duration(results.get('duration_seconds'))}). "
+        f"Machine: {machine_summary(results.get('machine') or {})}.",
+        "",
+        f"![kvlog relative to its baselines]({rel(paths['summary'])})",
+        "",
+        "Each cell is the median; in brackets, the speed relative to the row's *(base)* subject "
+        f"measured in the same run (above 1{TIMES} is faster, whatever the unit). "
+        f"Full report with ranges, notes and one chart per workload: [{paths['markdown'].name}]"
+        f"({rel(paths['markdown'])}).",
+        "",
+        compact(results).rstrip(),
+        "",
+        README_END,
+    ]
+    start = text.index(README_START)
+    end = text.index(README_END) + len(README_END)
+    readme.write_text(text[:start] + "\n".join(block) + text[end:])
 
 
 # -- charts ----------------------------------------------------------------------------

@@ -183,3 +183,25 @@ def test_a_run_on_a_real_broker_measures_every_workload(bootstrap: str, tmp_path
     assert results["machine"]["cores"] and results["machine"]["packages"]["kvlog"]
     assert len(list(out.glob("*.png"))) == 7  # six workloads and the summary
     assert "## point reads" in next(out.glob("*.md")).read_text()
+
+
+def test_readme_block_is_replaced_and_the_rest_is_kept(tmp_path: Path) -> None:
+    from benchmarks import report
+
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        f"# title\n\nbefore\n\n{report.README_START}\nold table\n{report.README_END}\n\nafter\n"
+    )
+    results = _fake_results(tmp_path)
+    paths = report.write(results, tmp_path / "results")
+    report.update_readme(readme, results, paths)
+    text = readme.read_text()
+    assert text.startswith("# title\n\nbefore\n\n") and text.endswith("\n\nafter\n")
+    assert "old table" not in text
+    assert f"]({paths['summary'].relative_to(tmp_path).as_posix()})" in text
+    assert "**point reads** (reads/s)" in text and "| uniform, 1 thread |" in text
+    report.update_readme(readme, results, paths)  # idempotent: one block, not two
+    assert readme.read_text() == text
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="no benchmark block"):
+        report.update_readme(readme, results, paths)
