@@ -21,6 +21,18 @@ Only the replayer writes (from one thread at a time); any number of threads
 read. LMDB can only grow its memory map while no transaction of this process
 is open, so readers count themselves in and out of a gate that the writer
 closes, between its own transactions, to resize.
+
+``Cache(path, sync=False)`` skips the fsync of every commit (LMDB's
+``MDB_NOSYNC``): the store uses it when the log itself is not synced on every
+write (the embedded log with ``fsync="interval"`` or ``"never"``). A killed
+process loses nothing that way (the OS page cache has every commit), but an
+OS crash or power loss can leave LMDB pages torn, and LMDB has no checksums to
+notice. So an unsynced cache carries an ``UNSYNCED`` file naming the boot it
+was written in (Linux's ``/proc/sys/kernel/random/boot_id``); a clean close
+syncs and removes it. A cache found with the file of another boot is deleted
+before LMDB opens it, and the store rebuilds it from the log
+(:attr:`Cache.discarded` says why). Where the boot cannot be identified, the
+cache is always synced.
 """
 
 from __future__ import annotations
@@ -49,9 +61,29 @@ _META_IDENTITY = b"identity"
 _META_CHECKPOINT = b"checkpoint"
 _META_CURRENT_AT = b"current_at"
 
+_UNSYNCED = "UNSYNCED"
+_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def _boot_id() -> str | None:
+    """An id of the running boot of the OS, or ``None`` where there is none to read."""
+    try:
+        return _BOOT_ID.read_text().strip() or None
+    except OSError:
+        return None
+
+
 #: Keys read per read transaction while iterating, so that a slow consumer of
 #: an iterator never pins an old snapshot (nor blocks a map resize) for long.
 _SCAN_CHUNK = 512
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _pack(obj: Any) -> bytes:
@@ -74,8 +106,15 @@ class Cache:
             LMDB environment, ...).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, map_size: int = DEFAULT_MAP_SIZE) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, map_size: int = DEFAULT_MAP_SIZE, sync: bool = True
+    ) -> None:
         self.path = Path(path)
+        #: Why the files found at ``path`` were deleted instead of opened, if they were.
+        self.discarded: str | None = None
+        boot = _boot_id()
+        #: Whether every commit is synced to disk (``False`` only where the boot can be identified).
+        self.sync = sync or boot is None
         # Growing the map (mdb_env_set_mapsize) needs every read transaction of
         # this process closed. Readers announce themselves without a lock, on the
         # hot path: a reader appends to _active and then checks _blocked; a
@@ -90,6 +129,9 @@ class Cache:
         self._closed = False
         try:
             self.path.mkdir(parents=True, exist_ok=True)
+            self._discard_if_torn(boot)
+            if not self.sync:
+                self._mark_unsynced(boot)
             self._env = lmdb.open(
                 str(self.path),
                 map_size=map_size,
@@ -98,6 +140,9 @@ class Cache:
                 # durability on an OS crash for one fsync per commit instead of
                 # two; integrity is kept either way (LMDB keeps two meta pages).
                 metasync=False,
+                # Unsynced: see the module docstring (a torn cache is detected
+                # by its UNSYNCED file and rebuilt, never read).
+                sync=self.sync,
                 readahead=False,
                 max_readers=512,
             )
@@ -112,6 +157,33 @@ class Cache:
             raise CacheError(f"cannot open the cache at {self.path}: {exc}") from exc
         except OSError as exc:
             raise CacheError(f"cannot create the cache directory {self.path}: {exc}") from exc
+
+    def _discard_if_torn(self, boot: str | None) -> None:
+        marker = self.path / _UNSYNCED
+        try:
+            written_in = marker.read_text().strip()
+        except FileNotFoundError:
+            return
+        if boot is not None and written_in == boot:
+            return  # the process died, not the OS: every commit is in the page cache
+        self.discarded = (
+            "the cache was written without fsync and the machine restarted before it was closed "
+            "(an OS crash can tear unsynced LMDB pages)"
+        )
+        for name in ("data.mdb", "lock.mdb", _UNSYNCED):
+            (self.path / name).unlink(missing_ok=True)
+
+    def _mark_unsynced(self, boot: str | None) -> None:
+        marker = self.path / _UNSYNCED
+        if marker.exists():
+            return
+        tmp = self.path / f"{_UNSYNCED}.tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{boot}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, marker)
+        _fsync_dir(self.path)
 
     def _check_size(self) -> None:
         # A data file shorter than the pages its meta page claims (truncated by
@@ -420,7 +492,15 @@ class Cache:
             self._blocked = True
             while self._active:
                 self._gate.wait()
-        self._env.close()
+        try:
+            marker = self.path / _UNSYNCED
+            if marker.exists():
+                # Everything is on disk now: the cache survives a reboot.
+                self._env.sync(True)
+                marker.unlink()
+                _fsync_dir(self.path)
+        finally:
+            self._env.close()
 
     @property
     def closed(self) -> bool:

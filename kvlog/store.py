@@ -157,7 +157,12 @@ class KVLog(MutableMapping[Any, Any]):
             )
         self._log = log
         try:
-            self._cache = Cache(self.path / "cache", map_size=map_size)
+            # The cache is synced on every commit unless the log is not either:
+            # then a reboot, not a killed process, is what can tear it, and the
+            # cache notices and is rebuilt (see kvlog.cache).
+            self._cache = Cache(
+                self.path / "cache", map_size=map_size, sync=not embedded or fsync == "always"
+            )
             self._cache_get = self._cache.get
             self._open_replay(ready_timeout, progress)
             self._closed = False
@@ -180,7 +185,7 @@ class KVLog(MutableMapping[Any, Any]):
         assert self._cache is not None and self._log is not None
         cached = self._cache.identity()
         if cached is None:
-            return "new cache"
+            return self._cache.discarded or "new cache"
         if cached != identity:
             changed = sorted(k for k in set(cached) | set(identity) if cached.get(k) != identity.get(k))
             details = ", ".join(f"{k}: {cached.get(k)!r} -> {identity.get(k)!r}" for k in changed)

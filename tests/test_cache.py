@@ -190,3 +190,83 @@ def test_sigkill_during_apply_leaves_a_prefix_matching_the_checkpoint(tmp_path: 
             b"n%06d" % n: str(n).encode() for n in range(checkpoint)
         }
         assert contents == expected
+
+
+# -- an unsynced cache (the embedded log with fsync="interval" or "never") -----
+
+UNSYNCED_CHILD = textwrap.dedent(
+    """
+    import sys
+    from kvlog.cache import Cache
+    from kvlog.log import Record
+
+    cache = Cache(sys.argv[1], sync=False)
+    cache.apply([Record(0, i, b"k%04d" % i, b"v%d" % i) for i in range(500)], {0: 500})
+    print("applied", flush=True)
+    sys.stdin.read()  # killed here, never closed
+    """
+)
+
+
+@pytest.fixture
+def boot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A stand-in for /proc/sys/kernel/random/boot_id: write another id to "reboot"."""
+    path = tmp_path / "boot_id"
+    path.write_text("boot-1\n")
+    monkeypatch.setattr("kvlog.cache._BOOT_ID", path)
+    return path
+
+
+def _kill_after_apply(cache_dir: Path, boot: Path) -> None:
+    code = (
+        f"import kvlog.cache, pathlib; kvlog.cache._BOOT_ID = pathlib.Path({str(boot)!r})\n" + UNSYNCED_CHILD
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(cache_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    with child:
+        assert child.stdout is not None
+        assert child.stdout.readline() == b"applied\n"
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+
+
+def test_an_unsynced_cache_outlives_a_killed_process(tmp_path: Path, boot: Path) -> None:
+    _kill_after_apply(tmp_path / "cache", boot)
+    cache = Cache(tmp_path / "cache")
+    assert cache.discarded is None
+    assert len(cache) == 500 and cache.checkpoint() == {0: 500}
+    cache.close()
+    assert not (tmp_path / "cache" / "UNSYNCED").exists()  # synced and closed: now it survives a reboot too
+
+
+def test_an_unsynced_cache_left_open_across_a_reboot_is_discarded(tmp_path: Path, boot: Path) -> None:
+    _kill_after_apply(tmp_path / "cache", boot)
+    boot.write_text("boot-2\n")
+    cache = Cache(tmp_path / "cache")
+    assert cache.discarded is not None and "restarted" in cache.discarded
+    assert len(cache) == 0 and cache.checkpoint() == {}
+    cache.close()
+
+
+def test_an_unsynced_cache_closed_cleanly_survives_a_reboot(tmp_path: Path, boot: Path) -> None:
+    cache = Cache(tmp_path / "cache", sync=False)
+    assert not cache.sync and (tmp_path / "cache" / "UNSYNCED").read_text() == "boot-1\n"
+    cache.apply([rec(b"k", b"v")], {0: 1})
+    cache.close()
+    boot.write_text("boot-2\n")
+    cache = Cache(tmp_path / "cache")
+    assert cache.discarded is None and cache.get(b"k") == b"v"
+    cache.close()
+
+
+def test_a_synced_cache_has_no_marker_and_without_a_boot_id_nothing_is_unsynced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = Cache(tmp_path / "a")
+    assert cache.sync and not (tmp_path / "a" / "UNSYNCED").exists()
+    cache.close()
+    monkeypatch.setattr("kvlog.cache._BOOT_ID", tmp_path / "missing")
+    cache = Cache(tmp_path / "b", sync=False)
+    assert cache.sync  # cannot tell a reboot: sync every commit
+    cache.close()

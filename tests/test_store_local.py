@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,6 +69,36 @@ class TestDefault:
             assert kv.log.fsync == fsync  # type: ignore[attr-defined]
         with KVLog(tmp_path, fsync=fsync) as kv:
             assert dict(kv.items()) == {f"k{i}": i for i in range(50)}
+
+    def test_a_cache_left_unsynced_across_a_reboot_is_rebuilt_from_the_log(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """fsync="never" does not sync the cache either; after a (simulated) reboot it is not trusted."""
+        boot = tmp_path / "boot_id"
+        boot.write_text("boot-1\n")
+        monkeypatch.setattr("kvlog.cache._BOOT_ID", boot)
+        code = (
+            "import sys, pathlib, kvlog.cache\n"
+            f"kvlog.cache._BOOT_ID = pathlib.Path({str(boot)!r})\n"
+            "from kvlog import KVLog\n"
+            f"kv = KVLog({str(tmp_path / 'db')!r}, fsync='never')\n"
+            "kv.update({f'k{i}': i for i in range(300)})\n"
+            "print('written', flush=True)\n"
+            "sys.stdin.read()\n"
+        )
+        with subprocess.Popen(
+            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        ) as child:
+            assert child.stdout is not None and child.stdout.readline() == b"written\n"
+            child.send_signal(signal.SIGKILL)
+            child.wait(timeout=30)
+        boot.write_text("boot-2\n")
+        with KVLog(tmp_path / "db", fsync="never") as kv:
+            assert kv.open_replay["mode"] == "cold"
+            assert "restarted" in (kv.open_replay["rebuild_reason"] or "")
+            assert dict(kv.items()) == {f"k{i}": i for i in range(300)}
+        with KVLog(tmp_path / "db", fsync="never") as kv:  # closed cleanly: warm again
+            assert kv.open_replay["mode"] == "warm" and kv.open_replay["rebuild_reason"] is None
 
     def test_an_unknown_fsync_policy_is_refused(self, tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="fsync must be one of always, interval, never"):
