@@ -148,6 +148,29 @@ def check_cleaned(log: LocalLog, rows: list[Row]) -> None:
                 assert latest[key][1] == offset, f"offset {offset} of {key!r} is superseded but was kept"
 
 
+def exact_dirty_ratio(log: LocalLog, p: int) -> float:
+    """What :meth:`LocalLog.dirty_ratio` estimates, counted from every record: superseded bytes of closed segments.
+
+    For a log whose tombstones are all within the retention (none expired).
+    """
+    bases = sorted(int(f.name[:-4]) for f in (log.path / str(p)).glob("*.log"))
+    closed_bytes = sum((log.path / str(p) / f"{b:020d}.log").stat().st_size for b in bases[:-1])
+    rows = [r for r in read_all(log) if r[0] == p]
+    latest = newest(rows)
+    superseded = sum(
+        FRAME_OVERHEAD + len(key) + len(value or b"")
+        for _, offset, key, value in rows
+        if offset < bases[-1] and latest[key][1] != offset
+    )
+    return superseded / closed_bytes if closed_bytes else 0.0
+
+
+def check_dirty_ratio(log: LocalLog) -> None:
+    """For a log of few keys (the tests' logs) the dirty ratio is exact."""
+    for p in range(log.partitions):
+        assert log.dirty_ratio(p) == pytest.approx(exact_dirty_ratio(log, p), abs=1e-9), p
+
+
 # -- equivalence, for any sequence of operations --------------------------------
 
 
@@ -172,12 +195,18 @@ class Twins:
                 self.model[key] = value
 
     def compact(self) -> None:
+        keep_tombstones = self.compacted.tombstone_retention >= KEEP_TOMBSTONES
+        if keep_tombstones:
+            check_dirty_ratio(self.compacted)
         report = self.compacted.compact()
         rows = check_compacted(self.compacted, self.plain, self.model)
         check_cleaned(self.compacted, rows)
         assert report["records_after"] <= report["records_before"]
-        if self.compacted.tombstone_retention >= KEEP_TOMBSTONES:
+        assert report["bytes_after"] <= report["bytes_before"]
+        if keep_tombstones:
             assert report["tombstones_dropped"] == 0
+            check_dirty_ratio(self.compacted)
+            assert all(self.compacted.dirty_ratio(p) == 0.0 for p in range(self.compacted.partitions))
 
     def reopen(self) -> None:
         """Close the compacted log and open its directory again; the reader resumes where it was."""
@@ -186,6 +215,8 @@ class Twins:
         self.compacted.close()
         self.compacted = open_log(self.path, **self.options)
         self.reader = self.compacted.open_reader(positions)
+        if self.compacted.tombstone_retention >= KEEP_TOMBSTONES:
+            check_dirty_ratio(self.compacted)
 
     def read_some(self, n: int) -> None:
         self.read.extend((r.partition, r.offset, r.key, r.value) for r in self.reader.poll(0.0, n))
@@ -624,5 +655,295 @@ def test_a_committed_swap_left_by_a_crash_is_finished_on_open(
         assert log.append([(b"after", b"crash")]) == [(0, len(written))]
         log.compact()
         assert fold(read_all(log)) == {**fold(written), b"after": b"crash"}
+    finally:
+        log.close()
+
+
+# -- compaction does only the work there is ------------------------------------------
+
+
+def files_of(path: Path, p: int = 0) -> dict[str, tuple[int, int, int]]:
+    """Each segment file of partition ``p``: its inode, modification time and size."""
+    return {
+        f.name: (f.stat().st_ino, f.stat().st_mtime_ns, f.stat().st_size)
+        for f in (path / str(p)).glob("*.log")
+    }
+
+
+def write_unique(log: LocalLog, count: int, start: int = 0) -> list[Row]:
+    """``count`` keys never written before, in batches of 10 (no record supersedes another)."""
+    rows: list[Row] = []
+    for first in range(start, start + count, 10):
+        batch: list[tuple[bytes, bytes | None]] = [
+            (f"unique{i:06d}".encode(), b"v" * 80) for i in range(first, min(start + count, first + 10))
+        ]
+        rows += append_rows(log, batch)
+    return rows
+
+
+def test_compaction_of_a_log_without_superseded_keys_rewrites_nothing(tmp_path: Path) -> None:
+    """Every key written once, no tombstones: a pass leaves every segment file as it is and says so."""
+    path = tmp_path / "log"
+    log = open_log(path)
+    try:
+        written = write_unique(log, 200)
+        assert len(segment_bases(path)) > 5
+        before = files_of(path)
+        assert log.dirty_ratio(0) == 0.0
+        report = log.compact()
+        assert files_of(path) == before, "compaction rewrote segments where nothing changes"
+        assert report["segments_rewritten"] == report["bytes_rewritten"] == 0
+        assert (
+            report["records_after"]
+            == report["records_before"]
+            == len(written) - sum(1 for r in written if r[1] >= segment_bases(path)[-1])
+        )
+        assert report["bytes_after"] == report["bytes_before"]
+        assert report["segments_after"] == report["segments_before"] == len(before)
+        assert read_all(log) == written
+        assert log.stats()["partitions"][0]["cleaned_to"] == segment_bases(path)[-1]
+    finally:
+        log.close()
+
+
+def test_compaction_rewrites_only_the_segments_where_something_changes(tmp_path: Path) -> None:
+    """Overwriting keys of one closed segment rewrites that segment alone; the others keep their files."""
+    path = tmp_path / "log"
+    log = open_log(path)
+    try:
+        written = write_unique(log, 200)
+        bases = segment_bases(path)
+        target = bases[2]  # a closed segment in the middle
+        keys = [r[2] for r in written if target <= r[1] < bases[3]]
+        before = files_of(path)
+        written += append_rows(log, [(k, b"new") for k in keys[:3]])
+        report = log.compact()
+        after = files_of(path)
+        closed_before = {name for name in before if int(name[:-4]) < segment_bases(path)[-1]}
+        changed = {name for name in closed_before if after.get(name) != before[name]}
+        assert changed == {f"{target:020d}.log"}
+        assert report["segments_rewritten"] == 1
+        assert report["bytes_rewritten"] == before[f"{target:020d}.log"][2]
+        assert report["records_before"] - report["records_after"] == 3
+        assert fold(read_all(log)) == fold(written)
+    finally:
+        log.close()
+
+
+def test_the_dirty_ratio_is_the_share_a_pass_removes_and_none_is_left_after_it(tmp_path: Path) -> None:
+    """Superseded records and expired tombstones in closed segments, as a share of their bytes.
+
+    Exact for a log of a few keys (it is estimated from a sample of keys for
+    many). A pass removes exactly that, so the background cleaner, which
+    compacts when the ratio reaches ``min_cleanable_dirty_ratio``, has
+    nothing to come back for.
+    """
+    path = tmp_path / "log"
+    log = open_log(path, tombstone_retention=0.0)
+    try:
+        written = write_unique(log, 100)
+        written += append_rows(log, [(r[2], b"again") for r in written[5:40:3]])
+        written += append_rows(log, [(r[2], None) for r in written[50:60]])
+        written += write_unique(log, 60, start=100)  # roll the tombstones into closed segments
+        appended_at = time.time()
+        wait_until(lambda: time.time() > appended_at + 0.002, what="the clock to move")
+        ratio = log.dirty_ratio(0)
+        assert 0 < ratio < 1
+        report = log.compact()
+        assert report["tombstones_dropped"] == 10
+        removed = report["bytes_before"] - report["bytes_after"]
+        assert ratio == pytest.approx(removed / report["bytes_before"], abs=1e-9)
+        assert log.dirty_ratio(0) == 0.0
+        assert fold(read_all(log)) == fold(written)
+    finally:
+        log.close()
+
+
+@pytest.mark.parametrize("sample", ["kept", "stale", "missing", "garbage", "before a compaction"])
+def test_the_dirty_ratio_survives_a_reopen(tmp_path: Path, sample: str) -> None:
+    """Reopened after a clean close, after a crash, or without its sample file, the log knows its dirty ratio.
+
+    The sample it is estimated from is saved with the log; when the saved
+    one misses records (a crash after it was saved), does not describe the
+    segments any more (a compaction after it) or is lost, the open counts
+    again what it lacks.
+    """
+    path = tmp_path / "log"
+    log = open_log(path)
+    written = write_unique(log, 100)
+    written += append_rows(log, [(r[2], b"again") for r in written[:30:2]])
+    if sample == "before a compaction":
+        log.close()
+        saved = (path / "cleaner-sample.json").read_bytes()
+        log = open_log(path)
+        log.compact()
+    elif sample == "stale":
+        log.close()
+        saved = (path / "cleaner-sample.json").read_bytes()
+        log = open_log(path)
+    written += append_rows(log, [(r[2], b"and again") for r in written[40:70:2]])
+    written += write_unique(log, 30, start=100)
+    expected = log.dirty_ratio(0)
+    assert expected > 0
+    log.close()
+    if sample in ("stale", "before a compaction"):
+        (path / "cleaner-sample.json").write_bytes(saved)
+        (path / "clean-shutdown.json").unlink()
+    elif sample == "missing":
+        (path / "cleaner-sample.json").unlink()
+    elif sample == "garbage":
+        (path / "cleaner-sample.json").write_bytes(b'{"format": 1, "partitions": {"0": {"level": "x"}}}')
+    log = open_log(path)
+    try:
+        assert log.dirty_ratio(0) == pytest.approx(expected, abs=1e-9)
+        assert fold(read_all(log)) == fold(written)
+    finally:
+        log.close()
+
+
+def cleaner_idle(log: LocalLog, *, woken: bool = False) -> bool:
+    """Whether the background cleaner handled every wake-up asked of it (and was woken, if ``woken``)."""
+    cleaner = log.stats()["cleaner"]
+    return bool(cleaner["handled"] == cleaner["wakeups"] and (cleaner["wakeups"] > 0 or not woken))
+
+
+def test_a_clean_log_reopened_is_not_compacted_and_a_dirty_one_is(tmp_path: Path) -> None:
+    """The background cleaner starts at an open, or after a roll, only if the dirty ratio says there is work."""
+    clean, dirty = tmp_path / "clean", tmp_path / "dirty"
+    for path in (clean, dirty):
+        log = open_log(path)
+        written = write_unique(log, 200)
+        if path == dirty:
+            append_rows(log, [(r[2], b"again") for r in written[:150]])
+        log.close()
+    active = f"{segment_bases(clean)[-1]:020d}.log"
+    before = {n: f for n, f in files_of(clean).items() if n != active}  # the closed segments
+    log = open_log(clean, background_compaction=True)
+    try:
+        assert log.stats()["cleaner"]["wakeups"] == 0  # the open did not wake it
+        write_unique(log, 30, start=200)  # a roll wakes the cleaner, too
+        wait_until(lambda: cleaner_idle(log, woken=True), timeout=30, what="the cleaner to handle the roll")
+        assert log.last_compaction is None
+    finally:
+        log.close()
+    assert {n: f for n, f in files_of(clean).items() if n in before} == before
+    assert not (clean / "cleaner-checkpoint.json").exists(), "a compaction pass ran"
+    log = open_log(dirty, background_compaction=True)
+    try:
+        wait_until(lambda: log.last_compaction is not None, timeout=30, what="the background compaction")
+        assert log.dirty_ratio(0) < log.min_cleanable_dirty_ratio
+    finally:
+        log.close()
+
+
+def test_the_report_compares_the_segments_the_pass_looked_at(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Segments rolled while a pass runs are not in its report: ``bytes_after`` is what those records take now."""
+    path = tmp_path / "log"
+    log = open_log(path)
+    try:
+        written = write_unique(log, 150)
+        written += append_rows(log, [(r[2], b"again") for r in written[:40]])
+        snapshot_active = segment_bases(path)[-1]
+        closed_bytes = sum(
+            size for name, (_, _, size) in files_of(path).items() if int(name[:-4]) < snapshot_active
+        )
+        segment_frames = LocalLog._segment_frames
+        late: list[Row] = []
+
+        def appending_meanwhile(self: LocalLog, *args: Any) -> Any:
+            if not late:  # the first read of the pass: segments roll while it runs
+                late.extend(write_unique(log, 60, start=1000))
+            return segment_frames(self, *args)
+
+        monkeypatch.setattr(LocalLog, "_segment_frames", appending_meanwhile)
+        report = log.compact()
+        assert segment_bases(path)[-1] > snapshot_active, "segments rolled during the pass"
+        looked_at = {n: f for n, f in files_of(path).items() if int(n[:-4]) < snapshot_active}
+        assert report["bytes_before"] == closed_bytes
+        assert report["bytes_after"] == sum(size for _, _, size in looked_at.values())
+        assert report["bytes_after"] < report["bytes_before"]
+        assert report["segments_after"] == len(looked_at) + 1
+        assert fold(read_all(log)) == fold(written + late)
+    finally:
+        log.close()
+
+
+# -- readers entering closed segments -----------------------------------------------------
+
+
+def test_a_reader_reading_a_closed_segment_does_not_hold_up_appends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a reader reads the segment files of a reopened log, an append from another thread goes through.
+
+    Every read of a file the reader does makes an append in another thread
+    first (once) and waits for it: a reader that read while holding the
+    log's lock would keep the append waiting.
+    """
+    import os
+
+    import kvlog.log.local as local_module
+
+    path = tmp_path / "log"
+    log = open_log(path, segment_bytes=64 * 1024, fsync="never")
+    write_unique(log, 3000)
+    log.close()
+    log = open_log(path, segment_bytes=64 * 1024, fsync="never")
+    reading = threading.Event()
+    outcomes: list[bool] = []
+
+    def append_meanwhile() -> None:
+        if reading.is_set() and not outcomes and threading.current_thread() is threading.main_thread():
+            appender = threading.Thread(target=log.append, args=([(b"during", b"read")],))
+            appender.start()
+            appender.join(timeout=5.0)
+            outcomes.append(not appender.is_alive())
+
+    real_pread, real_open = os.pread, open
+
+    def pread(fd: int, n: int, offset: int) -> bytes:
+        append_meanwhile()
+        return real_pread(fd, n, offset)
+
+    def opening(*args: Any, **kwargs: Any) -> Any:
+        append_meanwhile()
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(os, "pread", pread)
+    monkeypatch.setattr(local_module, "open", opening, raising=False)
+    reader = log.open_reader({0: 0})
+    try:
+        reading.set()
+        rows = read_exactly(reader, 100)
+        reading.clear()
+        assert outcomes == [True], "an append waited for a reader reading a segment file"
+        assert [r[1] for r in rows] == list(range(100))
+    finally:
+        reading.clear()
+        reader.close()
+        log.close()
+
+
+def test_readers_positioned_anywhere_in_closed_segments_read_from_there(tmp_path: Path) -> None:
+    """After a reopen (no segment indexed yet), readers opened at any offset, in any order, read from it."""
+    path = tmp_path / "log"
+    log = open_log(path, segment_bytes=256 * 1024, fsync="never")
+    written = write_unique(log, 8000)
+    log.close()
+    log = open_log(path, segment_bytes=256 * 1024, fsync="never")
+    try:
+        bases = segment_bases(path)
+        assert len(bases) >= 3
+        positions = [bases[1] + 1500, bases[1] + 10, bases[0], bases[1] + 1501, bases[1], bases[1] - 1]
+        positions += [bases[2] - 3, 7999, 4321, 4320]
+        for position in positions:
+            reader = log.open_reader({0: position})
+            try:
+                wanted = min(50, len(written) - position)
+                assert read_exactly(reader, wanted) == written[position : position + wanted], position
+            finally:
+                reader.close()
     finally:
         log.close()

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import wait_until
 
 from kvlog import KVLog, LocalLog, LogLockedError, RecordTooLargeError
 from kvlog.log import Record
@@ -227,3 +228,67 @@ class TestResume:
         with KVLog(tmp_path) as kv:
             assert kv.open_replay["mode"] == "warm" and kv.open_replay["rebuild_reason"] is None
             assert dict(kv.items()) == expected
+
+
+def _bytes_read_by_this_process() -> int:
+    """Bytes this process got from read()/pread() calls so far (Linux ``/proc/self/io``: rchar)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+def _log_bytes(log_dir: Path) -> int:
+    return sum(f.stat().st_size for f in log_dir.glob("*/*.log"))
+
+
+def _cleaner_idle(kv: KVLog) -> bool:
+    cleaner = kv.log.stats()["cleaner"]  # type: ignore[attr-defined]
+    return bool(cleaner["handled"] == cleaner["wakeups"])
+
+
+class TestColdReplay:
+    """Rebuilding a lost cache reads the log once, and does not start a compaction that has nothing to do."""
+
+    @pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs Linux /proc/self/io")
+    def test_a_cold_replay_reads_each_segment_once(self, tmp_path: Path) -> None:
+        """A replayer entering a closed segment at its base reads it from there: no second scan of the file."""
+
+        def store() -> KVLog:
+            log = LocalLog(tmp_path / "log", segment_bytes=256 * 1024, background_compaction=False)
+            return KVLog(tmp_path, log=log)
+
+        with store() as kv:
+            for start in range(0, 30_000, 1000):
+                kv.update({f"key:{i:06d}": {"n": i, "pad": "x" * 80} for i in range(start, start + 1000)})
+        shutil.rmtree(tmp_path / "cache")
+        log_bytes = _log_bytes(tmp_path / "log")
+        assert len(list((tmp_path / "log" / "0").glob("*.log"))) > 10
+        read_before = _bytes_read_by_this_process()
+        with store() as kv:
+            read = _bytes_read_by_this_process() - read_before
+            assert kv.open_replay["mode"] == "cold" and len(kv) == 30_000
+        assert read < 1.2 * log_bytes, f"the replay read {read} bytes of a {log_bytes}-byte log"
+
+    def test_a_store_of_keys_written_once_is_never_compacted(self, tmp_path: Path) -> None:
+        """Background compaction on (the default): writing new keys, and rebuilding the cache, compact nothing."""
+
+        def store() -> KVLog:
+            return KVLog(tmp_path, log=LocalLog(tmp_path / "log", segment_bytes=1024))
+
+        with store() as kv:
+            for start in range(0, 600, 20):
+                kv.update({f"key:{i:04d}": "v" * 50 for i in range(start, start + 20)})
+            # Rolls woke the cleaner: let it handle them all before close (which aborts a pass).
+            wait_until(lambda: _cleaner_idle(kv), timeout=30, what="the cleaner to handle the rolls")
+            assert kv.log.last_compaction is None  # type: ignore[attr-defined]
+        segments = sorted((tmp_path / "log" / "0").glob("*.log"))
+        assert len(segments) > 10
+        closed = {f: (f.stat().st_ino, f.stat().st_mtime_ns) for f in segments[:-1]}
+        shutil.rmtree(tmp_path / "cache")
+        with store() as kv:
+            assert kv.open_replay["mode"] == "cold" and len(kv) == 600
+            assert kv.log.stats()["cleaner"]["wakeups"] == 0  # type: ignore[attr-defined]  # not woken
+            assert kv.log.last_compaction is None  # type: ignore[attr-defined]
+        assert not (tmp_path / "log" / "cleaner-checkpoint.json").exists(), "a compaction pass ran"
+        assert {f: (f.stat().st_ino, f.stat().st_mtime_ns) for f in closed} == closed

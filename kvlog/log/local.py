@@ -11,6 +11,10 @@ On disk (``data/log/``)::
     log.json                   format version, log id (part of the cache identity), partitions
     cleaner-checkpoint.json    per partition, the offset up to which the log was compacted,
                                and when compaction dropped tombstones up to which offset
+    cleaner-sample.json        per partition, the key sample the dirty ratio is estimated from
+                               and the log end and segments it describes (saved at close, after
+                               compaction and every few seconds of rolls; an estimate: when it is
+                               missing or stale the records it lacks are counted again)
     0/00000000000000000000.log a segment of partition 0, named by its base offset
     0/00000000000000004096.log ... the last segment of a partition is the active one
 
@@ -39,10 +43,24 @@ closed segment is reported when it is read (:class:`~kvlog.errors.LogCorruptErro
 Compaction rewrites closed segments keeping, for every key, only its latest
 record anywhere in the log, and dropping tombstones older than
 ``tombstone_retention``; offsets are kept. Consecutive small segments are
-merged. The swap is atomic: write ``<base>.cleaned``, fsync, rename it to
-``<base>-<end>.swap`` (the commit point), fsync the directory, delete the
-segments it replaces and rename it to ``<base>.log``; an open finds a
-``.swap`` and finishes it, or a ``.cleaned`` and deletes it.
+merged. A segment where nothing would change (no record superseded, no
+tombstone to drop, nothing to merge with) is left as it is. The swap is
+atomic: write ``<base>.cleaned``, fsync, rename it to ``<base>-<end>.swap``
+(the commit point), fsync the directory, delete the segments it replaces and
+rename it to ``<base>.log``; an open finds a ``.swap`` and finishes it, or a
+``.cleaned`` and deletes it.
+
+The background cleaner runs a pass when the dirty ratio of a partition (the
+share of its closed bytes a pass would remove) reaches
+``min_cleanable_dirty_ratio``. Knowing which records are superseded takes
+every key; the ratio is estimated from a sample of keys chosen by hash
+(:class:`_DirtSample`: exact up to a few thousand keys per partition, bounded
+memory beyond), which appends keep up to date and each pass recounts.
+
+Reading: a reader entering a segment at or before its first record starts
+right after the magic; one positioned inside a segment starts at the nearest
+entry of a sparse in-memory index and skips the frames before its position
+(outside the log's lock), indexing what it passed.
 """
 
 from __future__ import annotations
@@ -53,13 +71,14 @@ import errno
 import fcntl
 import json
 import logging
+import operator
 import os
 import struct
 import threading
 import time
 import uuid
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +108,24 @@ _READ_CHUNK = 4 * 1024 * 1024
 _MAX_FRAME = 1 << 30
 #: Compaction passes that dropped tombstones remembered per partition.
 _DROPS_KEPT = 256
+#: Keys the dirt sample of a partition follows at most (a log with fewer is measured exactly).
+_SAMPLE_KEYS = 4096
+#: Records a scan hands to a dirt sample per hold of the log's lock.
+_OBSERVE_BATCH = 4096
+#: Seconds between saves of the dirt samples by the background cleaner.
+_SAMPLE_SAVE_INTERVAL = 5.0
+#: The fields of a compaction report that add up over partitions.
+_REPORT_FIELDS = (
+    "segments_before",
+    "segments_after",
+    "segments_rewritten",
+    "records_before",
+    "records_after",
+    "bytes_before",
+    "bytes_after",
+    "bytes_rewritten",
+    "tombstones_dropped",
+)
 
 
 #: fdatasync where the OS has it (Linux); macOS has only fsync.
@@ -106,6 +143,18 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_file_atomically(path: Path, data: bytes, *, sync: bool) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if sync:
+        _fsync_dir(path.parent)
 
 
 def _write_json_atomically(path: Path, data: Mapping[str, Any]) -> None:
@@ -192,18 +241,208 @@ class _Segment:
         self.base = base
         #: Bytes of complete, published frames; readers never read past it.
         self.size = size
-        #: Sparse index: offsets and file positions of frames, ascending.
+        #: Sparse index: offsets and file positions of frames, ascending. Only
+        #: a hint of where to start reading for an offset (any entry is a real
+        #: frame; a reader skips frames below its position), so it may have
+        #: holes: a segment nobody has read into since the open has none.
         self.index_offsets: list[int] = []
         self.index_positions: list[int] = []
-        self.indexed_to = len(MAGIC)  # file position up to which frames were indexed
         self.replaced = False
 
-    def note(self, offset: int, position: int, end: int) -> None:
-        """Index a frame (sparsely) as it is appended or scanned."""
+    def note(self, offset: int, position: int) -> None:
+        """Index a frame (sparsely) as it is appended or written, past every frame indexed so far."""
         if not self.index_positions or position - self.index_positions[-1] >= _INDEX_INTERVAL:
             self.index_offsets.append(offset)
             self.index_positions.append(position)
-        self.indexed_to = end
+
+    def hint(self, entries: Sequence[tuple[int, int]]) -> None:
+        """Add ``(offset, position)`` frames a reader passed while seeking (callers hold the log's lock)."""
+        for offset, position in entries:
+            i = bisect.bisect_left(self.index_positions, position)
+            if i == len(self.index_positions) or self.index_positions[i] != position:
+                self.index_positions.insert(i, position)
+                self.index_offsets.insert(i, offset)
+
+    def start_for(self, position: int) -> int:
+        """A file position at or before the frame of offset ``position`` (callers hold the log's lock).
+
+        Right after the magic when no indexed frame is at or below it: that is
+        where a reader entering the segment at its base starts, with no scan.
+        """
+        j = bisect.bisect_right(self.index_offsets, position) - 1
+        return self.index_positions[j] if j >= 0 else len(MAGIC)
+
+
+_base = operator.attrgetter("base")
+
+
+def _base_of(segments: Sequence[_Segment], offset: int) -> int:
+    """The base offset of the segment of ``segments`` (ascending) that holds ``offset``."""
+    if offset >= segments[-1].base:
+        return segments[-1].base
+    return segments[bisect.bisect_right(segments, offset, key=_base) - 1].base
+
+
+#: Multiplying by this odd number spreads every bit of a crc32 into the high bits.
+_HASH_MIX = 0x9E3779B1
+_HASH_MASK = 0xFFFFFFFF
+#: Ranks of a 32-bit hash: its leading zero bits, 0..32.
+_RANKS = 33
+
+
+def _key_hash(key: bytes) -> int:
+    """A 32-bit hash of a key, the same in every process; its leading zero bits are its rank."""
+    return (zlib.crc32(key) * _HASH_MIX) & _HASH_MASK
+
+
+#: A record shown to a dirt sample: key, _key_hash(key), offset, frame bytes,
+#: and the timestamp of a tombstone (-1 for a value).
+_Seen = tuple[bytes, int, int, int, int]
+
+
+class _DirtSample:
+    """Estimates the bytes a compaction pass would remove from one partition, from a sample of its keys.
+
+    A pass removes every record that a later record of its key supersedes,
+    and the tombstones older than the retention; which records those are only
+    a look at every key tells. The sample follows the keys whose hash has at
+    least ``level`` leading zero bits (a share 2**-level of all keys, the same
+    keys in every process): the newest record of each, and per segment the
+    bytes of their records that a newer one superseded. Scaled by 2**level
+    that estimates the whole. ``level`` rises whenever more than _SAMPLE_KEYS
+    keys are followed, so memory stays bounded and a log with fewer keys is
+    measured exactly.
+
+    Records may be shown in any order (a scan of old records while appends go
+    on): offsets decide which record of a key is the newest. Each record must
+    be shown exactly once; ``pending`` lists the offset ranges not shown yet.
+    Callers hold the log's lock.
+    """
+
+    __slots__ = ("dead", "latest", "level", "pending")
+
+    def __init__(self, pending: list[tuple[int, int]]) -> None:
+        self.level = 0
+        #: Key id (see _key_id; its low 32 bits are the key's hash) -> offset,
+        #: frame bytes and tombstone timestamp (-1: a value) of the key's newest record.
+        self.latest: dict[int, tuple[int, int, int]] = {}
+        #: Segment base offset -> bytes of superseded records of followed keys in it, by rank.
+        self.dead: dict[int, list[int]] = {}
+        self.pending = pending
+
+    @property
+    def threshold(self) -> int:
+        """The keys whose _key_hash is below this are followed."""
+        return 1 << (32 - self.level)
+
+    @staticmethod
+    def _key_id(key: bytes, h: int) -> int:
+        return h | zlib.adler32(key) << 32 | len(key) << 64
+
+    def observe(self, seen: Iterable[_Seen], segments: Sequence[_Segment]) -> None:
+        """Count records (``segments``: the partition's segments now, to place superseded ones)."""
+        latest, dead, level = self.latest, self.dead, self.level
+        adler32 = zlib.adler32
+        active = segments[-1].base
+        active_counts = dead.get(active)
+        if active_counts is None:
+            active_counts = dead[active] = [0] * _RANKS
+        for key, h, offset, size, tombstone in seen:
+            rank = 32 - h.bit_length()
+            if rank < level:
+                continue
+            ident = h | adler32(key) << 32 | len(key) << 64
+            prev = latest.get(ident)
+            if prev is None:
+                latest[ident] = (offset, size, tombstone)
+                if len(latest) > _SAMPLE_KEYS:
+                    self._raise_level()
+                    latest, level = self.latest, self.level
+                continue
+            if prev[0] < offset:
+                latest[ident] = (offset, size, tombstone)
+                offset, size = prev[0], prev[1]  # the superseded one
+            elif prev[0] == offset:
+                continue  # shown twice
+            if offset >= active:
+                active_counts[rank] += size
+                continue
+            base = _base_of(segments, offset)
+            counts = dead.get(base)
+            if counts is None:
+                counts = dead[base] = [0] * _RANKS
+            counts[rank] += size
+
+    def _raise_level(self) -> None:
+        while len(self.latest) > _SAMPLE_KEYS:
+            self.level += 1
+            limit = 1 << (32 - self.level)
+            self.latest = {k: v for k, v in self.latest.items() if k & _HASH_MASK < limit}
+        # Counts of lower ranks stay but are no longer summed.
+
+    def replaced(self, bases: Sequence[int], into: int, counted: Mapping[int, Sequence[int]]) -> None:
+        """Compaction replaced the segments at ``bases`` by one at ``into``, without the superseded records.
+
+        ``counted``: the superseded bytes per segment when the pass started,
+        which is what it removed; what was counted since stays.
+        """
+        left = [0] * _RANKS
+        for base in bases:
+            now = self.dead.pop(base, None)
+            if now is not None:
+                before = counted.get(base, ())
+                for rank, size in enumerate(now):
+                    left[rank] += max(0, size - (before[rank] if rank < len(before) else 0))
+        if any(left):
+            self.dead[into] = left
+
+    def dropped(self, key: bytes, h: int, offset: int, size: int, base: int) -> None:
+        """Compaction dropped this tombstone (newest of its key when the pass started) from the segment at ``base``."""
+        rank = 32 - h.bit_length()
+        if rank < self.level:
+            return
+        ident = self._key_id(key, h)
+        prev = self.latest.get(ident)
+        if prev is None:
+            return
+        if prev[0] == offset:
+            del self.latest[ident]
+        elif prev[0] > offset and base in self.dead:
+            # Superseded since the pass started, and counted so: gone now.
+            counts = self.dead[base]
+            counts[rank] = max(0, counts[rank] - size)
+
+    def estimate(self, below: int, horizon: int) -> int:
+        """Bytes a pass would remove below offset ``below`` (the closed segments), tombstones before ``horizon`` (ms)."""
+        level = self.level
+        total = sum(sum(counts[level:]) for base, counts in self.dead.items() if base < below)
+        total += sum(
+            size for offset, size, ts in self.latest.values() if 0 <= ts < horizon and offset < below
+        )
+        return total << level
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "level": self.level,
+            "pending": [list(r) for r in self.pending],
+            "latest": [[ident, *entry] for ident, entry in self.latest.items()],
+            "dead": [[base, counts] for base, counts in self.dead.items() if any(counts)],
+        }
+
+    @classmethod
+    def from_json(cls, state: Mapping[str, Any]) -> _DirtSample:
+        """The sample :meth:`to_json` saved (ValueError, TypeError or KeyError if it is not one)."""
+        sample = cls([(int(a), int(b)) for a, b in state["pending"]])
+        sample.level = int(state["level"])
+        if not 0 <= sample.level <= 32:
+            raise ValueError(f"level {sample.level}")
+        for ident, offset, size, tombstone in state["latest"]:
+            sample.latest[int(ident)] = (int(offset), int(size), int(tombstone))
+        for base, counts in state["dead"]:
+            if len(counts) != _RANKS:
+                raise ValueError("dead counts")
+            sample.dead[int(base)] = [int(c) for c in counts]
+        return sample
 
 
 class LocalReader(LogReader):
@@ -296,11 +535,19 @@ class LocalReader(LogReader):
             buf = os.pread(fd, min(max(_READ_CHUNK, first), visible - file_pos), file_pos)
             position = self._positions[p]
             start = file_pos
+            # Frames passed while seeking to the position are remembered in the
+            # segment's sparse index, so that the next seek there starts close.
+            passed: list[tuple[int, int]] = []
+            next_hint = file_pos
             try:
                 for frame in _parse(buf, 0, file_pos, _MAX_FRAME, -1):
                     file_pos = frame.end
                     if frame.offset < position:
-                        continue  # seeking inside the segment to the reader's position
+                        # Seeking inside the segment to the reader's position.
+                        if frame.position >= next_hint:
+                            passed.append((frame.offset, frame.position))
+                            next_hint = frame.position + _INDEX_INTERVAL
+                        continue
                     out.append(Record(p, frame.offset, frame.key, frame.value))
                     position = frame.offset + 1
                     if len(out) >= max_records:
@@ -310,6 +557,9 @@ class LocalReader(LogReader):
             if file_pos == start:
                 # Published bytes always end at a whole frame: one that does not fit is damage.
                 raise lg._corrupt(p, segment, _BadFrame(start, "a record runs past the end of the segment"))
+            if passed:
+                with lg._cond:
+                    segment.hint(passed)
             self._positions[p] = position
             self._cursors[p] = (segment, fd, file_pos)
 
@@ -339,8 +589,10 @@ class LocalLog(Log):
         max_record_bytes: the largest key + value accepted (1 MiB, Kafka's default).
         tombstone_retention: seconds compaction keeps a tombstone (Kafka's
             ``delete.retention.ms``, 24 h by default).
-        min_cleanable_dirty_ratio: compact in the background once this share
-            of the closed segments' bytes was written since the last compaction.
+        min_cleanable_dirty_ratio: compact a partition in the background once
+            compaction would remove this share of its closed segments' bytes
+            (superseded records and tombstones past the retention; see
+            :meth:`dirty_ratio`). Checked after every segment roll and on open.
         background_compaction: run that background compaction at all
             (``compact()`` always works).
 
@@ -396,7 +648,14 @@ class LocalLog(Log):
         # cache that was away know for certain whether it missed a delete.
         self._tombstone_drops: dict[int, list[tuple[float, int]]] = {}
         self._drops_known_since = 0.0
+        # Per partition, what the dirty ratio is estimated from (see _DirtSample).
+        self._samples: dict[int, _DirtSample] = {}
+        self._samples_saved = time.monotonic()
         self._wake = threading.Event()
+        # Wake-ups asked of the background cleaner, and those it has handled:
+        # equal once it is idle (tests wait on that instead of sleeping).
+        self._cleaner_wakeups = 0
+        self._cleaner_looks = 0
         self._threads: list[threading.Thread] = []
         # Partitions whose active segment showed a bad record this session:
         # close() leaves no clean-shutdown marker for them, so the next open
@@ -418,6 +677,7 @@ class LocalLog(Log):
             clean_shutdown = self._take_clean_shutdown()
             for p in range(self._partitions):
                 self._open_partition(p, clean_shutdown)
+            self._load_samples()
         except BaseException:
             self._release()
             raise
@@ -426,7 +686,11 @@ class LocalLog(Log):
             self._spawn(self._flush_loop, "kvlog-log-flusher")
         if background_compaction:
             self._spawn(self._compact_loop, "kvlog-log-compactor")
-            self._wake.set()  # a log reopened dirty is looked at once
+            # A log reopened dirty is looked at once; one that is not, only after a roll.
+            if any(sample.pending for sample in self._samples.values()) or any(
+                self._dirty_ratio(p) >= min_cleanable_dirty_ratio for p in range(self._partitions)
+            ):
+                self._wake_cleaner()
 
     # -- opening --------------------------------------------------------------
 
@@ -642,7 +906,7 @@ class LocalLog(Log):
                         pending.append(frame)
                         if frame.batch_end:
                             for whole in pending:
-                                segment.note(whole.offset, whole.position, whole.end)
+                                segment.note(whole.offset, whole.position)
                             pending.clear()
                             good = frame.end
                             last = frame.offset
@@ -685,7 +949,6 @@ class LocalLog(Log):
                     entry["last_good_offset"],
                 )
         segment.size = good
-        segment.indexed_to = good
         return report, last + 1
 
     def _spawn(self, target: Any, name: str) -> None:
@@ -769,13 +1032,21 @@ class LocalLog(Log):
         offset = self._end[p]
         frames = []
         notes = []
+        # The records of the keys the dirt sample follows (read without the
+        # lock: its level only rises, and observe() checks again under it).
+        threshold = self._samples[p].threshold
+        seen: list[_Seen] = []
+        crc32, mix, mask = zlib.crc32, _HASH_MIX, _HASH_MASK
         position = start_size
         last = len(records) - 1
         for n, (i, (key, value)) in enumerate(zip(indexes, records, strict=True)):
             frame = encode_frame(offset, timestamp, key, value, batch_end=n == last)
             frames.append(frame)
-            notes.append((offset, position, position + len(frame)))
-            position += len(frame)
+            notes.append((offset, position))
+            size = len(frame)
+            if (h := (crc32(key) * mix) & mask) < threshold:
+                seen.append((key, h, offset, size, -1 if value is not None else timestamp))
+            position += size
             result[i] = (p, offset)
             offset += 1
         data = b"".join(frames)
@@ -797,6 +1068,8 @@ class LocalLog(Log):
                 segment.note(*note)
             segment.size = position
             self._end[p] = offset
+            if seen:
+                self._samples[p].observe(seen, self._segments[p])
             self._cond.notify_all()
         if segment.size >= self.segment_bytes:
             self._roll(p)
@@ -815,7 +1088,7 @@ class LocalLog(Log):
             self._segments[p].append(new)
             self._active_fd[p] = new_fd
         os.close(fd)
-        self._wake.set()
+        self._wake_cleaner()
 
     def begin_offsets(self) -> dict[int, int]:
         self._check_open()
@@ -851,15 +1124,17 @@ class LocalLog(Log):
         return segments[i + 1].base
 
     def _locate(self, p: int, position: int) -> tuple[_Segment, int]:
-        """Return the segment holding ``position`` and a file position at or before its frame."""
+        """Return the segment holding ``position`` and a file position at or before its frame.
+
+        Reads nothing: the position comes from the sparse index, or is the
+        first frame. A reader that starts before its position skips the frames
+        in between itself, outside the lock (appends go on meanwhile), and
+        indexes what it passed.
+        """
         self._check_position(p, position)
         segments = self._segments[p]
-        i = bisect.bisect_right([s.base for s in segments], position) - 1
-        segment = segments[i]
-        if segment.indexed_to < segment.size:
-            self._index(p, segment)
-        j = bisect.bisect_right(segment.index_offsets, position) - 1
-        return segment, (segment.index_positions[j] if j >= 0 else len(MAGIC))
+        segment = segments[bisect.bisect_right(segments, position, key=_base) - 1]
+        return segment, segment.start_for(position)
 
     def _corrupt(self, p: int, segment: _Segment, bad: _BadFrame) -> LogCorruptError:
         """The error for a bad frame found while reading; marks an active segment for repair."""
@@ -878,17 +1153,6 @@ class LocalLog(Log):
             f"corrupt record in {segment.path} at file position {bad.position}: {bad.reason}; {advice}"
         )
 
-    def _index(self, p: int, segment: _Segment) -> None:
-        """Extend the sparse index of a segment up to its published size (callers hold the lock)."""
-        with open(segment.path, "rb") as f:
-            data = f.read(segment.size)
-        try:
-            for frame in _parse(data, segment.indexed_to, 0, _MAX_FRAME, -1):
-                segment.note(frame.offset, frame.position, frame.end)
-        except _BadFrame as bad:
-            raise self._corrupt_locked(p, segment, bad) from None
-        segment.indexed_to = segment.size
-
     # -- compaction ---------------------------------------------------------------
 
     def _segment_frames(self, p: int, segment: _Segment, size: int) -> Iterator[_Frame]:
@@ -899,87 +1163,192 @@ class LocalLog(Log):
         except _BadFrame as bad:
             raise self._corrupt(p, segment, bad) from None
 
+    def _horizon(self) -> int:
+        """Tombstones with a timestamp (ms) before this are older than the retention."""
+        return time.time_ns() // 1_000_000 - int(self.tombstone_retention * 1000)
+
     def dirty_ratio(self, p: int) -> float:
-        """The share of the closed segments' bytes written since partition ``p`` was last compacted."""
+        """The share of partition ``p``'s closed segments' bytes a compaction pass would remove.
+
+        That is the records a later record of their key supersedes, and the
+        tombstones older than ``tombstone_retention``. Estimated from a sample
+        of the keys (exact while a partition has at most a few thousand
+        keys); the records an unclean shutdown left uncounted are read first.
+        """
+        if self._samples[p].pending:
+            with self._compact_lock:
+                self._check_open()
+                self._catch_up(p)
+        return self._dirty_ratio(p)
+
+    def _dirty_ratio(self, p: int) -> float:
+        """:meth:`dirty_ratio` from what the sample has counted so far (reads nothing)."""
+        horizon = self._horizon()
         with self._cond:
-            closed = self._segments[p][:-1]
-            total = sum(s.size for s in closed)
-            dirty = sum(s.size for s in closed if s.base >= self._cleaned_to.get(p, 0))
-        return dirty / total if total else 0.0
+            segments = self._segments[p]
+            total = sum(s.size for s in segments[:-1])
+            dirty = self._samples[p].estimate(segments[-1].base, horizon) if total else 0
+        return min(1.0, dirty / total) if total else 0.0
+
+    def _observe_segment(
+        self, p: int, sample: _DirtSample, segment: _Segment, size: int, low: int, high: int
+    ) -> None:
+        """Show ``sample`` the records of ``segment`` (up to ``size``) with offsets in ``[low, high)``."""
+        threshold = sample.threshold
+        seen: list[_Seen] = []
+        for frame in self._segment_frames(p, segment, size):
+            if low <= frame.offset < high:
+                h = _key_hash(frame.key)
+                if h < threshold:
+                    ts = -1 if frame.value is not None else frame.timestamp
+                    seen.append((frame.key, h, frame.offset, frame.end - frame.position, ts))
+                    if len(seen) >= _OBSERVE_BATCH:
+                        with self._cond:
+                            sample.observe(seen, self._segments[p])
+                        seen, threshold = [], sample.threshold
+        with self._cond:
+            sample.observe(seen, self._segments[p])
+
+    def _catch_up(self, p: int) -> None:
+        """Show the dirt sample of ``p`` the records it has not counted yet (callers hold _compact_lock)."""
+        with self._cond:
+            sample = self._samples[p]
+            segments = list(self._segments[p])
+            sizes = [s.size for s in segments]
+        while sample.pending:
+            low, high = sample.pending[0]
+            for i, segment in enumerate(segments):
+                following = segments[i + 1].base if i + 1 < len(segments) else None
+                if following is not None and following <= low:
+                    continue
+                if self._closed:
+                    return  # what is left stays pending, and a save keeps it so
+                self._observe_segment(p, sample, segment, sizes[i], low, high)
+                with self._cond:
+                    if following is None or following >= high:
+                        sample.pending.pop(0)
+                        break
+                    sample.pending[0] = low, high = following, high
 
     def compact(self) -> dict[str, Any]:
         """Compact every partition now: keep each key's latest record, drop old tombstones.
 
         Only closed segments are rewritten (as in Kafka, the active segment is
-        not); readers and writers keep going meanwhile.
+        not), and of those only the ones where something changes: a record
+        that a later record of its key supersedes, a tombstone older than the
+        retention, or small segments to merge. Readers and writers keep going
+        meanwhile.
 
         Returns:
-            A report: ``segments_before``/``after``, ``records_before``/``after``,
-            ``bytes_before``/``after``, ``tombstones_dropped``, ``seconds``.
+            A report about the closed segments the pass looked at (segments
+            rolled meanwhile are not in it): ``segments_before``/``after``
+            (counting the active segment), ``records_before``/``after``,
+            ``bytes_before``/``after``, ``segments_rewritten`` and
+            ``bytes_rewritten`` (the segments replaced and their bytes; 0 when
+            nothing needed it), ``tombstones_dropped``, ``seconds``.
         """
         self._check_open()
-        started = time.monotonic()
-        total: dict[str, Any] = dict.fromkeys(
-            (
-                "segments_before",
-                "segments_after",
-                "records_before",
-                "records_after",
-                "bytes_before",
-                "bytes_after",
-                "tombstones_dropped",
-            ),
-            0,
-        )
         with self._compact_lock:
-            for p in range(self._partitions):
-                for name, value in self._compact_partition(p).items():
-                    total[name] += value
-            self._save_cleaner_checkpoint()
+            return self._compact_locked(range(self._partitions))
+
+    def _compact_locked(self, partitions: Iterable[int]) -> dict[str, Any]:
+        started = time.monotonic()
+        total: dict[str, Any] = dict.fromkeys(_REPORT_FIELDS, 0)
+        for p in partitions:
+            for name, value in self._compact_partition(p).items():
+                total[name] += value
+        self._save_cleaner_checkpoint()
+        self._save_samples()
         total["seconds"] = round(time.monotonic() - started, 3)
         self.last_compaction = total
         log.info("compacted %s: %s", self.describe(), total)
         return total
 
+    def _survey(
+        self, p: int, segments: list[_Segment], active_size: int, horizon: int
+    ) -> tuple[dict[bytes, int], list[bool], list[int]] | None:
+        """Read the partition up to the snapshot ``segments`` + ``active_size``.
+
+        Returns the latest offset of every key, which closed segments hold a
+        record the pass removes (superseded, or a tombstone past the
+        retention), and their record counts. None if the log was closed meanwhile.
+        """
+        closed_count = len(segments) - 1
+        bases = [s.base for s in segments]
+        latest: dict[bytes, int] = {}
+        dirty = [False] * closed_count
+        records = [0] * closed_count
+        for i, segment in enumerate(segments):
+            if self._closed:
+                return None
+            is_closed = i < closed_count
+            base = segment.base
+            count = 0
+            superseded = expired = False  # a record here superseded; a tombstone here expired
+            for frame in self._segment_frames(p, segment, segment.size if is_closed else active_size):
+                count += 1
+                key = frame.key
+                prev = latest.get(key)
+                latest[key] = frame.offset
+                if prev is None:
+                    pass
+                elif prev >= base:
+                    superseded = True
+                else:
+                    j = bisect.bisect_right(bases, prev) - 1
+                    if j < closed_count:
+                        dirty[j] = True
+                if frame.value is None and frame.timestamp < horizon:
+                    expired = True  # (dropped, or superseded: removed either way)
+            if is_closed:
+                records[i] = count
+                dirty[i] = dirty[i] or superseded or expired
+        return latest, dirty, records
+
     def _compact_partition(self, p: int) -> dict[str, int]:
+        self._catch_up(p)  # the sample must have counted every record for the adjustments below
         with self._cond:
             segments = list(self._segments[p])
             active_size = segments[-1].size
+            sample = self._samples[p]
+            # What the sample counts as superseded when the pass starts is what
+            # it removes; counted later is superseded by records appended since.
+            counted = {s.base: list(sample.dead.get(s.base, ())) for s in segments[:-1]}
         closed, active = segments[:-1], segments[-1]
-        report = {
-            "segments_before": len(segments),
-            "segments_after": len(segments),
-            "records_before": 0,
-            "records_after": 0,
-            "bytes_before": sum(s.size for s in closed),
-            "bytes_after": sum(s.size for s in closed),
-            "tombstones_dropped": 0,
-        }
-        if not closed:
+        closed_bytes = sum(s.size for s in closed)
+        report = dict.fromkeys(_REPORT_FIELDS, 0)
+        report.update(
+            segments_before=len(segments),
+            segments_after=len(segments),
+            bytes_before=closed_bytes,
+            bytes_after=closed_bytes,
+        )
+        horizon = self._horizon()
+        survey = self._survey(p, segments, active_size, horizon) if closed and not sample.pending else None
+        if survey is None:
             return report
-        # The latest offset of every key anywhere in the log (up to this
-        # snapshot): a record is kept only if nothing later supersedes it.
-        # Records appended after the snapshot can only supersede more.
-        latest: dict[bytes, int] = {}
-        for segment in [*closed, active]:
-            size = active_size if segment is active else segment.size
-            for frame in self._segment_frames(p, segment, size):
-                latest[frame.key] = frame.offset
-        horizon = time.time_ns() // 1_000_000 - int(self.tombstone_retention * 1000)
+        latest, dirty, records = survey
+        report["records_before"] = report["records_after"] = sum(records)
         directory = self.path / str(p)
         # Group consecutive closed segments whose combined size fits one segment.
-        groups: list[list[_Segment]] = []
-        for segment in closed:
-            if groups and sum(s.size for s in groups[-1]) + segment.size <= self.segment_bytes:
-                groups[-1].append(segment)
+        groups: list[list[int]] = []
+        for i, segment in enumerate(closed):
+            if groups and sum(closed[j].size for j in groups[-1]) + segment.size <= self.segment_bytes:
+                groups[-1].append(i)
             else:
-                groups.append([segment])
-        for group in groups:
+                groups.append([i])
+        for members in groups:
+            if len(members) == 1 and not dirty[members[0]]:
+                continue  # nothing in it changes: the file stays as it is
+            group = [closed[i] for i in members]
             base = group[0].base
-            end = segments[segments.index(group[-1]) + 1].base
+            end = segments[members[-1] + 1].base
             cleaned = directory / f"{base:020d}.cleaned"
             new = _Segment(directory / _segment_name(base), base, 0)
             dropped_up_to = -1
+            gone = dropped = 0
+            threshold = sample.threshold
+            removed: list[tuple[bytes, int, int, int]] = []  # dropped tombstones of followed keys
             with open(cleaned, "wb") as out:
                 out.write(MAGIC)
                 position = len(MAGIC)
@@ -989,21 +1358,23 @@ class LocalLog(Log):
                         cleaned.unlink()
                         return report
                     for frame in self._segment_frames(p, segment, segment.size):
-                        report["records_before"] += 1
-                        if latest[frame.key] != frame.offset:
-                            continue
-                        if frame.value is None and frame.timestamp < horizon:
-                            report["tombstones_dropped"] += 1
+                        drop = latest[frame.key] != frame.offset
+                        if not drop and frame.value is None and frame.timestamp < horizon:
+                            dropped += 1
                             dropped_up_to = frame.offset
+                            drop = True
+                            if (h := _key_hash(frame.key)) < threshold:
+                                removed.append((frame.key, h, frame.offset, frame.end - frame.position))
+                        if drop:
+                            gone += 1
                             continue
                         data = encode_frame(frame.offset, frame.timestamp, frame.key, frame.value)
                         out.write(data)
-                        new.note(frame.offset, position, position + len(data))
+                        new.note(frame.offset, position)
                         position += len(data)
-                        report["records_after"] += 1
                 out.flush()
                 os.fsync(out.fileno())
-            new.size = new.indexed_to = position
+            new.size = position
             if dropped_up_to >= 0:
                 # Recorded before the commit point: a crash in between records a
                 # drop that did not happen, which only costs a cache a rebuild.
@@ -1025,13 +1396,25 @@ class LocalLog(Log):
                 current[at : at + len(group)] = [new]
                 for old in group:
                     old.replaced = True
+                sample.replaced([s.base for s in group], base, counted)
+                for key, h, offset, size in removed:
+                    sample.dropped(key, h, offset, size, base)
             _fsync_dir(directory)
+            old_bytes = sum(s.size for s in group)
+            report["segments_after"] -= len(group) - 1
+            report["segments_rewritten"] += len(group)
+            report["records_after"] -= gone
+            report["tombstones_dropped"] += dropped
+            report["bytes_after"] += new.size - old_bytes
+            report["bytes_rewritten"] += old_bytes
         with self._cond:
             self._cleaned_to[p] = active.base
-            after = self._segments[p]
-            report["segments_after"] = len(after)
-            report["bytes_after"] = sum(s.size for s in after[:-1])
         return report
+
+    def _wake_cleaner(self) -> None:
+        with self._cond:
+            self._cleaner_wakeups += 1
+        self._wake.set()
 
     def _compact_loop(self) -> None:
         while True:
@@ -1039,17 +1422,88 @@ class LocalLog(Log):
             self._wake.clear()
             if self._closed:
                 return
+            with self._cond:
+                asked = self._cleaner_wakeups
             try:
-                if any(
-                    self.dirty_ratio(p) >= self.min_cleanable_dirty_ratio for p in range(self._partitions)
-                ):
-                    self.compact()
+                self._look()
             except ClosedError:
                 return
             except Exception:
                 log.exception(
                     "background compaction of %s failed; it is retried after the next roll", self.path
                 )
+            with self._cond:
+                self._cleaner_looks = asked
+
+    def _look(self) -> None:
+        """What the background cleaner does after a roll: compact the partitions that are dirty enough."""
+        with self._compact_lock:
+            for p in range(self._partitions):
+                if self._closed:
+                    return
+                self._catch_up(p)
+            due = [
+                p for p in range(self._partitions) if self._dirty_ratio(p) >= self.min_cleanable_dirty_ratio
+            ]
+            if due:
+                self._compact_locked(due)  # saves the samples
+            elif time.monotonic() - self._samples_saved >= _SAMPLE_SAVE_INTERVAL:
+                self._save_samples()
+
+    def _load_samples(self) -> None:
+        """Take up the dirt samples a previous session saved; count what they lack, or all, later."""
+        path = self.path / "cleaner-sample.json"
+        try:
+            state = json.loads(path.read_bytes())
+            saved = state["partitions"] if state["format"] == FORMAT_VERSION else {}
+        except FileNotFoundError:
+            saved = {}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring unreadable %s (%s); the dirty ratio is counted again", path, exc)
+            saved = {}
+        for p in range(self._partitions):
+            segments, end = self._segments[p], self._end[p]
+            sample = None
+            try:
+                entry = saved.get(str(p))
+                if entry is not None:
+                    sample = self._saved_sample(entry, segments, end)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                sample = None
+            if sample is None:
+                begin = segments[0].base
+                sample = _DirtSample([(begin, end)] if end > begin else [])
+            self._samples[p] = sample
+
+    @staticmethod
+    def _saved_sample(entry: Mapping[str, Any], segments: list[_Segment], end: int) -> _DirtSample | None:
+        """A saved sample, if it still describes these segments (compaction did not change them since)."""
+        closed = entry["closed"]
+        through = int(entry["through"])
+        if through > end or len(closed) >= len(segments) or segments[len(closed)].base != entry["active"]:
+            return None
+        if any(s.base != base or s.size != size for s, (base, size) in zip(segments, closed, strict=False)):
+            return None
+        sample = _DirtSample.from_json(entry)
+        if through < end:
+            sample.pending.append((through, end))  # written after the save: a crash, most likely
+        return sample
+
+    def _save_samples(self) -> None:
+        """Save the dirt samples, so that an open knows the dirty ratio without reading the log."""
+        partitions = {}
+        with self._cond:
+            for p, sample in self._samples.items():
+                segments = self._segments[p]
+                partitions[str(p)] = {
+                    **sample.to_json(),
+                    "through": self._end[p],
+                    "active": segments[-1].base,
+                    "closed": [[s.base, s.size] for s in segments[:-1]],
+                }
+        data = json.dumps({"format": FORMAT_VERSION, "partitions": partitions}, separators=(",", ":"))
+        _write_file_atomically(self.path / "cleaner-sample.json", data.encode(), sync=self.fsync != "never")
+        self._samples_saved = time.monotonic()
 
     # -- syncing and closing ----------------------------------------------------------
 
@@ -1089,7 +1543,9 @@ class LocalLog(Log):
                     "end_offset": self._end[p],
                     "cleaned_to": self._cleaned_to.get(p, 0),
                 }
-            partitions[p]["dirty_ratio"] = round(self.dirty_ratio(p), 3)
+            # What the sample counted so far: stats never read the log (after an
+            # unclean shutdown, the background cleaner counts the rest soon).
+            partitions[p]["dirty_ratio"] = round(self._dirty_ratio(p), 3)
         return {
             "path": str(self.path),
             "fsync": self.fsync,
@@ -1097,6 +1553,11 @@ class LocalLog(Log):
             "partitions": partitions,
             "recovery": self.recovery,
             "last_compaction": self.last_compaction,
+            "cleaner": {
+                "background": any(t.name == "kvlog-log-compactor" for t in self._threads),
+                "wakeups": self._cleaner_wakeups,
+                "handled": self._cleaner_looks,
+            },
         }
 
     def close(self) -> None:
@@ -1112,7 +1573,12 @@ class LocalLog(Log):
             if thread is not threading.current_thread():
                 thread.join()
         with self._compact_lock:  # a compaction started by compact() in another thread finishes first
-            pass
+            try:
+                self._save_samples()
+            except OSError as exc:
+                log.warning(
+                    "could not save the dirt sample of %s (%s); the next open counts again", self.path, exc
+                )
         self._release(clean=True)
 
     def _release(self, clean: bool = False) -> None:
