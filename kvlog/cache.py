@@ -19,8 +19,9 @@ the new identity and an empty checkpoint in one transaction.
 
 Only the replayer writes (from one thread at a time); any number of threads
 read. LMDB can only grow its memory map while no transaction of this process
-is open, so readers count themselves in and out of a gate that the writer
-closes, between its own transactions, to resize.
+is open, so readers announce themselves (without a lock: see ``Cache.__init__``)
+and the writer, between its own transactions, closes the way in and waits for
+the readers inside before it resizes.
 
 ``Cache(path, sync=False)`` skips the fsync of every commit (LMDB's
 ``MDB_NOSYNC``): the store uses it when the log itself is not synced on every
