@@ -48,6 +48,7 @@ from typing import Any
 import lmdb
 import msgpack
 
+from ._files import fsync_dir, write_file_atomically
 from .errors import CacheError, ClosedError
 
 __all__ = ["DEFAULT_MAP_SIZE", "Cache"]
@@ -77,14 +78,6 @@ def _boot_id() -> str | None:
 #: Keys read per read transaction while iterating, so that a slow consumer of
 #: an iterator never pins an old snapshot (nor blocks a map resize) for long.
 _SCAN_CHUNK = 512
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _pack(obj: Any) -> bytes:
@@ -178,13 +171,7 @@ class Cache:
         marker = self.path / _UNSYNCED
         if marker.exists():
             return
-        tmp = self.path / f"{_UNSYNCED}.tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{boot}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, marker)
-        _fsync_dir(self.path)
+        write_file_atomically(marker, f"{boot}\n".encode(), sync=True)
 
     def _check_size(self) -> None:
         # A data file shorter than the pages its meta page claims (truncated by
@@ -499,7 +486,7 @@ class Cache:
                 # Everything is on disk now: the cache survives a reboot.
                 self._env.sync(True)
                 marker.unlink()
-                _fsync_dir(self.path)
+                fsync_dir(self.path)
         finally:
             self._env.close()
 

@@ -82,6 +82,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .._files import fsync_dir, write_file_atomically
 from ..errors import ClosedError, LogCorruptError, LogLockedError, RecordTooLargeError, WriteError
 from . import Log, LogReader, PositionOutOfRangeError, Record
 
@@ -136,27 +137,6 @@ def _segment_name(base: int) -> str:
     return f"{base:020d}.log"
 
 
-def _fsync_dir(path: Path) -> None:
-    # A rename or a new file is durable only once its directory entry is.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file_atomically(path: Path, data: bytes, *, sync: bool) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if sync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if sync:
-        _fsync_dir(path.parent)
-
-
 def _write_json_atomically(path: Path, data: Mapping[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -164,7 +144,7 @@ def _write_json_atomically(path: Path, data: Mapping[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def encode_frame(
@@ -828,7 +808,7 @@ class LocalLog(Log):
         except (OSError, ValueError):
             marker = {}
         path.unlink()
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         if not isinstance(marker, dict) or marker.get("format") != FORMAT_VERSION:
             return {}
         return dict(marker.get("partitions", {}))
@@ -864,7 +844,7 @@ class LocalLog(Log):
                 if old.name[:-4].isdigit() and base < int(old.name[:-4]) < end:
                     old.unlink()
             os.replace(swap, directory / _segment_name(base))
-            _fsync_dir(directory)
+            fsync_dir(directory)
             log.info("finished an interrupted compaction of %s (offsets %d-%d)", directory, base, end)
 
     def _create_segment_file(self, path: Path) -> None:
@@ -876,7 +856,7 @@ class LocalLog(Log):
         finally:
             os.close(fd)
         if self.fsync != "never":
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
 
     def _recover(self, p: int, segment: _Segment) -> tuple[list[dict[str, Any]], int]:
         """Scan the active segment, index it, and cut a torn or corrupt tail.
@@ -1386,7 +1366,7 @@ class LocalLog(Log):
             swap = directory / f"{base:020d}-{end:020d}.swap"
             # Commit point: once the .swap name is durable, an open finishes the swap.
             os.replace(cleaned, swap)
-            _fsync_dir(directory)
+            fsync_dir(directory)
             with self._cond:
                 for old in group[1:]:
                     old.path.unlink()
@@ -1399,7 +1379,7 @@ class LocalLog(Log):
                 sample.replaced([s.base for s in group], base, counted)
                 for key, h, offset, size in removed:
                     sample.dropped(key, h, offset, size, base)
-            _fsync_dir(directory)
+            fsync_dir(directory)
             old_bytes = sum(s.size for s in group)
             report["segments_after"] -= len(group) - 1
             report["segments_rewritten"] += len(group)
@@ -1502,7 +1482,7 @@ class LocalLog(Log):
                     "closed": [[s.base, s.size] for s in segments[:-1]],
                 }
         data = json.dumps({"format": FORMAT_VERSION, "partitions": partitions}, separators=(",", ":"))
-        _write_file_atomically(self.path / "cleaner-sample.json", data.encode(), sync=self.fsync != "never")
+        write_file_atomically(self.path / "cleaner-sample.json", data.encode(), sync=self.fsync != "never")
         self._samples_saved = time.monotonic()
 
     # -- syncing and closing ----------------------------------------------------------
