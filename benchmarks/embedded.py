@@ -33,6 +33,7 @@ from typing import Any
 
 import msgpack
 
+from benchmarks.data import encoded_values
 from benchmarks.harness import Context, Row, repeat, value_of_size
 from kvlog import KVLog
 
@@ -157,7 +158,8 @@ def _lmdb_load_seconds(ctx: Context) -> float:
     """
     import lmdb
 
-    pairs = [(ctx.key(i).encode(), msgpack.packb(value_of_size(i, VALUE_SIZE))) for i in range(ctx.keys)]
+    keys = (ctx.key(i).encode() for i in range(ctx.keys))
+    pairs = list(zip(keys, encoded_values(ctx, VALUE_SIZE), strict=True))
     path = ctx.subdir("embedded-lmdb-floor")
     try:
         env = lmdb.open(str(path), map_size=1 << 34, max_dbs=4, metasync=False, readahead=False)

@@ -16,9 +16,7 @@ import os
 import platform
 import random
 import statistics
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -127,19 +125,6 @@ def repeat(runs: int, measure: Callable[[], float], *, warmup: int = 0) -> list[
         if i >= warmup:
             samples.append(value)
     return samples
-
-
-@contextmanager
-def stopwatch() -> Iterator[Callable[[], float]]:
-    """``with stopwatch() as elapsed: ...; seconds = elapsed()``."""
-    started = time.perf_counter()
-    done: list[float] = []
-
-    def elapsed() -> float:
-        return done[0] if done else time.perf_counter() - started
-
-    yield elapsed
-    done.append(time.perf_counter() - started)
 
 
 def value_of_size(i: int, size: int) -> dict[str, Any]:
