@@ -16,6 +16,7 @@ default, or a compacted Kafka topic::
 
 from .codec import Codec
 from .errors import (
+    BadRecordError,
     BrokerUnavailableError,
     CacheError,
     ClosedError,
@@ -24,6 +25,7 @@ from .errors import (
     LogCorruptError,
     LogLockedError,
     LogUnavailableError,
+    NotEnoughReplicasError,
     RecordTooLargeError,
     SyncTimeoutError,
     TopicConfigError,
@@ -35,6 +37,7 @@ from .store import KVLog
 __version__ = "0.1.0"
 
 __all__ = [
+    "BadRecordError",
     "BrokerUnavailableError",
     "CacheError",
     "ClosedError",
@@ -46,6 +49,7 @@ __all__ = [
     "LogCorruptError",
     "LogLockedError",
     "LogUnavailableError",
+    "NotEnoughReplicasError",
     "RecordTooLargeError",
     "SyncTimeoutError",
     "TopicConfigError",

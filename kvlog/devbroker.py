@@ -43,7 +43,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -373,6 +373,7 @@ class DevBroker:
         port: client (PLAINTEXT) port on 127.0.0.1; ``None`` picks a free one.
         controller_port: KRaft controller port on 127.0.0.1; ``None`` picks a free one.
         heap: JVM max heap (``-Xmx``).
+        jvm_options: further JVM options, e.g. ``["-XX:TieredStopAtLevel=1"]`` for a faster start.
         broker_configs: extra ``server.properties`` entries, overriding the defaults.
 
     Not thread-safe: start/stop/kill one broker from one thread at a time.
@@ -386,6 +387,7 @@ class DevBroker:
         port: int | None = None,
         controller_port: int | None = None,
         heap: str = "512m",
+        jvm_options: Sequence[str] = (),
         broker_configs: Mapping[str, str] | None = None,
     ) -> None:
         _check_version("Kafka", kafka_version)
@@ -398,6 +400,7 @@ class DevBroker:
             self._owns_workdir = False
         self.kafka_version = kafka_version
         self.heap = heap
+        self.jvm_options = list(jvm_options)
         self.broker_configs: dict[str, str] = {str(k): str(v) for k, v in (broker_configs or {}).items()}
         if port is None or controller_port is None:
             free = iter(_free_ports(2))
@@ -466,6 +469,25 @@ class DevBroker:
         }
         props.update(self.broker_configs)
         return props
+
+    # The three helpers below read the configuration rather than assume the single-node
+    # layout, so a subclass that changes the roles or listeners (a node of a multi-node test
+    # cluster) only overrides _server_properties.
+
+    def _node_id(self) -> int:
+        return int(self._server_properties()["node.id"])
+
+    def _listen_ports(self) -> list[int]:
+        """The loopback ports named in ``listeners`` (checked to be free before a start)."""
+        listeners = self._server_properties()["listeners"]
+        return [int(entry.rsplit(":", 1)[1]) for entry in listeners.split(",") if entry.strip()]
+
+    def _format_options(self) -> list[str]:
+        # A static quorum (controller.quorum.voters) is named in the config; only a dynamic
+        # quorum needs the first controller to be formatted as its own single voter.
+        if "controller.quorum.voters" in self._server_properties():
+            return []
+        return ["--standalone"]
 
     def _log_dirs(self) -> list[Path]:
         value = self._server_properties()["log.dirs"]
@@ -549,7 +571,7 @@ class DevBroker:
         self._reap()
         java = _find_java()
         libs = fetch_jars(self.kafka_version)
-        for p in (self.port, self.controller_port):
+        for p in self._listen_ports():
             if _port_is_listening(p):
                 raise DevBrokerError(f"cannot start Kafka: 127.0.0.1:{p} is already in use")
 
@@ -569,6 +591,7 @@ class DevBroker:
         cmd = [
             *base_cmd[:1],
             f"-Xmx{self.heap}",
+            *self.jvm_options,
             # A dev broker that ran out of memory should die loudly, not limp along.
             "-XX:+ExitOnOutOfMemoryError",
             *base_cmd[1:],
@@ -612,7 +635,7 @@ class DevBroker:
             # `=` form: a cluster id may start with "-" and would then parse as an option.
             f"--cluster-id={self.cluster_id}",
             f"--config={props_path}",
-            "--standalone",
+            *self._format_options(),
             # Only unformatted log dirs are touched; formatted ones keep their data.
             "--ignore-formatted",
         ]
@@ -697,7 +720,7 @@ class DevBroker:
                 f"unexpected cluster id {found!r} on {self.bootstrap_servers}",
             )
         for b in info.get("brokers", []):
-            if b.get("broker_id") == _NODE_ID:
+            if b.get("broker_id") == self._node_id():
                 if b.get("is_fenced"):
                     return "waiting", "broker registered but still fenced"
                 return "ready", "ready"

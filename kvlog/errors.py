@@ -7,15 +7,26 @@ catches ``ValueError`` or ``TimeoutError`` keeps working::
     KVLogError(Exception)
     ├── ClosedError(KVLogError, ValueError)          use after close()
     ├── CodecError(KVLogError, ValueError)           a stored value the codec cannot decode
+    ├── BadRecordError(KVLogError, ValueError)       a record in the log the cache cannot take
     ├── RecordTooLargeError(KVLogError, ValueError)  a record larger than the log accepts
     ├── TopicConfigError(KVLogError, ValueError)     topic not compacted, or otherwise unusable
     ├── CacheError(KVLogError, OSError)              the LMDB cache cannot be opened or written
     ├── LogLockedError(KVLogError, OSError)          another process writes this embedded log
     ├── LogCorruptError(KVLogError, OSError)         the embedded log has a bad record it cannot cut off
-    ├── LogUnavailableError(KVLogError, ConnectionError)
-    │   └── BrokerUnavailableError                   Kafka cannot be reached within the timeout
+    ├── LogUnavailableError(KVLogError, ConnectionError)  (retriable)
+    │   ├── BrokerUnavailableError                   Kafka cannot be reached within the timeout
+    │   └── NotEnoughReplicasError                   the partition has too few in-sync replicas
     ├── WriteError(KVLogError)                       the log refused or failed a write
-    └── SyncTimeoutError(KVLogError, TimeoutError)   the cache did not catch up in time
+    └── SyncTimeoutError(KVLogError, TimeoutError)   the cache did not catch up in time (retriable)
+
+Every error has a ``retriable`` attribute: ``True`` where the condition is
+transient (a broker down, a leader moving, replicas catching up, a slow
+replay), so the same call may succeed later without anything changing on the
+caller's side; ``False`` where retrying cannot help until someone acts. A
+write that raised a retriable error may or may not be in the log: a broker
+can append it and then fail to answer (``SyncTimeoutError`` even means it is
+in the log). kvlog never retries it after raising, so retrying is the caller's
+call; rewriting the same value is harmless in a last-writer-wins store.
 
 Wrong key types raise the builtin ``TypeError``; a key the cache cannot hold
 (empty, longer than 511 bytes, not encodable as UTF-8) raises ``ValueError``;
@@ -26,6 +37,7 @@ before any I/O.
 from __future__ import annotations
 
 __all__ = [
+    "BadRecordError",
     "BrokerUnavailableError",
     "CacheError",
     "ClosedError",
@@ -34,6 +46,7 @@ __all__ = [
     "LogCorruptError",
     "LogLockedError",
     "LogUnavailableError",
+    "NotEnoughReplicasError",
     "RecordTooLargeError",
     "SyncTimeoutError",
     "TopicConfigError",
@@ -44,6 +57,9 @@ __all__ = [
 class KVLogError(Exception):
     """Root of every error kvlog raises on purpose."""
 
+    #: Whether the condition is transient: the same call may succeed later.
+    retriable: bool = False
+
 
 class ClosedError(KVLogError, ValueError):
     """The store (or log, or cache) was used after ``close()``."""
@@ -51,6 +67,24 @@ class ClosedError(KVLogError, ValueError):
 
 class CodecError(KVLogError, ValueError):
     """A value read from the log cannot be decoded with the configured codec."""
+
+
+class BadRecordError(KVLogError, ValueError):
+    """A record in the log cannot go into the cache: a null or oversize key, or a value the codec rejects.
+
+    Only from foreign producers (kvlog never writes one), and raised only by a
+    store opened with ``on_bad_record="raise"``; by default such a record is
+    quarantined: skipped, counted and logged. ``partition``, ``offset`` and
+    ``reason`` say which record and why.
+    """
+
+    def __init__(
+        self, message: str, *, partition: int | None = None, offset: int | None = None, reason: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.partition = partition
+        self.offset = offset
+        self.reason = reason
 
 
 class RecordTooLargeError(KVLogError, ValueError):
@@ -74,11 +108,22 @@ class LogCorruptError(KVLogError, OSError):
 
 
 class LogUnavailableError(KVLogError, ConnectionError):
-    """The log cannot be reached."""
+    """The log cannot be reached, or cannot take acknowledged writes for now. Retriable."""
+
+    retriable = True
 
 
 class BrokerUnavailableError(LogUnavailableError):
-    """No Kafka broker answered within the configured timeout."""
+    """No Kafka broker answered (or acknowledged a write) within the configured timeout."""
+
+
+class NotEnoughReplicasError(LogUnavailableError):
+    """The partition leader answered but has fewer in-sync replicas than ``min.insync.replicas``.
+
+    Kafka refuses ``acks=all`` writes then, so the write was not acknowledged
+    within the timeout; reads keep serving from the cache. Writes succeed again
+    once enough replicas are back in sync.
+    """
 
 
 class WriteError(KVLogError):
@@ -86,4 +131,6 @@ class WriteError(KVLogError):
 
 
 class SyncTimeoutError(KVLogError, TimeoutError):
-    """The cache did not catch up with the log before the timeout."""
+    """The cache did not catch up with the log before the timeout (a write that raised it is in the log)."""
+
+    retriable = True

@@ -5,6 +5,7 @@ import kvlog
 
 def test_all_is_pinned_and_sorted() -> None:
     assert kvlog.__all__ == [
+        "BadRecordError",
         "BrokerUnavailableError",
         "CacheError",
         "ClosedError",
@@ -16,6 +17,7 @@ def test_all_is_pinned_and_sorted() -> None:
         "LogCorruptError",
         "LogLockedError",
         "LogUnavailableError",
+        "NotEnoughReplicasError",
         "RecordTooLargeError",
         "SyncTimeoutError",
         "TopicConfigError",
@@ -42,5 +44,21 @@ def test_errors_share_the_root_and_their_builtin_meaning() -> None:
         if isinstance(member, type) and issubclass(member, Exception):
             assert issubclass(member, kvlog.KVLogError), name
     assert issubclass(kvlog.ClosedError, ValueError)
+    assert issubclass(kvlog.BadRecordError, ValueError)
     assert issubclass(kvlog.SyncTimeoutError, TimeoutError)
     assert issubclass(kvlog.BrokerUnavailableError, ConnectionError)
+    assert issubclass(kvlog.NotEnoughReplicasError, kvlog.LogUnavailableError)
+
+
+def test_retriable_errors_say_so() -> None:
+    """Transient conditions (broker down, replicas catching up, slow replay) are retriable; the rest not."""
+    retriable = {
+        "BrokerUnavailableError",
+        "LogUnavailableError",
+        "NotEnoughReplicasError",
+        "SyncTimeoutError",
+    }
+    for name in kvlog.__all__:
+        member = getattr(kvlog, name)
+        if isinstance(member, type) and issubclass(member, Exception):
+            assert member.retriable is (name in retriable), name

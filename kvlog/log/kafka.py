@@ -27,10 +27,13 @@ from typing import Any
 import kafka.errors as kerr
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
+from kafka.partitioner import murmur2
 
 from ..errors import (
     BrokerUnavailableError,
     ClosedError,
+    KVLogError,
+    NotEnoughReplicasError,
     RecordTooLargeError,
     TopicConfigError,
     WriteError,
@@ -48,6 +51,9 @@ log = logging.getLogger(__name__)
 _BATCH_OVERHEAD = 61 + 24
 
 _UNKNOWN_TOPIC = kerr.UnknownTopicOrPartitionError.errno
+
+#: The longest pause between two attempts to reach a broker that is down.
+_RECONNECT_BACKOFF_MAX_MS = 1000
 
 #: What kafka-python raises when no broker answers in time.
 _UNREACHABLE = (kerr.KafkaTimeoutError, kerr.KafkaConnectionError)
@@ -123,6 +129,17 @@ class KafkaReader(LogReader):
             batches = self._consumer.poll(timeout_ms=int(timeout * 1000), max_records=max_records)
         except kerr.OffsetOutOfRangeError as exc:
             raise PositionOutOfRangeError(f"a reader position is outside the log: {exc}") from exc
+        except kerr.LogTruncationError as exc:
+            # KIP-320: the partition's log now ends before records this reader
+            # already read (an unclean leader election, a topic created again):
+            # kafka-python raises this rather than OffsetOutOfRangeError.
+            raise PositionOutOfRangeError(
+                f"a reader position is outside the log: the log was truncated below it ({exc})"
+            ) from exc
+        except kerr.KafkaError as exc:
+            if not exc.retriable:
+                raise
+            raise _unreadable(self._log, exc) from exc
         if not batches:
             return []
         if len(batches) == 1:
@@ -133,7 +150,21 @@ class KafkaReader(LogReader):
         return records
 
     def positions(self) -> dict[int, int]:
-        return {tp.partition: self._consumer.position(tp) for tp in self._tps}
+        # timeout_ms=0: the positions this consumer holds, without a network
+        # round-trip. Without a timeout, kafka-python first validates them
+        # against the leader's epoch after a leader change (KIP-320), waiting
+        # without bound and raising when no broker answers; poll() validates
+        # before it fetches anyway.
+        try:
+            return {tp.partition: self._consumer.position(tp, timeout_ms=0) for tp in self._tps}
+        except kerr.LogTruncationError as exc:  # found by a validation that poll() started
+            raise PositionOutOfRangeError(
+                f"a reader position is outside the log: the log was truncated below it ({exc})"
+            ) from exc
+        except kerr.KafkaError as exc:
+            if not exc.retriable:
+                raise
+            raise _unreadable(self._log, exc) from exc
 
     def close(self) -> None:
         if not self._closed:
@@ -191,7 +222,11 @@ class KafkaLog(Log):
         self._kafka_config = dict(kafka_config or {})
         self._closed = False
         self._offsets_lock = threading.Lock()
+        self._admin_lock = threading.Lock()  # the follower re-describes the topic (current_identity)
         self._producer: KafkaProducer | None = None
+        self._producer_errors = _ProducerErrors(None)
+        # Guards replacing the producer after a failed write (see _write_failed).
+        self._producer_lock = threading.Lock()
         self._offsets_consumer: KafkaConsumer | None = None
         self._admin: KafkaAdminClient | None = None
         try:
@@ -213,16 +248,7 @@ class KafkaLog(Log):
             self._check_policy(allow_non_compacted)
             self._max_message_bytes = _retention_from(self.topic_configs, "max.message.bytes", 1048588)
             self.delete_retention_ms = _retention_from(self.topic_configs, "delete.retention.ms", 86400000)
-            self._producer = self._connect(
-                KafkaProducer,
-                acks="all",
-                enable_idempotence=True,
-                linger_ms=0,
-                max_request_size=max(1048576, self._max_message_bytes + 1024),
-                max_block_ms=self._timeout_ms,
-                request_timeout_ms=min(30000, self._timeout_ms),
-                delivery_timeout_ms=max(self._timeout_ms, min(30000, self._timeout_ms)),
-            )
+            self._producer, self._producer_errors = self._new_producer()
             self._offsets_consumer = self._new_consumer()
         except BaseException:
             self.close()
@@ -241,13 +267,101 @@ class KafkaLog(Log):
         )
 
     def _connect(self, client: type, **settings: Any) -> Any:
-        config = {"bootstrap_servers": self.bootstrap_servers, **self._kafka_config, **settings}
+        config = {
+            "bootstrap_servers": self.bootstrap_servers,
+            # kafka-python backs off reconnecting to a broker up to 30 s
+            # (the Java client: 1 s), so clients came back that long after a
+            # restarted cluster did. The user's kafka_config may say otherwise.
+            "reconnect_backoff_max_ms": _RECONNECT_BACKOFF_MAX_MS,
+            **self._kafka_config,
+            **settings,
+        }
         try:
             instance = client(**config)
         except _UNREACHABLE as exc:
             raise self._unavailable(exc) from exc
         _shorten_startup_backoff(instance)
         return instance
+
+    def _new_producer(self, bootstrap_timeout: float | None = None) -> tuple[KafkaProducer, _ProducerErrors]:
+        settings: dict[str, Any] = {}
+        if bootstrap_timeout is not None:
+            # A replacement made while the brokers are down must not block for
+            # kafka-python's default 30 s bootstrap wait.
+            settings["bootstrap_timeout_ms"] = max(1, int(bootstrap_timeout * 1000))
+        producer = self._connect(
+            KafkaProducer,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=0,
+            max_request_size=max(1048576, self._max_message_bytes + 1024),
+            max_block_ms=self._timeout_ms,
+            request_timeout_ms=min(30000, self._timeout_ms),
+            delivery_timeout_ms=max(self._timeout_ms, min(30000, self._timeout_ms)),
+            **settings,
+        )
+        return producer, _ProducerErrors(producer)
+
+    def _producer_for_write(self, timeout: float) -> tuple[KafkaProducer, _ProducerErrors]:
+        with self._producer_lock:
+            if self._producer is None:
+                # The last one was discarded after a failed write.
+                self._producer, self._producer_errors = self._new_producer(bootstrap_timeout=timeout)
+            return self._producer, self._producer_errors
+
+    def _write_failed(
+        self,
+        exc: kerr.KafkaError,
+        producer: KafkaProducer,
+        errors: _ProducerErrors,
+        started: float,
+        timeout: float,
+    ) -> tuple[KVLogError, BaseException]:
+        """Discard the producer of a failed write; return the error to raise and its cause.
+
+        The producer goes in every case. After a batch expires that it had
+        already sent, kafka-python 3.0 resets its idempotent producer id and
+        never asks for a new one: every later write through it times out,
+        also once the brokers are back. Discarding it also drops what it still
+        holds, so a write that raised is not retried behind the caller's back.
+        """
+        with self._producer_lock:
+            current = self._producer is producer
+            if current:
+                self._producer = None
+        if current:
+            _discard_producer(producer, timeout=0)
+        cause: BaseException = exc
+        partition = None
+        if isinstance(exc, kerr.KafkaTimeoutError):
+            # The timeout hides what the brokers answered to the retries.
+            last = errors.last_since(started)
+            if last is not None:
+                partition, cause = last
+        where = f"partition {partition}" if partition is not None else "the partition"
+        if isinstance(cause, (kerr.NotEnoughReplicasError, kerr.NotEnoughReplicasAfterAppendError)):
+            min_isr = _retention_from(self.topic_configs, "min.insync.replicas", 0)
+            required = f"min.insync.replicas={min_isr}" if min_isr else "min.insync.replicas"
+            return (
+                NotEnoughReplicasError(
+                    f"write to {self.describe()} was not acknowledged within {timeout:g}s: {where} has "
+                    f"fewer in-sync replicas than {required}, so Kafka refuses acks=all writes "
+                    f"(the broker answered {_error_text(cause)}); the write may or may not be in the log. "
+                    "Writes succeed again once enough replicas are back in sync"
+                ),
+                cause,
+            )
+        if isinstance(cause, kerr.RetriableError) or not current:
+            # (not current: another write's failure discarded the producer under this one.)
+            return (
+                BrokerUnavailableError(
+                    f"no Kafka broker acknowledged the write to topic {self.topic!r} at "
+                    f"{self.bootstrap_servers} within {timeout:g}s (last error: {_error_text(cause)}); "
+                    "the write may or may not be in the log"
+                ),
+                cause,
+            )
+        return WriteError(f"write to {self.describe()} failed: {cause!r}"), cause
 
     def _new_consumer(self, **settings: Any) -> KafkaConsumer:
         return self._connect(
@@ -299,10 +413,21 @@ class KafkaLog(Log):
             raise self._unavailable(exc) from exc
         except kerr.KafkaError as exc:
             raise TopicConfigError(f"cannot create topic {self.topic!r}: {exc}") from exc
-        info = self._describe_topic()
-        if info is None:
-            raise TopicConfigError(f"topic {self.topic!r} was created but is not visible")
-        return info
+        # Brokers learn of a new topic from the controller a moment after it
+        # exists, and the admin client may ask one that has not yet (on a
+        # multi-broker cluster: "unknown topic" or LEADER_NOT_AVAILABLE).
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                info = self._describe_topic()
+                if info is not None:
+                    return info
+                problem = TopicConfigError(f"topic {self.topic!r} was created but is not visible")
+            except TopicConfigError as exc:
+                problem = exc
+            if time.monotonic() >= deadline:
+                raise problem
+            time.sleep(0.05)  # polling interval while the metadata propagates
 
     def _describe_configs(self) -> dict[str, Any]:
         assert self._admin is not None
@@ -347,6 +472,49 @@ class KafkaLog(Log):
             "partitions": self._partitions,
         }
 
+    def current_identity(self) -> dict[str, Any]:
+        """Describe the topic again (see :meth:`Log.current_identity`); adopt it if it was recreated.
+
+        Raises:
+            BrokerUnavailableError: the broker did not answer.
+            TopicConfigError: the topic no longer exists.
+        """
+        self._check_open()
+        with self._admin_lock:
+            try:
+                info = self._describe_topic()
+            except _UNREACHABLE as exc:
+                raise self._unavailable(exc) from exc
+        if info is None:
+            raise TopicConfigError(f"topic {self.topic!r} no longer exists at {self.bootstrap_servers}")
+        topic_id, partitions = str(info["topic_id"]), len(info["partitions"])
+        if topic_id != self.topic_id:
+            # Another topic under the same name: nothing of the old one
+            # carries over, so its partition count is simply the new one.
+            log.warning(
+                "topic %r was deleted and created again (topic id %s -> %s)",
+                self.topic,
+                self.topic_id,
+                topic_id,
+            )
+            self.topic_id, self._partitions = topic_id, partitions
+        return {**self.identity(), "partitions": partitions}
+
+    def partition_for(self, key: bytes) -> int:
+        """The partition kvlog writes ``key`` to.
+
+        Kafka's default partitioner (murmur2 of the key, modulo the partition
+        count, as the Java client and kafka-python compute it), over the
+        partitions the topic had when this log was opened: a store never
+        writes into a partition it does not read, and a key's records stay in
+        one partition when partitions are added (which kvlog then refuses, see
+        :func:`~kvlog.log.partitions_changed_error`).
+        """
+        partitions = self._partitions
+        if partitions == 1:
+            return 0
+        return (murmur2(key) & 0x7FFFFFFF) % partitions
+
     def describe(self) -> str:
         return f"kafka topic {self.topic!r} at {self.bootstrap_servers}"
 
@@ -356,7 +524,6 @@ class KafkaLog(Log):
 
     def append(self, records: Sequence[tuple[bytes, bytes | None]], timeout: float) -> list[tuple[int, int]]:
         self._check_open()
-        assert self._producer is not None
         limit = self.max_record_bytes
         for key, value in records:
             size = len(key) + (len(value) if value is not None else 0)
@@ -365,19 +532,25 @@ class KafkaLog(Log):
                     f"record for key {key[:40]!r} is {size} bytes; topic {self.topic!r} accepts at most "
                     f"{limit} (max.message.bytes={self._max_message_bytes})"
                 )
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
+        producer, errors = self._producer_for_write(timeout)
         try:
             # With linger_ms=0 the sender ships each batch as soon as it can, so
             # waiting on the futures is enough; flush() would add a pass over
             # every in-flight batch of the producer (about 1 ms a write here).
-            futures = [self._producer.send(self.topic, key=key, value=value) for key, value in records]
+            # An explicit partition: the producer's own partitioner would follow
+            # partitions added to the topic (see partition_for).
+            send, partition_for = producer.send, self.partition_for
+            futures = [
+                send(self.topic, key=key, value=value, partition=partition_for(key)) for key, value in records
+            ]
             metadata = [f.get(timeout=max(0.001, deadline - time.monotonic())) for f in futures]
         except (kerr.MessageSizeTooLargeError, kerr.RecordListTooLargeError) as exc:
             raise RecordTooLargeError(f"topic {self.topic!r} refused a record as too large: {exc}") from exc
-        except _UNREACHABLE as exc:
-            raise self._unavailable(exc) from exc
         except kerr.KafkaError as exc:
-            raise WriteError(f"write to {self.describe()} failed: {exc!r}") from exc
+            error, cause = self._write_failed(exc, producer, errors, started, timeout)
+            raise error from cause
         return [(m.partition, m.offset) for m in metadata]
 
     def _tps(self) -> list[TopicPartition]:
@@ -414,13 +587,78 @@ class KafkaLog(Log):
         if self._offsets_consumer is not None:
             _quietly(self._offsets_consumer.close, autocommit=False)
         if self._producer is not None:
-            _quietly(self._producer.close, timeout=min(5.0, self.timeout))
+            _discard_producer(self._producer, timeout=min(5.0, self.timeout))
         if self._admin is not None:
             _quietly(self._admin.close)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{self._partitions} partition(s)"
         return f"<KafkaLog {self.describe()}, {state}>"
+
+
+def _unreadable(kafka_log: KafkaLog, exc: kerr.KafkaError) -> BrokerUnavailableError:
+    """What a reader raises for a retriable read failure: the brokers cannot serve it for now."""
+    return BrokerUnavailableError(f"cannot read {kafka_log.describe()} for now: {_error_text(exc)}")
+
+
+def _error_text(exc: BaseException) -> str:
+    """``Name: message`` of a kafka-python error, without its ``[Error n]`` prefix or a ``None`` message."""
+    message = exc.args[0] if exc.args else None
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+class _ProducerErrors:
+    """The last error a producer's brokers answered, which kafka-python retries without a word.
+
+    A write that times out reports only the timeout ("Expiring 1 record(s)
+    ...: 5000 ms has passed since batch creation"); what the brokers answered
+    to the retries (NOT_ENOUGH_REPLICAS, NOT_LEADER_OR_FOLLOWER, a lost
+    connection) goes to kafka-python's log only. This wraps the sender's one
+    decision point for failed batches so that kvlog's error can name the cause.
+    Where a kafka-python release has no such method, errors name the timeout only.
+    """
+
+    def __init__(self, producer: KafkaProducer | None) -> None:
+        self._last: tuple[float, int, BaseException] | None = None
+        sender = getattr(producer, "_sender", None)
+        dispatch = getattr(sender, "_dispatch_error", None)
+        if sender is None or dispatch is None:
+            return
+
+        def dispatch_error(batch: Any, exception: Any, partition_response: Any) -> Any:
+            # Runs in the sender thread; one tuple assignment is atomic.
+            if isinstance(exception, BaseException) and not isinstance(exception, kerr.KafkaTimeoutError):
+                self._last = (time.monotonic(), batch.topic_partition.partition, exception)
+            return dispatch(batch, exception, partition_response)
+
+        sender._dispatch_error = dispatch_error
+
+    def last_since(self, started: float) -> tuple[int, BaseException] | None:
+        """``(partition, error)`` of the last broker error after ``started`` (monotonic), if any."""
+        last = self._last
+        if last is None or last[0] < started:
+            return None
+        return last[1], last[2]
+
+
+def _discard_producer(producer: KafkaProducer, timeout: float) -> None:
+    """Close a producer, waiting up to ``timeout`` s for what it holds and dropping the rest."""
+    try:
+        producer.close(timeout=timeout)
+        return
+    except kerr.KafkaTimeoutError:
+        pass
+    except Exception:
+        log.debug("error while closing a Kafka producer", exc_info=True)
+        return
+    # kafka-python 3.0's close() flushes first and raises when records are still
+    # pending, before it stops its sender thread, which would then retry them
+    # for ever. Stop it the way close() would have: abort what is pending.
+    sender = getattr(producer, "_sender", None)
+    if sender is not None:
+        sender.force_close()
+        sender.join(5.0)
+    _quietly(producer.close, timeout=0)  # nothing pending now: completes the close
 
 
 def _quietly(close: Any, **kwargs: Any) -> None:
