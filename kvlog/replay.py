@@ -11,10 +11,36 @@ partition ``p`` waits until the applied position of ``p`` is past ``o``
 (read-your-writes); ``sync()`` waits until every partition's position reaches
 an end-offset snapshot. Positions step over compacted gaps and transaction
 markers, so neither ever waits for a record that does not exist.
+
+Missed deletes. Compaction removes a tombstone once the log has kept it for
+its retention (Kafka's ``delete.retention.ms``), and with it the only trace of
+the delete. A reader cannot miss one as long as, between two moments it stood
+at the log end, no more than the retention passed: a tombstone it had not
+read yet at the first moment was written after it, so it is still there at
+the second. The replayer therefore notes when the cache was last *current*
+(its positions reached an end-offset snapshot; the time is that of the
+snapshot) and checks before committing each batch that the retention has not
+passed since. If it has (a store with ``follow=False`` not synced for that
+long, a follower that could not reach the log or fell that far behind), it
+rebuilds the cache from the log start instead (unless the log can say exactly
+that it dropped no tombstone, as the embedded log can). A rebuild counts as
+current from the moment it starts; if the full replay itself takes longer
+than the retention, rebuilding again could never finish, so the replayer
+warns (raise the retention) and carries on. The follower takes end-offset
+snapshots every ``min(CURRENT_MARK_SECONDS, retention / 4)`` seconds, so a
+follower that keeps up never comes near the limit.
+
+Bad records. A record from a foreign producer may have a key the cache cannot
+hold or a value the codec rejects (:meth:`kvlog.codec.Codec.value_check`).
+By default it is quarantined: skipped (the key keeps its previous value, as
+Kafka Streams' ``LogAndContinueExceptionHandler`` does), counted and logged
+with its partition, offset and reason. With ``on_bad_record="raise"`` the
+replay stops at it with :class:`~kvlog.errors.BadRecordError` instead.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -22,10 +48,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .cache import Cache
-from .errors import ClosedError, SyncTimeoutError
-from .log import Log, LogReader, PositionOutOfRangeError
+from .errors import BadRecordError, ClosedError, KVLogError, SyncTimeoutError
+from .log import Log, LogReader, PositionOutOfRangeError, partitions_changed_error
 
-__all__ = ["Replayer"]
+__all__ = ["BAD_RECORD_POLICIES", "Replayer"]
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +62,21 @@ BATCH_RECORDS = 50_000
 BATCH_SECONDS = 0.25
 #: How long one idle poll of the follower blocks (also how quickly it stops).
 FOLLOW_POLL_SECONDS = 0.2
-#: How often an idle follower records that the cache is current (a tiny write).
+#: How often the replayer asks for the log's end offsets to note that the cache
+#: is current (a tiny write) and checks that the log is still the one it opened
+#: (a recreated topic, added partitions). Shorter for a short tombstone retention.
 CURRENT_MARK_SECONDS = 10.0
+#: The shortest interval between two of those checks, whatever the retention.
+MIN_MARK_SECONDS = 0.25
+#: A tombstone retention below this is too short to guard by time (a follower
+#: cannot reliably stand at the log end that often): the replayer warns instead.
+MIN_GUARDED_RETENTION_SECONDS = 1.0
+#: How many of the last quarantined records ``quarantined`` keeps.
+QUARANTINE_KEPT = 10
+#: Quarantined records logged one by one per batch; the rest are summed up.
+QUARANTINE_LOGGED = 10
+#: What ``on_bad_record`` accepts.
+BAD_RECORD_POLICIES = ("quarantine", "raise")
 
 
 class Replayer:
@@ -46,14 +85,34 @@ class Replayer:
     Args:
         log: the log to read.
         cache: the cache to apply to; its checkpoint says where to start.
-        on_rebuild: called with a reason when a position falls outside the log
-            and the cache must be rebuilt from the log start.
+        identity: returns the identity to bind the cache to when it must be
+            rebuilt (default: the identity it has).
+        on_rebuild: called with a reason whenever the replayer rebuilds the
+            cache from the log start (a position outside the log, a cache
+            behind for longer than the log keeps tombstones, a recreated topic).
+        check: run on every value replayed (the codec's ``value_check``); a
+            value it raises on is a bad record.
+        on_bad_record: ``"quarantine"`` (skip, count, log) or ``"raise"``.
     """
 
-    def __init__(self, log: Log, cache: Cache, *, on_rebuild: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        log: Log,
+        cache: Cache,
+        *,
+        identity: Callable[[], Mapping[str, Any]] | None = None,
+        on_rebuild: Callable[[str], None] | None = None,
+        check: Callable[[bytes], object] | None = None,
+        on_bad_record: str = "quarantine",
+    ) -> None:
+        if on_bad_record not in BAD_RECORD_POLICIES:
+            raise ValueError(f"on_bad_record must be one of {', '.join(map(repr, BAD_RECORD_POLICIES))}")
         self._log = log
         self._cache = cache
+        self._identity = identity
         self._on_rebuild = on_rebuild
+        self._check = check
+        self._strict = on_bad_record == "raise"
         self._cond = threading.Condition()
         # Held by whoever reads from the reader and writes the cache: the
         # follower, or a caller driving replay itself. KafkaConsumer is not
@@ -64,28 +123,55 @@ class Replayer:
         self._follower: threading.Thread | None = None
         self._stop = threading.Event()
         self._error: BaseException | None = None
+        #: An error no retry can cure (a bad record under "raise", partitions
+        #: added to the topic): every later step, sync and write raises it.
+        self._fatal: BaseException | None = None
         self._closed = False
         #: Records applied since this replayer was created.
         self.records_replayed = 0
-        #: Records skipped because the cache cannot hold their key.
-        self.records_skipped = 0
+        #: Bad records skipped since this replayer was created.
+        self.records_quarantined = 0
+        #: The last few of them, as ``(partition, offset, reason)``.
+        self.quarantined: collections.deque[tuple[int, int, str]] = collections.deque(maxlen=QUARANTINE_KEPT)
+        #: The last few warnings about guarantees replay could not keep (see the module docstring).
+        self.warnings: collections.deque[str] = collections.deque(maxlen=QUARANTINE_KEPT)
         self.batches = 0
-        self._marked_current_at = 0.0
-        # A "current" mark requested while the follower held the pull lock; it
-        # writes it after its step (see mark_current).
-        self._current_pending: float | None = None
+        # When the cache last stood at the log end (the time of the end-offset
+        # snapshot it reached), and whether that moment is a rebuild's start
+        # rather than an arrival at the end. See "Missed deletes" above.
+        self._current_at = cache.current_at()
+        self._from_start = not cache.checkpoint()
+        self._slow_rebuild_warned = False
+        self._unguarded_warned = False
+        retention = log.tombstone_retention_seconds
+        self._retention = retention
+        self._mark_every = CURRENT_MARK_SECONDS
+        if retention is not None:
+            self._mark_every = max(MIN_MARK_SECONDS, min(CURRENT_MARK_SECONDS, retention / 4))
+        # An end-offset snapshot (taken at the time given) that the positions
+        # have not reached yet; when they do, the cache was current then.
+        self._probe: tuple[float, dict[int, int]] | None = None
+        self._last_probe = time.time()  # the opening replay already checked the log
+        # A "current" mark decided while the follower held the pull lock; it
+        # writes it after its step (see _note_current).
+        self._current_pending = False
         self._open_reader()
 
     def _open_reader(self) -> None:
         checkpoint = self._cache.checkpoint()
         begin = self._log.begin_offsets()
         positions = {p: checkpoint.get(p, begin[p]) for p in range(self._log.partitions)}
-        if self._reader is not None:
-            self._reader.close()
         self._reader = self._log.open_reader(positions)
         with self._cond:
             self._positions = positions
             self._cond.notify_all()
+
+    def _drop_reader(self) -> None:
+        # The next step opens a new reader at the cache's checkpoint: after a
+        # batch that failed to apply, the old one stands past what was applied.
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
 
     # -- state --------------------------------------------------------------
 
@@ -100,25 +186,40 @@ class Replayer:
         """Whether the background follower thread is running."""
         return self._follower is not None and self._follower.is_alive()
 
+    def check_usable(self) -> None:
+        """Raise the error that stopped replay for good, if one did (before a write is sent)."""
+        fatal = self._fatal
+        if fatal is not None:
+            raise fatal.with_traceback(None)
+
     # -- pulling ------------------------------------------------------------
 
-    def step(self, timeout: float, *, max_records: int = BATCH_RECORDS) -> int:
+    def step(self, timeout: float, *, max_records: int | None = None) -> int:
         """Read one batch (waiting up to ``timeout`` for its first record) and apply it.
+
+        ``max_records`` defaults to :data:`BATCH_RECORDS`.
 
         Returns:
             The number of records read.
+
+        Raises:
+            BadRecordError: ``on_bad_record="raise"`` and the batch holds a bad record.
+            TopicConfigError: partitions were added to the topic.
         """
         with self._pull_lock:
             if self._closed:
                 raise ClosedError("the replayer is closed")
             try:
-                return self._step_locked(timeout, max_records)
+                return self._step_locked(timeout, BATCH_RECORDS if max_records is None else max_records)
             finally:
-                pending, self._current_pending = self._current_pending, None
-                if pending is not None:
-                    self._write_current(pending)
+                if self._current_pending:
+                    self._current_pending = False
+                    self._write_current()
 
     def _step_locked(self, timeout: float, max_records: int) -> int:
+        self.check_usable()
+        if self._reader is None:
+            self._open_reader()
         reader = self._reader
         assert reader is not None
         try:
@@ -136,79 +237,283 @@ class Replayer:
         except PositionOutOfRangeError as exc:
             self._rebuild_locked(str(exc))
             return 0
+        except BaseException:
+            # The reader may stand past records this step read but will not
+            # apply; kept, its next positions would skip them. The next step
+            # opens a new reader at the cache's checkpoint instead.
+            self._drop_reader()
+            raise
         with self._cond:
             unchanged = positions == self._positions
-        if not records and unchanged:
-            self._maybe_mark_current(positions)
-            return 0
-        applied, skipped = self._cache.apply(records, positions)
-        if skipped:
-            log.warning(
-                "skipped %d record(s) whose key the cache cannot hold (null, empty or > 511 bytes)", skipped
+        if records:
+            problem = self._missed_delete_risk()
+            if problem is not None:
+                self._rebuild_locked(problem)
+                return 0
+        if records or not unchanged:
+            self._apply(records, positions)
+        self._track_current(positions)
+        return len(records)
+
+    def _apply(self, records: list[Any], positions: dict[int, int]) -> None:
+        bad: list[tuple[Any, str]] = []
+        try:
+            applied, skipped = self._cache.apply(
+                records,
+                positions,
+                check=self._check,
+                on_bad=lambda r, why: bad.append((r, why)),
+                strict=self._strict,
             )
+        except BadRecordError as exc:
+            self._drop_reader()
+            fatal = BadRecordError(
+                f"{exc} (in {self._log.describe()}); replay stops here because the store was opened with "
+                "on_bad_record='raise' (with the default, 'quarantine', such a record is skipped, counted "
+                "in stats() and logged)",
+                partition=exc.partition,
+                offset=exc.offset,
+                reason=exc.reason,
+            )
+            self._set_fatal(fatal)
+            raise fatal from None
+        except BaseException:
+            self._drop_reader()  # nothing of the batch was applied: read it again next time
+            raise
         with self._cond:
             self._positions = positions
             self.records_replayed += applied
-            self.records_skipped += skipped
+            self.records_quarantined += skipped
+            self.quarantined.extend((r.partition, r.offset, why) for r, why in bad)
             self.batches += 1
             self._cond.notify_all()
-        return len(records)
+        for record, why in bad[:QUARANTINE_LOGGED]:
+            log.warning(
+                "quarantined the record at offset %d of partition %d of %s: %s (skipped; the key keeps its "
+                "previous value)",
+                record.offset,
+                record.partition,
+                self._log.describe(),
+                why,
+            )
+        if len(bad) > QUARANTINE_LOGGED:
+            log.warning(
+                "quarantined %d more record(s) of the same batch; stats()['quarantined'] lists the last %d",
+                len(bad) - QUARANTINE_LOGGED,
+                QUARANTINE_KEPT,
+            )
 
     def _rebuild_locked(self, reason: str) -> None:
         log.warning("rebuilding the cache from the log start: %s", reason)
-        identity = self._cache.identity() or {}
-        self._cache.reset(identity)
-        self._open_reader()
+        try:
+            # A topic deleted and created again is the usual cause of a
+            # position outside the log: bind the rebuilt cache to the new one.
+            self._log.current_identity()
+        except Exception as exc:  # noqa: BLE001 - the identity the log has is the best there is
+            log.debug("cannot check the log's identity: %s", exc)
+        identity = self._identity() if self._identity is not None else self._cache.identity() or {}
+        self._reset_locked(identity)
         if self._on_rebuild is not None:
             self._on_rebuild(reason)
+        self._open_reader()
+
+    def _reset_locked(self, identity: Mapping[str, Any]) -> None:
+        self._drop_reader()
+        self._cache.reset(identity)
+        with self._cond:
+            # Reset marks the cache current as of now: a replay from the log
+            # start misses no delete that is still in the log when it starts.
+            self._current_at = self._cache.current_at()
+            self._from_start = True
+            self._slow_rebuild_warned = False
+            self._probe = None
+            self._positions = {}
+            self._cond.notify_all()
 
     def reset(self, identity: Mapping[str, Any]) -> None:
         """Empty the cache, bind it to ``identity`` and replay again from the log start."""
         with self._pull_lock:
-            self._cache.reset(identity)
+            self._reset_locked(identity)
             self._open_reader()
 
-    # -- waiting ------------------------------------------------------------
+    # -- staying current ----------------------------------------------------
 
-    def _maybe_mark_current(self, positions: Mapping[int, int]) -> None:
-        """Now and then, record that an idle reader stands at the end of the log.
+    def _missed_delete_risk(self) -> str | None:
+        """Why applying records now could keep a key whose delete was compacted away, or ``None``."""
+        retention = self._retention
+        if retention is None:
+            return None
+        now = time.time()
+        since = self._current_at
+        if since is not None and now - since <= retention:
+            return None
+        with self._cond:
+            positions = dict(self._positions)
+        dropped = self._log.tombstones_dropped_after(positions, since or 0.0)
+        if dropped is False:
+            return None
+        away = "an unknown time" if since is None else f"{now - since:.1f}s"
+        if dropped is None and retention < MIN_GUARDED_RETENTION_SECONDS:
+            if not self._unguarded_warned:
+                self._unguarded_warned = True
+                self._warn(
+                    f"{self._log.describe()} keeps tombstones only {retention:g}s, too short for kvlog to notice "
+                    "a delete it missed while behind; raise the topic's delete.retention.ms to well above "
+                    f"{MIN_GUARDED_RETENTION_SECONDS:g}s"
+                )
+            return None
+        if self._from_start:
+            # Rebuilding again would take as long, and could end the same way.
+            if not self._slow_rebuild_warned:
+                self._slow_rebuild_warned = True
+                what = (
+                    "compaction dropped tombstones while it ran"
+                    if dropped
+                    else f"that is longer than the log keeps tombstones ({retention:g}s)"
+                )
+                self._warn(
+                    f"replaying {self._log.describe()} from its start has taken {away}, and {what}: a delete "
+                    "made meanwhile may be missing from the cache. Raise the log's tombstone retention "
+                    "(Kafka: the topic's delete.retention.ms) well above the time a full replay takes"
+                )
+            return None
+        if dropped:
+            return f"compaction dropped tombstones past the cache's position while it was behind the log end ({away})"
+        return (
+            f"the cache has not been at the log end for {away}, longer than the log keeps tombstones "
+            f"(delete.retention.ms={retention * 1000:.0f}): deletes made meanwhile may be compacted away"
+        )
 
-        An empty poll alone does not prove it (kafka-python also returns empty
-        while the broker is unreachable), so the end offsets are asked, briefly.
+    def _set_fatal(self, error: BaseException) -> None:
+        log.error("replay stopped: %s", error)
+        with self._cond:
+            self._fatal = error
+            self._cond.notify_all()
+
+    def _warn(self, message: str) -> None:
+        log.warning("%s", message)
+        with self._cond:
+            self.warnings.append(message)
+
+    def _track_current(self, positions: Mapping[int, int]) -> None:
+        """Every few seconds, snapshot the end offsets and check the log; note arrivals at a snapshot.
+
+        An empty poll alone does not prove that the reader is at the end
+        (kafka-python also returns empty while the broker is unreachable),
+        hence the snapshots.
         """
         now = time.time()
-        if now - self._marked_current_at < CURRENT_MARK_SECONDS:
-            return
-        self._marked_current_at = now  # also spaces out the attempts while the log is down
+        if now - self._last_probe >= self._mark_every:
+            self._last_probe = now  # also spaces out the attempts while the log is down
+            try:
+                end = self._log.end_offsets(timeout=2.0)
+            except Exception as exc:  # noqa: BLE001 - unknown means not current; retried later
+                log.debug("cannot tell whether the cache is current: %s", exc)
+            else:
+                if self._probe is None:
+                    self._probe = (now, end)
+                self._check_log_locked()
+        probe = self._probe
+        if probe is not None and all(positions.get(p, 0) >= offset for p, offset in probe[1].items()):
+            self._probe = None
+            with self._cond:
+                moved = self._advance_current(probe[0])
+            if moved:
+                self._write_current()
+
+    def _check_log_locked(self) -> None:
+        """Notice a topic recreated (rebuild) or given more partitions (stop: see partitions_changed_error)."""
         try:
-            end = self._log.end_offsets(timeout=2.0)
-        except Exception as exc:  # noqa: BLE001 - unknown means not current; retried later
-            log.debug("cannot tell whether the cache is current: %s", exc)
+            now = self._log.current_identity()
+        except Exception as exc:  # noqa: BLE001 - checked again at the next snapshot
+            log.debug("cannot check the log's identity: %s", exc)
             return
-        if all(positions.get(p, 0) >= offset for p, offset in end.items()):
-            self._cache.mark_current(now)
+        cached = self._cache.identity() or {}
+        if all(cached.get(k) == v for k, v in now.items()):
+            return
+        changed = sorted(k for k, v in now.items() if cached.get(k) != v)
+        if changed == ["partitions"]:
+            self._set_fatal(
+                partitions_changed_error(self._log.describe(), cached["partitions"], now["partitions"])
+            )
+            return
+        details = ", ".join(f"{k}: {cached.get(k)!r} -> {now[k]!r}" for k in changed)
+        self._rebuild_locked(f"the log changed under the store ({details})")
 
-    def mark_current(self) -> None:
-        """Record that the cache is at the end of the log now (after a successful sync).
+    def _advance_current(self, since: float) -> bool:
+        # With self._cond held. Marks only move forward: a snapshot taken
+        # before a rebuild started says nothing about the rebuilt cache.
+        if self._current_at is not None and since <= self._current_at:
+            return False
+        self._current_at = since
+        self._from_start = False
+        return True
 
-        Never waits for the follower's idle poll: if the follower holds the
-        pull lock, it writes the mark when its step ends (a crash before that
-        only makes the cache look less recent than it was).
+    def _write_current(self) -> None:
+        # Callers hold the pull lock: cache writes (and map resizes) happen in one thread at a time.
+        when = self._current_at
+        if not self._closed and when is not None:
+            self._cache.mark_current(when)
+
+    def _note_current(self, since: float, end: Mapping[int, int]) -> bool:
+        """Record that the positions reached ``end``, a snapshot taken at ``since``.
+
+        Returns ``False`` if they no longer stand there (a rebuild moved them
+        back). Never waits for the follower's idle poll: if the follower holds
+        the pull lock, it writes the mark when its step ends (a crash before
+        that only makes the cache look less recent than it was).
         """
-        now = time.time()
         if self._pull_lock.acquire(blocking=False):
             try:
-                self._write_current(now)
+                with self._cond:
+                    if not self._reached(end):
+                        return False
+                    moved = self._advance_current(since)
+                if moved:
+                    self._write_current()
+                return True
             finally:
                 self._pull_lock.release()
-        else:
-            self._current_pending = now
+        with self._cond:
+            if not self._reached(end):
+                return False
+            if self._advance_current(since):
+                self._current_pending = True
+            return True
 
-    def _write_current(self, when: float) -> None:
-        # Callers hold the pull lock: cache writes (and map resizes) happen in one thread at a time.
-        if not self._closed:
-            self._cache.mark_current(when)
-            self._marked_current_at = when
+    def catch_up(
+        self,
+        timeout: float | None,
+        *,
+        progress: Callable[[dict[int, int], dict[int, int]], None] | None = None,
+    ) -> None:
+        """Return once the cache holds everything the log held when this was called.
+
+        If replay has to rebuild the cache meanwhile (see the module
+        docstring), this returns only after the rebuild caught up.
+
+        Raises:
+            SyncTimeoutError: ``timeout`` seconds passed first.
+            BrokerUnavailableError: the end offsets could not be read.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self.following:
+            # Without a follower nothing else runs the periodic checks (a
+            # store that is already current would not even step).
+            with self._pull_lock:
+                if not self._closed:
+                    self.check_usable()
+                    with self._cond:
+                        positions = dict(self._positions)
+                    self._track_current(positions)
+        while True:
+            since = time.time()
+            end = self._log.end_offsets()
+            self._wait(end, deadline, timeout, progress)
+            if self._note_current(since, end):
+                return
+
+    # -- waiting ------------------------------------------------------------
 
     def _reached(self, targets: Mapping[int, int]) -> bool:
         positions = self._positions
@@ -230,12 +535,22 @@ class Replayer:
         Raises:
             SyncTimeoutError: ``timeout`` seconds passed first.
             ClosedError: the replayer was closed while waiting.
+            BadRecordError, TopicConfigError: replay stopped for good (see :meth:`step`).
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
+        self._wait(targets, None if timeout is None else time.monotonic() + timeout, timeout, progress)
+
+    def _wait(
+        self,
+        targets: Mapping[int, int],
+        deadline: float | None,
+        timeout: float | None,
+        progress: Callable[[dict[int, int], dict[int, int]], None] | None,
+    ) -> None:
         while True:
             with self._cond:
                 if self._closed:
                     raise ClosedError("the store was closed while waiting for replay")
+                self.check_usable()
                 if self._error is not None:
                     error, self._error = self._error, None
                     raise error
@@ -254,7 +569,12 @@ class Replayer:
                 )
             if self.following:
                 with self._cond:
-                    if not self._reached(targets) and not self._closed and self._error is None:
+                    if (
+                        not self._reached(targets)
+                        and not self._closed
+                        and self._error is None
+                        and self._fatal is None
+                    ):
                         self._cond.wait(timeout=min(remaining or 1.0, 1.0))
             else:
                 self.step(min(remaining if remaining is not None else 1.0, 1.0))
@@ -278,10 +598,18 @@ class Replayer:
             except ClosedError:
                 return
             except Exception as exc:
-                log.exception("replay failed; retrying in %.1fs", backoff)
-                with self._cond:
-                    self._error = exc
-                    self._cond.notify_all()
+                if exc is self._fatal:
+                    return  # logged where it was found; sync() and writes raise it
+                if isinstance(exc, KVLogError) and exc.retriable:
+                    # The log is out of reach for now (brokers restarting): the
+                    # reader keeps its position and resumes from it. Waiters
+                    # are not failed for it; their own timeout bounds them.
+                    log.warning("replay paused: %s; retrying in %.1fs", exc, backoff)
+                else:
+                    log.exception("replay failed; retrying in %.1fs", backoff)
+                    with self._cond:
+                        self._error = exc
+                        self._cond.notify_all()
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
 

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import logging
 import os
+import reprlib
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from . import _fork
+from ._files import DEFAULT_FILE_MODE, check_file_mode
 from .cache import DEFAULT_MAP_SIZE, Cache
 from .codec import MAX_KEY_SIZE, Codec, decode_key, encode_key, get_codec
-from .errors import ClosedError
-from .log import Log
-from .replay import Replayer
+from .errors import CacheError, ClosedError, RecordTooLargeError
+from .log import Log, partitions_changed_error
+from .replay import BAD_RECORD_POLICIES, Replayer
 
 __all__ = ["KVLog"]
 
@@ -81,12 +84,31 @@ class KVLog(MutableMapping[Any, Any]):
             ``"never"``. See :class:`~kvlog.log.local.LocalLog`.
         progress: ``progress(applied, targets)``, called with per-partition
             offsets while the opening replay runs (for progress bars).
+        on_bad_record: what replay does with a record from a foreign producer
+            that the cache cannot take (a null key, a key over 511 bytes, a
+            value the codec rejects): ``"quarantine"`` (the default) skips it
+            (the key keeps its previous value), counts it in
+            ``stats()["records_quarantined"]``, lists it in
+            ``stats()["quarantined"]`` and logs its partition, offset and
+            reason; ``"raise"`` stops replay at it: the open, ``sync()``,
+            writes and the follower raise :class:`~kvlog.BadRecordError`.
+        file_mode: permission bits of every file kvlog creates for this store
+            (cache, embedded log, markers): ``0o600`` by default, so only the
+            owner can read the data; directories get the matching search bits
+            (``0o640`` gives directories ``0o750``). Applied whatever the
+            umask; files that already exist keep their modes.
 
     Raises:
         BrokerUnavailableError: no broker answered within ``timeout``.
-        TopicConfigError: the topic is not compacted (or missing and not created).
+        TopicConfigError: the topic is not compacted (or missing and not
+            created), or it has more partitions than when the cache was built.
+        BadRecordError: ``on_bad_record="raise"`` and the log holds a record
+            the cache cannot take.
         LogLockedError: another process has the embedded log open.
-        CacheError: the cache directory cannot be opened.
+        CacheError: the cache directory cannot be opened, or it is damaged and
+            cannot be moved aside (a damaged cache is otherwise moved to
+            ``path/cache.corrupt-<time>``, named in a warning and in ``rebuilds``,
+            and rebuilt from the log).
     """
 
     def __init__(
@@ -110,10 +132,19 @@ class KVLog(MutableMapping[Any, Any]):
         map_size: int = DEFAULT_MAP_SIZE,
         fsync: str = "always",
         progress: Callable[[dict[int, int], dict[int, int]], None] | None = None,
+        file_mode: int = DEFAULT_FILE_MODE,
+        on_bad_record: str = "quarantine",
     ) -> None:
         try:
+            check_file_mode(file_mode)
             if key_type not in (str, bytes):
                 raise TypeError("key_type must be str or bytes")
+            if on_bad_record not in BAD_RECORD_POLICIES:
+                raise ValueError(
+                    f"on_bad_record must be one of {', '.join(map(repr, BAD_RECORD_POLICIES))}, "
+                    f"not {on_bad_record!r}"
+                )
+            self._on_bad_record = on_bad_record
             self._codec = get_codec(codec)
             self._decode = self._codec.decode
             if log is not None and (bootstrap_servers is not None or topic is not None):
@@ -131,6 +162,7 @@ class KVLog(MutableMapping[Any, Any]):
         self._key_type = key_type
         self._timeout = timeout
         self._closed = True  # until fully open: close() must be safe on a half-built store
+        self._forked = False
         self._cache: Cache | None = None
         self._replayer: Replayer | None = None
         self._log: Log | None = None
@@ -138,7 +170,7 @@ class KVLog(MutableMapping[Any, Any]):
         if embedded:
             from .log.local import LocalLog
 
-            log = LocalLog(self.path / "log", partitions=partitions, fsync=fsync)
+            log = LocalLog(self.path / "log", partitions=partitions, fsync=fsync, file_mode=file_mode)
         elif log is None:
             if bootstrap_servers is None or topic is None:
                 raise ValueError("a Kafka store needs both bootstrap_servers= and topic=")
@@ -160,12 +192,35 @@ class KVLog(MutableMapping[Any, Any]):
             # The cache is synced on every commit unless the log is not either:
             # then a reboot, not a killed process, is what can tear it, and the
             # cache notices and is rebuilt (see kvlog.cache).
-            self._cache = Cache(
-                self.path / "cache", map_size=map_size, sync=not embedded or fsync == "always"
-            )
+            def open_cache() -> Cache:
+                # A damaged cache is set aside (named in the rebuild reason) and rebuilt.
+                return Cache(
+                    self.path / "cache",
+                    map_size=map_size,
+                    sync=not embedded or fsync == "always",
+                    file_mode=file_mode,
+                    move_damaged=True,
+                )
+
+            self._cache = open_cache()
             self._cache_get = self._cache.get
-            self._open_replay(ready_timeout, progress)
+            try:
+                self._open_replay(ready_timeout, progress)
+            except CacheError:
+                if not self._cache.damaged:
+                    raise
+                # LMDB found damage that the checks at open could not see (the
+                # file changed without its size or times changing): set it
+                # aside and rebuild, once.
+                if self._replayer is not None:
+                    self._replayer.close()
+                    self._replayer = None
+                self._cache.close()
+                self._cache = open_cache()
+                self._cache_get = self._cache.get
+                self._open_replay(ready_timeout, progress)
             self._closed = False
+            _fork.register(self)
             if follow:
                 assert self._replayer is not None
                 self._replayer.start()
@@ -188,6 +243,12 @@ class KVLog(MutableMapping[Any, Any]):
             return self._cache.discarded or "new cache"
         if cached != identity:
             changed = sorted(k for k in set(cached) | set(identity) if cached.get(k) != identity.get(k))
+            if "partitions" in changed and cached.get("topic_id") == identity.get("topic_id") is not None:
+                # The same topic with more partitions: no replay can be trusted
+                # (see partitions_changed_error), so refuse rather than rebuild.
+                raise partitions_changed_error(
+                    self._log.describe(), cached["partitions"], identity["partitions"]
+                )
             details = ", ".join(f"{k}: {cached.get(k)!r} -> {identity.get(k)!r}" for k in changed)
             return f"the cache mirrors another log ({details})"
         checkpoint = self._cache.checkpoint()
@@ -235,9 +296,15 @@ class KVLog(MutableMapping[Any, Any]):
             self.rebuilds.append(reason)
             self._cache.reset(identity)
         checkpoint_before = self._cache.checkpoint()
-        self._replayer = Replayer(self._log, self._cache, on_rebuild=self.rebuilds.append)
-        self._replayer.wait_for(self._log.end_offsets(), ready_timeout, progress=progress)
-        self._replayer.mark_current()
+        self._replayer = Replayer(
+            self._log,
+            self._cache,
+            identity=self._identity,
+            on_rebuild=self.rebuilds.append,
+            check=self._codec.value_check(),
+            on_bad_record=self._on_bad_record,
+        )
+        self._replayer.catch_up(ready_timeout, progress=progress)
         self.open_replay: dict[str, Any] = {
             "mode": "warm" if checkpoint_before else "cold",
             "rebuild_reason": reason,
@@ -249,11 +316,14 @@ class KVLog(MutableMapping[Any, Any]):
 
     def _check_open(self) -> None:
         if self._closed:
-            raise ClosedError(f"{self!r} is closed")
+            raise self._closed_error()
 
     def _write(self, records: Sequence[tuple[bytes, bytes | None]]) -> None:
         """Append to the log, then wait until replay applied every record (read-your-writes)."""
         assert self._log is not None and self._replayer is not None
+        # A replay that stopped for good (partitions added to the topic, a bad
+        # record under on_bad_record="raise") could never apply this write.
+        self._replayer.check_usable()
         started = time.monotonic()
         targets: dict[int, int] = {}
         for partition, offset in self._log.append(records, timeout=self._timeout):
@@ -270,7 +340,7 @@ class KVLog(MutableMapping[Any, Any]):
 
     def __getitem__(self, key: str | bytes) -> Any:
         if self._closed:
-            raise ClosedError(f"{self!r} is closed")
+            raise self._closed_error()
         if type(key) is str and 0 < len(key) <= _FAST_KEY_CHARS:
             try:
                 data = key.encode()
@@ -286,7 +356,7 @@ class KVLog(MutableMapping[Any, Any]):
     def get(self, key: str | bytes, default: Any = None) -> Any:
         """Return the value of ``key``, or ``default`` if it is absent."""
         if self._closed:
-            raise ClosedError(f"{self!r} is closed")
+            raise self._closed_error()
         if type(key) is str and 0 < len(key) <= _FAST_KEY_CHARS:
             try:
                 data = key.encode()
@@ -299,7 +369,7 @@ class KVLog(MutableMapping[Any, Any]):
 
     def __contains__(self, key: object) -> bool:
         if self._closed:
-            raise ClosedError(f"{self!r} is closed")
+            raise self._closed_error()
         return self._cache_get(encode_key(key)) is not None  # type: ignore[arg-type]
 
     def __setitem__(self, key: str | bytes, value: Any) -> None:
@@ -309,6 +379,14 @@ class KVLog(MutableMapping[Any, Any]):
             TypeError, ValueError: bad key or unencodable value (nothing written).
             RecordTooLargeError: the record is larger than the topic accepts.
             BrokerUnavailableError: the broker did not acknowledge in time.
+            NotEnoughReplicasError: the partition has fewer in-sync replicas
+                than the topic's ``min.insync.replicas``.
+            SyncTimeoutError: the write is in the log but the cache did not
+                show it within ``timeout``.
+
+        The last three are ``retriable``: the same write may succeed later.
+        A write that raised one may still be in the log (see
+        :class:`~kvlog.KVLogError`).
         """
         self._check_open()
         record = (encode_key(key), self._codec.encode(value))
@@ -347,8 +425,8 @@ class KVLog(MutableMapping[Any, Any]):
     def update(self, other: Any = (), /, **kwargs: Any) -> None:  # type: ignore[override]
         """Write many keys: encoded and checked first, sent in batches, one wait per batch.
 
-        Every key and value is validated before anything is sent, so bad
-        input writes nothing. The batch is not atomic: if the broker fails
+        Every key, value and record size is checked before anything is sent,
+        so bad input writes nothing. The batch is not atomic: if the broker fails
         part-way, the records sent before the failure stay in the log.
         """
         self._check_open()
@@ -362,8 +440,27 @@ class KVLog(MutableMapping[Any, Any]):
         encode = self._codec.encode
         records = [(encode_key(k), encode(v)) for k, v in items]
         records.extend((encode_key(k), encode(v)) for k, v in kwargs.items())
+        if len(records) > UPDATE_BATCH:
+            # The log checks the size of each batch it is given, but only that
+            # batch: a record too large for the second batch would otherwise
+            # be found after the first was written.
+            self._check_sizes(records)
         for start in range(0, len(records), UPDATE_BATCH):
             self._write(records[start : start + UPDATE_BATCH])
+
+    def _check_sizes(self, records: Sequence[tuple[bytes, bytes | None]]) -> None:
+        """Raise RecordTooLargeError if any record is larger than the log accepts (before anything is sent)."""
+        assert self._log is not None
+        limit = self._log.max_record_bytes
+        if limit is None:
+            return
+        for key, value in records:
+            size = len(key) + (0 if value is None else len(value))
+            if size > limit:
+                raise RecordTooLargeError(
+                    f"the record for key {reprlib.repr(key)} is {size} bytes; {self._log.describe()} "
+                    f"accepts at most {limit} bytes (key + value); nothing was written"
+                )
 
     def clear(self) -> None:
         """Write a tombstone for every key in the cache (in batches)."""
@@ -382,20 +479,31 @@ class KVLog(MutableMapping[Any, Any]):
         start: str | bytes | None = None,
         stop: str | bytes | None = None,
     ) -> Iterator[tuple[Any, Any]]:
-        """Yield ``(key, value)`` pairs in key order.
+        """Return an iterator of ``(key, value)`` pairs in key order.
+
+        The arguments are checked when ``scan`` is called, not at the first
+        ``next()``: a bad prefix fails where it was passed.
 
         Args:
             prefix: only keys that start with it.
             start: only keys ``>= start``.
             stop: only keys ``< stop``.
+
+        Raises:
+            TypeError: an argument is neither ``str`` nor ``bytes``.
+            ValueError: an argument cannot be encoded as UTF-8 (or, for
+                ``start``/``stop``, is not a key the cache can hold).
         """
         self._check_open()
         assert self._cache is not None
         lo = None if start is None else encode_key(start)
         hi = None if stop is None else encode_key(stop)
         pre = None if prefix is None else _encode_prefix(prefix)
+        return self._scan(self._cache.items(start=lo, stop=hi, prefix=pre))
+
+    def _scan(self, items: Iterator[tuple[bytes, bytes]]) -> Iterator[tuple[Any, Any]]:
         key_type, decode = self._key_type, self._codec.decode
-        for key, value in self._cache.items(start=lo, stop=hi, prefix=pre):
+        for key, value in items:
             yield decode_key(key, key_type), decode(value)
 
     def sync(
@@ -408,14 +516,19 @@ class KVLog(MutableMapping[Any, Any]):
 
         ``progress(applied, targets)`` is called with per-partition offsets as replay proceeds.
 
+        If replay finds meanwhile that the cache may have missed a delete (it
+        was behind the log end for longer than the log keeps tombstones), it
+        rebuilds the cache, and this returns once the rebuild caught up.
+
         Raises:
             SyncTimeoutError: not caught up within ``timeout`` seconds.
             BrokerUnavailableError: the end offsets could not be read.
+            TopicConfigError: partitions were added to the topic (see ``KVLog``).
+            BadRecordError: ``on_bad_record="raise"`` and replay met a bad record.
         """
         self._check_open()
         assert self._log is not None and self._replayer is not None
-        self._replayer.wait_for(self._log.end_offsets(), timeout, progress=progress)
-        self._replayer.mark_current()
+        self._replayer.catch_up(timeout, progress=progress)
 
     def rewarm(
         self,
@@ -443,8 +556,7 @@ class KVLog(MutableMapping[Any, Any]):
         try:
             self._replayer.reset(self._identity())
             self.rebuilds.append("rewarm")
-            self._replayer.wait_for(self._log.end_offsets(), timeout, progress=progress)
-            self._replayer.mark_current()
+            self._replayer.catch_up(timeout, progress=progress)
         finally:
             if following:
                 self._replayer.start()
@@ -460,8 +572,12 @@ class KVLog(MutableMapping[Any, Any]):
         ``entries``, ``checkpoint`` and ``end_offsets`` per partition, ``lag``
         per partition and ``total_lag`` (``None`` when the log is unreachable),
         ``bytes_on_disk``, ``map_size``, ``following``, ``records_replayed``
-        and ``records_skipped`` since open, ``open_replay`` (how the last open
-        went: warm or cold, records, seconds, why it rebuilt) and ``rebuilds``.
+        and ``records_quarantined`` since open, ``quarantined`` (the last few
+        quarantined records as ``(partition, offset, reason)``),
+        ``open_replay`` (how the last open went: warm or cold, records,
+        seconds, why it rebuilt), ``rebuilds`` (every reason the cache was
+        rebuilt since open) and ``warnings`` (guarantees replay could not
+        keep, e.g. a full replay slower than the topic keeps tombstones).
         """
         self._check_open()
         assert self._cache is not None and self._log is not None and self._replayer is not None
@@ -485,9 +601,11 @@ class KVLog(MutableMapping[Any, Any]):
             "map_size": self._cache.map_size,
             "following": self._replayer.following,
             "records_replayed": self._replayer.records_replayed,
-            "records_skipped": self._replayer.records_skipped,
+            "records_quarantined": self._replayer.records_quarantined,
+            "quarantined": list(self._replayer.quarantined),
             "open_replay": dict(self.open_replay),
             "rebuilds": list(self.rebuilds),
+            "warnings": list(self._replayer.warnings),
         }
 
     # -- lifecycle ----------------------------------------------------------
@@ -497,6 +615,7 @@ class KVLog(MutableMapping[Any, Any]):
         if self._closed:
             return
         self._closed = True
+        _fork.unregister(self)
         if self._replayer is not None:
             self._replayer.close()
         if self._log is not None:
@@ -521,15 +640,28 @@ class KVLog(MutableMapping[Any, Any]):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def _closed_error(self) -> ClosedError:
+        if self._forked:
+            return ClosedError(_fork.after_fork_message(repr(self)))
+        return ClosedError(f"{self!r} is closed")
+
+    def _abandon_after_fork(self) -> None:
+        """In a forked child: every use raises, and close() leaves the parent's files alone."""
+        self._forked = True
+        self._closed = True
+
     def __repr__(self) -> str:
         target = self._log.describe() if self._log is not None else "nothing"
-        state = " (closed)" if self._closed else ""
+        state = " (unusable after fork)" if self._forked else " (closed)" if self._closed else ""
         return f"<KVLog {str(self.path)!r} mirroring {target}{state}>"
 
 
 def _encode_prefix(prefix: str | bytes) -> bytes:
     if isinstance(prefix, str):
-        return prefix.encode("utf-8")
+        try:
+            return prefix.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"prefix {prefix!r} cannot be encoded as UTF-8: {exc.reason}") from None
     if isinstance(prefix, bytes):
         return prefix
     raise TypeError(f"prefix must be str or bytes, not {type(prefix).__name__}")

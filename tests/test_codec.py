@@ -47,10 +47,27 @@ def test_undecodable_foreign_key_comes_back_as_bytes() -> None:
     assert decode_key(b"abc", bytes) == b"abc"
 
 
-@pytest.mark.parametrize("value", [object(), {1, 2}, 2**64, float, {"a": object()}])
+@pytest.mark.parametrize(
+    "value", [object(), {1, 2}, 2**64, float, {"a": object()}, {1: "int key"}, [{"a": {None: 1}}], "\udcff"]
+)
 def test_msgpack_refuses_unencodable_values_with_typeerror(value: Any) -> None:
     with pytest.raises(TypeError, match="msgpack codec"):
         get_codec("msgpack").encode(value)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("msgpack", {1: "one"}), ("json", {1: "one"}), ("json", {b"k": 1})]
+)
+def test_dict_keys_that_would_not_read_back_are_refused(name: str, value: Any) -> None:
+    """msgpack reads only str/bytes map keys (strict_map_key); json would turn an int key into a str."""
+    with pytest.raises(TypeError, match="keys must be str"):
+        get_codec(name).encode(value)
+
+
+def test_bytes_and_str_dict_keys_round_trip_through_msgpack() -> None:
+    codec = get_codec("msgpack")
+    value = {b"\x00raw": [1, {"s": b"v"}], "text": None}
+    assert codec.decode(codec.encode(value)) == value
 
 
 def test_msgpack_never_builds_objects_from_ext_types() -> None:
@@ -60,7 +77,16 @@ def test_msgpack_never_builds_objects_from_ext_types() -> None:
     assert get_codec("msgpack").decode(data) == msgpack.ExtType(42, b"payload")
 
 
-@pytest.mark.parametrize(("name", "garbage"), [("msgpack", b"\xc1"), ("json", b"{nope"), ("str", b"\xff")])
+@pytest.mark.parametrize(
+    ("name", "garbage"),
+    [
+        ("msgpack", b"\xc1"),
+        ("msgpack", b"\x81\x91\x01\x01"),
+        ("json", b"{nope"),
+        ("json", b"[" * 100_000),
+        ("str", b"\xff"),
+    ],
+)
 def test_undecodable_stored_value_raises_codec_error(name: str, garbage: bytes) -> None:
     with pytest.raises(CodecError):
         get_codec(name).decode(garbage)

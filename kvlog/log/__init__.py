@@ -16,7 +16,9 @@ import abc
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
-__all__ = ["Log", "LogReader", "PositionOutOfRangeError", "Record"]
+from ..errors import TopicConfigError
+
+__all__ = ["Log", "LogReader", "PositionOutOfRangeError", "Record", "partitions_changed_error"]
 
 
 class PositionOutOfRangeError(Exception):
@@ -24,6 +26,25 @@ class PositionOutOfRangeError(Exception):
 
     The replayer answers it by rebuilding the cache from the log start.
     """
+
+
+def partitions_changed_error(description: str, cached: int, now: int) -> TopicConfigError:
+    """The error for a log whose partition count changed under a cache (at open or while running).
+
+    A key's records are in the partition its hash picks among the partitions
+    there were when it was written. Once partitions are added, new records of
+    a key can land in another partition than its older ones, and a replay,
+    which reads partitions independently, cannot tell which of them is the
+    latest: rebuilding would serve stale values. So kvlog refuses the log.
+    """
+    return TopicConfigError(
+        f"{description} now has {now} partitions, but this cache was built from {cached}: after "
+        "partitions are added, a key's new records can go to another partition than its old ones, and a "
+        "replay cannot tell which value of a key is the latest. kvlog refuses the topic rather than serve "
+        "stale values. Copy the values into a new topic created with the partition count you want and "
+        "point kvlog at it (this cache still holds them as of the change: kvlog.cache.Cache(<path>/cache)"
+        ".items() reads them)"
+    )
 
 
 class Record(NamedTuple):
@@ -84,6 +105,21 @@ class Log(abc.ABC):
 
         A cache built from one log is never trusted for a log with another identity.
         """
+
+    def current_identity(self) -> dict[str, Any]:
+        """Ask the log what it is now, for a store that is already open on it.
+
+        A topic can change under a running store: deleted and created again
+        (a new topic id: another log, which the log adopts, so that
+        :meth:`identity` and new readers follow it), or given more partitions
+        (reported in the returned ``partitions``, never adopted: see
+        :func:`partitions_changed_error`). The default, for logs that cannot
+        change, is :meth:`identity`.
+
+        Raises:
+            LogUnavailableError: the log could not be asked.
+        """
+        return self.identity()
 
     @abc.abstractmethod
     def append(self, records: Sequence[tuple[bytes, bytes | None]], timeout: float) -> list[tuple[int, int]]:

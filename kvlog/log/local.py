@@ -82,7 +82,15 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .._files import fsync_dir, write_file_atomically
+from .. import _fork
+from .._files import (
+    DEFAULT_FILE_MODE,
+    check_file_mode,
+    fsync_dir,
+    make_dirs,
+    open_file,
+    write_file_atomically,
+)
 from ..errors import ClosedError, LogCorruptError, LogLockedError, RecordTooLargeError, WriteError
 from . import Log, LogReader, PositionOutOfRangeError, Record
 
@@ -138,13 +146,7 @@ def _segment_name(base: int) -> str:
 
 
 def _write_json_atomically(path: Path, data: Mapping[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    write_file_atomically(path, json.dumps(data, sort_keys=True).encode(), sync=True)
 
 
 def encode_frame(
@@ -575,6 +577,9 @@ class LocalLog(Log):
             :meth:`dirty_ratio`). Checked after every segment roll and on open.
         background_compaction: run that background compaction at all
             (``compact()`` always works).
+        file_mode: permission bits of every file the log creates (its
+            directories get the matching search bits: 0o600 gives 0o700),
+            applied whatever the umask. Existing files keep their modes.
 
     Raises:
         LogLockedError: another process (or another open log) writes this directory.
@@ -595,6 +600,7 @@ class LocalLog(Log):
         tombstone_retention: float = 24 * 3600.0,
         min_cleanable_dirty_ratio: float = 0.5,
         background_compaction: bool = True,
+        file_mode: int = DEFAULT_FILE_MODE,
     ) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, not {fsync!r}")
@@ -607,6 +613,7 @@ class LocalLog(Log):
         if not 0.0 < min_cleanable_dirty_ratio <= 1.0:
             raise ValueError("min_cleanable_dirty_ratio must be in (0, 1]")
         self.path = Path(path)
+        self.file_mode = check_file_mode(file_mode)
         self.fsync = fsync
         self.fsync_interval = fsync_interval
         self.segment_bytes = segment_bytes
@@ -614,6 +621,7 @@ class LocalLog(Log):
         self.tombstone_retention = tombstone_retention
         self.min_cleanable_dirty_ratio = min_cleanable_dirty_ratio
         self._closed = True  # until fully open
+        self._forked = False
         self._lock_fd: int | None = None
         self._cond = threading.Condition()  # guards segments, end offsets, closed; readers wait on it
         self._append_lock = threading.Lock()  # one appender at a time
@@ -647,7 +655,7 @@ class LocalLog(Log):
         #: The report of the last compaction (see :meth:`compact`).
         self.last_compaction: dict[str, Any] | None = None
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.path, self.file_mode)
             self._take_lock()
             meta = self._load_meta(partitions)
             self.log_id: str = meta["log_id"]
@@ -662,6 +670,7 @@ class LocalLog(Log):
             self._release()
             raise
         self._closed = False
+        _fork.register(self)
         if fsync == "interval":
             self._spawn(self._flush_loop, "kvlog-log-flusher")
         if background_compaction:
@@ -675,7 +684,7 @@ class LocalLog(Log):
     # -- opening --------------------------------------------------------------
 
     def _take_lock(self) -> None:
-        fd = os.open(self.path / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_file(self.path / "LOCK", os.O_RDWR, self.file_mode)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -743,7 +752,7 @@ class LocalLog(Log):
                     )
         for p in range(partitions):
             directory = self.path / str(p)
-            directory.mkdir(exist_ok=True)
+            make_dirs(directory, self.file_mode)
             if not (directory / _segment_name(0)).exists():
                 self._create_segment_file(directory / _segment_name(0))
         meta = {
@@ -752,7 +761,7 @@ class LocalLog(Log):
             "partitions": partitions,
             "created": time.time(),
         }
-        _write_json_atomically(meta_path, meta)
+        self._save_json(meta_path, meta)
         return meta
 
     def _load_cleaner_checkpoint(self) -> None:
@@ -774,7 +783,7 @@ class LocalLog(Log):
             self._drops_known_since = time.time()
 
     def _save_cleaner_checkpoint(self) -> None:
-        _write_json_atomically(
+        self._save_json(
             self.path / "cleaner-checkpoint.json",
             {
                 "cleaned_to": {str(p): o for p, o in self._cleaned_to.items()},
@@ -782,6 +791,12 @@ class LocalLog(Log):
                 "drops_known_since": self._drops_known_since,
             },
         )
+
+    def _save_json(self, path: Path, data: Mapping[str, Any]) -> None:
+        """Replace ``path`` with ``data`` as JSON, synced, then give it the log's file mode."""
+        _write_json_atomically(path, data)  # owner-only until the chmod: never wider than asked
+        if self.file_mode != DEFAULT_FILE_MODE:
+            os.chmod(path, self.file_mode)
 
     def tombstones_dropped_after(self, positions: Mapping[int, int], since: float) -> bool:
         """Whether compaction dropped a tombstone at or past ``positions`` after ``since`` (unix time).
@@ -848,15 +863,22 @@ class LocalLog(Log):
             log.info("finished an interrupted compaction of %s (offsets %d-%d)", directory, base, end)
 
     def _create_segment_file(self, path: Path) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        """Create a segment holding only the magic; on failure (a full disk) remove what was created."""
+        fd = open_file(path, os.O_WRONLY | os.O_TRUNC, self.file_mode)
         try:
-            os.write(fd, MAGIC)
+            try:
+                os.write(fd, MAGIC)
+                if self.fsync != "never":
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
             if self.fsync != "never":
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        if self.fsync != "never":
-            fsync_dir(path.parent)
+                fsync_dir(path.parent)
+        except BaseException:
+            # A short file here would be taken for the active segment by the next open.
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
 
     def _recover(self, p: int, segment: _Segment) -> tuple[list[dict[str, Any]], int]:
         """Scan the active segment, index it, and cut a torn or corrupt tail.
@@ -961,7 +983,19 @@ class LocalLog(Log):
 
     def _check_open(self) -> None:
         if self._closed:
+            if self._forked:
+                raise ClosedError(_fork.after_fork_message(self.describe()))
             raise ClosedError(f"{self.describe()} is closed")
+
+    def _abandon_after_fork(self) -> None:
+        """In a forked child: refuse every use, and let close() leave the parent's files alone."""
+        self._forked = True
+        self._closed = True
+        # Locks another thread of the parent held at the fork stay held forever in the child.
+        self._cond = threading.Condition()
+        self._append_lock = threading.Lock()
+        self._compact_lock = threading.Lock()
+        self._threads = []
 
     def partition_for(self, key: bytes) -> int:
         """The partition a key's records go to (stable across processes and versions)."""
@@ -1052,7 +1086,18 @@ class LocalLog(Log):
                 self._samples[p].observe(seen, self._segments[p])
             self._cond.notify_all()
         if segment.size >= self.segment_bytes:
-            self._roll(p)
+            try:
+                self._roll(p)
+            except OSError as exc:
+                # The records are written and published: this write succeeded.
+                # The segment grows past its size until a later append rolls it.
+                log.warning(
+                    "cannot start a new segment of partition %d of the log at %s (%s); retried after "
+                    "the next append",
+                    p,
+                    self.path,
+                    exc,
+                )
 
     def _roll(self, p: int) -> None:
         """Close the active segment (synced) and start a new one at the end offset."""
@@ -1063,7 +1108,12 @@ class LocalLog(Log):
         path = self.path / str(p) / _segment_name(base)
         self._create_segment_file(path)
         new = _Segment(path, base, len(MAGIC))
-        new_fd = os.open(path, os.O_WRONLY)
+        try:
+            new_fd = os.open(path, os.O_WRONLY)
+        except OSError:
+            # Appends keep going to the old segment: this one must not look active to the next open.
+            path.unlink()
+            raise
         with self._cond:
             self._segments[p].append(new)
             self._active_fd[p] = new_fd
@@ -1329,7 +1379,10 @@ class LocalLog(Log):
             gone = dropped = 0
             threshold = sample.threshold
             removed: list[tuple[bytes, int, int, int]] = []  # dropped tombstones of followed keys
-            with open(cleaned, "wb") as out:
+            with (
+                self._removed_on_error(cleaned),
+                open(open_file(cleaned, os.O_WRONLY | os.O_TRUNC, self.file_mode), "wb") as out,
+            ):
                 out.write(MAGIC)
                 position = len(MAGIC)
                 for segment in group:
@@ -1362,7 +1415,8 @@ class LocalLog(Log):
                 drops.append((time.time(), dropped_up_to))
                 if len(drops) > _DROPS_KEPT:
                     self._drops_known_since = max(self._drops_known_since, drops.pop(0)[0])
-                self._save_cleaner_checkpoint()
+                with self._removed_on_error(cleaned):
+                    self._save_cleaner_checkpoint()
             swap = directory / f"{base:020d}-{end:020d}.swap"
             # Commit point: once the .swap name is durable, an open finishes the swap.
             os.replace(cleaned, swap)
@@ -1390,6 +1444,17 @@ class LocalLog(Log):
         with self._cond:
             self._cleaned_to[p] = active.base
         return report
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _removed_on_error(path: Path) -> Iterator[None]:
+        """Remove ``path`` if the block fails: a half-written ``.cleaned`` on a full disk only takes space."""
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
 
     def _wake_cleaner(self) -> None:
         with self._cond:
@@ -1482,7 +1547,12 @@ class LocalLog(Log):
                     "closed": [[s.base, s.size] for s in segments[:-1]],
                 }
         data = json.dumps({"format": FORMAT_VERSION, "partitions": partitions}, separators=(",", ":"))
-        write_file_atomically(self.path / "cleaner-sample.json", data.encode(), sync=self.fsync != "never")
+        write_file_atomically(
+            self.path / "cleaner-sample.json",
+            data.encode(),
+            sync=self.fsync != "never",
+            file_mode=self.file_mode,
+        )
         self._samples_saved = time.monotonic()
 
     # -- syncing and closing ----------------------------------------------------------
@@ -1549,6 +1619,7 @@ class LocalLog(Log):
                 self._closed = True
                 self._cond.notify_all()
             self._wake.set()
+        _fork.unregister(self)
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join()
@@ -1581,7 +1652,7 @@ class LocalLog(Log):
                 if p not in self._suspect
             }
             with contextlib.suppress(OSError):
-                _write_json_atomically(
+                self._save_json(
                     self.path / "clean-shutdown.json", {"format": FORMAT_VERSION, "partitions": marker}
                 )
         self._active_fd = {}
