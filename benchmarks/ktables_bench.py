@@ -65,7 +65,7 @@ def _quiet_logs() -> Iterator[None]:
 
 def _decode(data: bytes) -> Any:
     # What kvlog's msgpack codec does on a read.
-    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    return msgpack.unpackb(data, raw=False, strict_map_key=True)
 
 
 def _encode(value: Any) -> bytes:

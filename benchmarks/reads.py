@@ -6,7 +6,7 @@ pre-generated list of keys, drawn uniformly or from a Zipf distribution
 (s=1.1), by 1 thread or by 2 threads that each take half of the list. Every
 read ends with the decoded Python value (a dict), so a store of bytes pays for
 ``msgpack.unpackb`` like kvlog does; all subjects decode with kvlog's own
-options (``raw=False, strict_map_key=False``).
+options (``raw=False, strict_map_key=True``).
 
 Subjects (the baseline is "raw py-lmdb", the floor of kvlog's design):
 
@@ -78,7 +78,7 @@ ReaderFactory = Callable[[int], Reader]
 
 def _unpack(data: bytes) -> Any:
     # kvlog's codec decodes with these options; every subject does the same.
-    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    return msgpack.unpackb(data, raw=False, strict_map_key=True)
 
 
 @dataclass
@@ -234,7 +234,7 @@ def _lmdb(ctx: Context, data: _Data, stack: ExitStack) -> _Subject:
                 txn = begin(db)
                 value = txn.get(k.encode())
                 txn.abort()
-                unpackb(value, raw=False, strict_map_key=False)
+                unpackb(value, raw=False, strict_map_key=True)
 
         return read
 

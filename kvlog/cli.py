@@ -18,6 +18,14 @@ Usage (also ``python -m kvlog``)::
     kvlog ... compact [--json]                      # compact the embedded log now
     kvlog broker [--port 9092] [--dir DIR]          # a local single-node Kafka broker for development
 
+Values are decoded with the codec the cache records (the one the store was
+built with; ``msgpack`` for a new store). ``--codec`` picks the codec of a
+new store; on an existing one it must match the recorded codec, except for
+``rewarm``, which rebuilds the cache for the codec given.
+
+A KEY (and ``--prefix``) is text; bytes that are not UTF-8 (a key that dump
+shows as ``"key_b64"``) are taken as they are.
+
 ``--bootstrap-servers`` and ``--topic`` may also come from
 ``KVLOG_BOOTSTRAP_SERVERS`` and ``KVLOG_TOPIC``; an explicit ``--data`` wins
 over those variables, and ``--data`` together with ``--bootstrap-servers`` or
@@ -28,15 +36,17 @@ The dump format (``dump``, ``scan``, ``load``) is one JSON object per line:
 bytes in the log), ``"key_b64"`` any other key, base64-encoded. ``"value"``
 holds a value that JSON represents exactly; a ``bytes`` value is
 ``"value_b64"`` (base64) and anything else JSON cannot hold (bytes inside a
-container, a dict with non-str keys, msgpack extension types, NaN) is
-``"value_msgpack_b64"`` (the value packed with msgpack, base64-encoded).
+container, a dict with bytes keys, msgpack extension types, NaN, a value
+nested too deeply for JSON) is ``"value_msgpack_b64"`` (the value packed with
+msgpack, base64-encoded).
 ``load`` decodes all three, so ``dump`` then ``load`` reproduces every value
 (tuples come back as lists, as they do from msgpack).
 
-Exit codes: 0 success, 1 key not found or differences found, 2 usage error or
-failure (one line on stderr, no traceback), 130 interrupted (Ctrl-C or
-SIGTERM; the store is closed cleanly first), 141 stdout closed early (a pipe
-into ``head``).
+Exit codes (also in ``kvlog --help``): 0 success, 1 key not found or
+differences found, 2 usage error or failure (one line on stderr, no
+traceback: bad input, an unreachable broker, a directory that cannot be
+written, ...), 130 interrupted (Ctrl-C or SIGTERM; the store is closed
+cleanly first), 141 stdout closed early (a pipe into ``head``).
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import io
 import json
 import logging
 import math
@@ -71,6 +82,14 @@ __all__ = ["main"]
 EXIT_OK, EXIT_NOT_FOUND, EXIT_ERROR = 0, 1, 2
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a process a closed pipe killed
+
+_EXIT_CODES_HELP = (
+    "Exit codes: 0 success, 1 key not found or differences found, 2 usage error or failure "
+    "(one line on stderr), 130 interrupted, 141 stdout closed early"
+)
+#: The codec of a new store when --codec is not given.
+DEFAULT_CODEC = "msgpack"
+_BUILTIN_CODECS = ("msgpack", "json", "str", "bytes")
 
 #: Records per ``kv.update`` call in ``load`` and ``demo`` (one log append and one wait each).
 LOAD_BATCH = 10_000
@@ -103,15 +122,23 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not (0 < value < math.inf):  # also refuses nan
+        raise ValueError(text)
+    return value
+
+
 _non_negative.__name__ = "non-negative integer"  # argparse names the type in its message
 _positive.__name__ = "positive integer"
+_seconds.__name__ = "positive number of seconds"
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="kvlog",
         description="Query, load, re-warm, verify and compact a kvlog database.",
-        epilog="Run 'kvlog demo' for a one-minute tour on the embedded log.",
+        epilog=f"Run 'kvlog demo' for a one-minute tour on the embedded log. {_EXIT_CODES_HELP}.",
     )
     target = parser.add_argument_group("target (the embedded log by default, or a Kafka topic)")
     target.add_argument(
@@ -127,9 +154,16 @@ def _parser() -> argparse.ArgumentParser:
         help="Kafka brokers, host:port[,host:port] (env KVLOG_BOOTSTRAP_SERVERS)",
     )
     target.add_argument("--topic", default=None, help="the compacted Kafka topic (env KVLOG_TOPIC)")
-    parser.add_argument("--codec", default="msgpack", help="value codec: msgpack (default), json, str, bytes")
     parser.add_argument(
-        "--timeout", type=float, default=30.0, help="seconds to wait for the log per operation (default: 30)"
+        "--codec",
+        default=None,
+        help="value codec of a new store: msgpack (default), json, str, bytes (an existing store's is recorded)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=30.0,
+        help="seconds to wait for the log per operation (default: 30)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -245,11 +279,11 @@ def _open(args: argparse.Namespace, target: _Target, *, progress: Any = None, **
     """Open the store for a command: no follower thread (the cache moves only when asked), no topic creation."""
     from .store import KVLog
 
+    _check_not_a_file(target)
     own_bar = _ReplayBar("replay", delay=OPEN_BAR_DELAY) if progress is None else None
     if own_bar is not None:
         progress = own_bar
     options: dict[str, Any] = {
-        "codec": args.codec,
         "timeout": args.timeout,
         "follow": False,
         "progress": progress,
@@ -262,6 +296,7 @@ def _open(args: argparse.Namespace, target: _Target, *, progress: Any = None, **
                 bootstrap_servers=target.bootstrap_servers,
                 topic=target.topic,
                 create_topic=False,
+                codec=_codec(args, target),
                 **options,
             )
         else:
@@ -270,7 +305,13 @@ def _open(args: argparse.Namespace, target: _Target, *, progress: Any = None, **
             # No background compaction in a short-lived command: it would make
             # `kvlog get` wait for a pass at close. `kvlog compact` runs one.
             log = LocalLog(target.path / "log", background_compaction=False)
-            kv = KVLog(target.path, log=log, **options)  # it closes the log if it fails
+            try:
+                # Read under the log's lock: no other writer can rebind the cache meanwhile.
+                codec = _codec(args, target)
+            except BaseException:
+                log.close()
+                raise
+            kv = KVLog(target.path, log=log, codec=codec, **options)  # it closes the log if it fails
     finally:
         if own_bar is not None:
             own_bar.close()
@@ -290,11 +331,69 @@ def _opened(args: argparse.Namespace, target: _Target, **kwargs: Any) -> Iterato
 
 def _require_data_dir(target: _Target) -> None:
     """Commands that only read refuse a missing data directory instead of creating an empty database."""
+    _check_not_a_file(target)
     if target.kind == "local" and not target.path.is_dir():
         raise _UsageError(
             f"no kvlog data directory at {target.path} (kvlog put or kvlog load creates one; "
             "--data DIR picks another)"
         )
+
+
+def _check_not_a_file(target: _Target) -> None:
+    """A data or cache path that names something other than a directory is a usage error, said plainly."""
+    if target.path.exists() and not target.path.is_dir():
+        option = "--data" if target.kind == "local" else "--cache"
+        raise _UsageError(f"{option} {target.path} is not a directory")
+
+
+def _recorded_codec(cache_dir: Path) -> str | None:
+    """The codec an existing cache was built with, or ``None`` (no cache yet, or one that cannot be read).
+
+    A cache that cannot be opened is left to the store's own open, which
+    reports it (or, for rewarm, rebuilds it).
+    """
+    from .cache import Cache
+
+    if not (cache_dir / "data.mdb").is_file():
+        return None
+    try:
+        cache = Cache(cache_dir)
+    except CacheError:
+        return None
+    try:
+        identity = cache.identity()
+    except CacheError:
+        return None
+    finally:
+        cache.close()
+    codec = (identity or {}).get("codec")
+    return codec if isinstance(codec, str) else None
+
+
+def _codec(args: argparse.Namespace, target: _Target) -> str:
+    """The codec to open the store with: the recorded one; ``--codec`` for a new store or a rewarm.
+
+    A store opened with another codec than its cache's rebuilds the whole
+    cache and then misreads every value (JSON ``1`` is msgpack 49), so a
+    different ``--codec`` is refused, except by rewarm, which rebuilds anyway.
+    """
+    recorded = _recorded_codec(target.cache_dir)
+    if recorded is None:
+        return args.codec or DEFAULT_CODEC
+    if args.codec is None or args.codec == recorded:
+        if recorded not in _BUILTIN_CODECS:
+            raise _UsageError(
+                f"the cache at {target.cache_dir} was built with the codec {recorded!r}, which the kvlog "
+                f"command does not have (it has {', '.join(_BUILTIN_CODECS)})"
+            )
+        return recorded
+    if args.command == "rewarm":
+        return str(args.codec)
+    raise _UsageError(
+        f"the store at {target.path} holds {recorded} values; --codec {args.codec} would rebuild its "
+        f"cache and misread them (leave --codec out, or rebuild the cache for {args.codec} with "
+        f"kvlog --codec {args.codec} {target.argv()} rewarm)"
+    )
 
 
 # -- signals --------------------------------------------------------------------
@@ -447,15 +546,31 @@ def _dump_record(key: bytes, value: Any) -> dict[str, Any]:
         record["key_b64"] = _b64(key)
     if isinstance(value, bytes):
         record["value_b64"] = _b64(value)
-    elif _json_exact(value):
+    elif _json_exact_within_recursion_limit(value):
         record["value"] = value
     else:
         record["value_msgpack_b64"] = _b64(msgpack.packb(value, use_bin_type=True))
     return record
 
 
+def _json_exact_within_recursion_limit(value: Any) -> bool:
+    # A value nested about a thousand levels deep (msgpack holds 1024) is past
+    # what Python's recursion, and so its json module, reaches: it goes to
+    # value_msgpack_b64 like anything else JSON cannot hold.
+    try:
+        return _json_exact(value)
+    except RecursionError:
+        return False
+
+
 def _dump_line(key: bytes, value: Any) -> str:
-    return json.dumps(_dump_record(key, value), ensure_ascii=False, allow_nan=False)
+    record = _dump_record(key, value)
+    try:
+        return json.dumps(record, ensure_ascii=False, allow_nan=False)
+    except RecursionError:  # _json_exact passed, json.dumps (on a deeper stack) did not
+        del record["value"]
+        record["value_msgpack_b64"] = _b64(msgpack.packb(value, use_bin_type=True))
+        return json.dumps(record, ensure_ascii=False, allow_nan=False)
 
 
 _KEY_FIELDS = ("key", "key_b64")
@@ -472,6 +587,10 @@ def _parse_dump_line(line: str, encode: Callable[[Any], bytes]) -> tuple[bytes, 
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise ValueError(f"not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ValueError(
+            "nests too deeply for Python's JSON parser (value_msgpack_b64 holds deep values)"
+        ) from None
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
     unknown = sorted(set(record) - set(_KEY_FIELDS) - set(_VALUE_FIELDS))
@@ -497,9 +616,12 @@ def _parse_dump_line(line: str, encode: Callable[[Any], bytes]) -> tuple[bytes, 
         value = _unb64(value)
         if field == "value_msgpack_b64":
             try:
-                value = msgpack.unpackb(value, raw=False, strict_map_key=False)
-            except (ValueError, msgpack.UnpackException) as exc:
-                raise ValueError(f'"value_msgpack_b64" is not valid msgpack: {exc}') from None
+                # The codec's limits: str/bytes map keys only, lengths within the data.
+                value = msgpack.unpackb(value, raw=False, strict_map_key=True)
+            except (ValueError, TypeError, msgpack.UnpackException) as exc:
+                raise ValueError(
+                    f'"value_msgpack_b64" is not valid msgpack: {exc or type(exc).__name__}'
+                ) from None
     try:
         encode(value)
     except (TypeError, ValueError) as exc:
@@ -515,7 +637,11 @@ def _unb64(text: str) -> bytes:
 
 
 def _read_dump(stream: IO[str], encode: Callable[[Any], bytes]) -> list[tuple[bytes, Any]]:
-    """Parse and check a whole dump before anything is written; a bad line names its number."""
+    """Parse and check a whole dump before anything is written; a bad line names its number.
+
+    ``stream`` decodes with ``surrogateescape``, so bytes that are not UTF-8
+    reach the line's checks (as a bad key, value or JSON) with its number.
+    """
     items: list[tuple[bytes, Any]] = []
     for number, line in enumerate(stream, 1):
         if not line.strip():
@@ -555,13 +681,36 @@ def _show_key(key: bytes) -> str:
 # -- commands ---------------------------------------------------------------------
 
 
+def _argv_key(text: str) -> str | bytes:
+    """KEY as given on the command line: text, or its bytes where they are not UTF-8.
+
+    Python decodes such argv bytes to lone surrogates (surrogateescape);
+    ``os.fsencode`` gives the bytes back, so a key that dump shows as
+    ``key_b64`` can be named. Checked before anything is opened.
+    """
+    try:
+        text.encode("utf-8")
+        key: str | bytes = text
+    except UnicodeEncodeError:
+        try:
+            key = os.fsencode(text)
+        except UnicodeEncodeError:
+            key = text  # a surrogate no bytes stand for: encode_key says so
+    try:
+        encode_key(key)
+    except (TypeError, ValueError) as exc:
+        raise _UsageError(f"bad KEY: {exc}") from None
+    return key
+
+
 def _cmd_get(args: argparse.Namespace, target: _Target) -> int:
+    key = _argv_key(args.key)
     _require_data_dir(target)
     missing = object()
     with _opened(args, target) as kv:
-        value = kv.get(args.key, missing)
+        value = kv.get(key, missing)
     if value is missing:
-        print(f"kvlog: key not found: {args.key}", file=sys.stderr)
+        print(f"kvlog: key not found: {_show_key(encode_key(key))}", file=sys.stderr)
         return EXIT_NOT_FOUND
     if args.raw:
         if isinstance(value, str):
@@ -574,46 +723,87 @@ def _cmd_get(args: argparse.Namespace, target: _Target) -> int:
         sys.stdout.buffer.write(value)
         sys.stdout.buffer.flush()
     else:
-        print(json.dumps(_jsonable(value), ensure_ascii=False))
+        try:
+            text = json.dumps(_jsonable(value), ensure_ascii=False)
+        except RecursionError:
+            raise ValueError(
+                f"the value of {args.key} nests too deeply to print as JSON; "
+                "kvlog dump exports it (as value_msgpack_b64)"
+            ) from None
+        print(text)
     return EXIT_OK
 
 
 def _cmd_put(args: argparse.Namespace, target: _Target) -> int:
+    key = _argv_key(args.key)
     value: Any
     if args.raw:
         if args.value is not None:
             raise _UsageError("with --raw the value is read from stdin; do not pass VALUE")
+    elif args.value is None:
+        raise _UsageError("put needs KEY and VALUE (a JSON value), or --raw to read the value from stdin")
+    codec = get_codec(_codec(args, target))
+    if args.raw:
         value = sys.stdin.buffer.read()
-        if args.codec == "str":
-            value = value.decode("utf-8")
+        if codec.name == "str":
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"the str codec stores UTF-8 text; stdin is not: {exc}") from None
     else:
-        if args.value is None:
-            raise _UsageError("put needs KEY and VALUE (a JSON value), or --raw to read the value from stdin")
-        try:
-            value = json.loads(args.value)
-        except json.JSONDecodeError as exc:
-            raise _UsageError(f"VALUE is not valid JSON: {exc}") from None
+        value = _parse_json(str(args.value), "VALUE")
+    # Checked before the store is opened: a value the codec refuses creates
+    # no data directory and writes nothing.
+    codec.encode(value)
     with _opened(args, target) as kv:
-        kv[args.key] = value
+        kv[key] = value
     return EXIT_OK
+
+
+def _parse_json(text: str, what: str) -> Any:
+    """``json.loads(text)``; a usage error naming ``what`` if it is not JSON or nests too deeply to parse."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _UsageError(f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise _UsageError(f"{what} nests too deeply for Python's JSON parser") from None
 
 
 def _cmd_del(args: argparse.Namespace, target: _Target) -> int:
+    key = _argv_key(args.key)
     _require_data_dir(target)
     with _opened(args, target) as kv:
-        if args.key not in kv:
-            print(f"kvlog: key not found: {args.key}", file=sys.stderr)
+        if key not in kv:
+            print(f"kvlog: key not found: {_show_key(encode_key(key))}", file=sys.stderr)
             return EXIT_NOT_FOUND
-        del kv[args.key]
+        del kv[key]
     return EXIT_OK
 
 
+def _argv_prefix(text: str | None) -> str | bytes | None:
+    """--prefix as given: text, or its bytes where they are not UTF-8 (see ``_argv_key``)."""
+    if text is None:
+        return None
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        try:
+            return os.fsencode(text)
+        except UnicodeEncodeError:
+            raise _UsageError(
+                f"bad --prefix {text!r}: not UTF-8 and not bytes from the command line"
+            ) from None
+
+
 def _cmd_scan(args: argparse.Namespace, target: _Target) -> int:
+    prefix = _argv_prefix(args.prefix)
     _require_data_dir(target)
     if args.limit == 0:
         return EXIT_OK
     with _opened(args, target, key_type=bytes) as kv:
-        for n, (key, value) in enumerate(kv.scan(prefix=args.prefix), 1):
+        for n, (key, value) in enumerate(kv.scan(prefix=prefix), 1):
             print(_dump_line(key, value))
             if args.limit is not None and n >= args.limit:
                 break
@@ -706,8 +896,9 @@ def _print_log_stats(log_stats: dict[str, Any]) -> None:
 def _cmd_dump(args: argparse.Namespace, target: _Target) -> int:
     _require_data_dir(target)
     started = time.monotonic()
+    prefix = _argv_prefix(args.prefix)
     with _opened(args, target, key_type=bytes) as kv:
-        total = len(kv) if args.prefix is None else None
+        total = len(kv) if prefix is None else None
         with contextlib.ExitStack() as stack:
             if args.output == "-":
                 out: IO[str] = sys.stdout
@@ -721,7 +912,7 @@ def _cmd_dump(args: argparse.Namespace, target: _Target) -> int:
             bar = stack.enter_context(_count_bar("dump", total, delay=0.5))
             count = 0
             try:
-                for key, value in kv.scan(prefix=args.prefix):
+                for key, value in kv.scan(prefix=prefix):
                     out.write(_dump_line(key, value))
                     out.write("\n")
                     count += 1
@@ -742,14 +933,18 @@ def _cmd_dump(args: argparse.Namespace, target: _Target) -> int:
 
 
 def _cmd_load(args: argparse.Namespace, target: _Target) -> int:
-    encode = get_codec(args.codec).encode
+    _check_not_a_file(target)
+    encode = get_codec(_codec(args, target)).encode
     started = time.monotonic()
     # The whole input is parsed and checked before the store is even opened:
     # a bad line anywhere writes nothing.
     if args.file == "-":
-        items = _read_dump(sys.stdin, encode)
+        stdin = sys.stdin
+        if hasattr(stdin, "buffer"):
+            stdin = io.TextIOWrapper(stdin.buffer, encoding="utf-8", errors="surrogateescape")
+        items = _read_dump(stdin, encode)
     else:
-        with open(args.file, encoding="utf-8") as stream:
+        with open(args.file, encoding="utf-8", errors="surrogateescape") as stream:
             items = _read_dump(stream, encode)
     with _opened(args, target) as kv:
         written = 0
@@ -969,7 +1164,8 @@ def _demo(args: argparse.Namespace, path: Path, count: int, keep: bool) -> int:
     print(f"   e.g. {example} -> {json.dumps(sample)}")
 
     started = time.monotonic()
-    with KVLog(path, codec=args.codec, follow=False, timeout=args.timeout) as kv:
+    codec = args.codec or DEFAULT_CODEC
+    with KVLog(path, codec=codec, follow=False, timeout=args.timeout) as kv:
         with _count_bar("write", count) as bar:
             batch: list[tuple[str, Any]] = []
             for item in _demo_orders(count):
@@ -1009,7 +1205,7 @@ def _demo(args: argparse.Namespace, path: Path, count: int, keep: bool) -> int:
     started = time.monotonic()
     replay_bar = _ReplayBar("replay")
     try:
-        kv = KVLog(path, codec=args.codec, follow=False, timeout=args.timeout, progress=replay_bar)
+        kv = KVLog(path, codec=codec, follow=False, timeout=args.timeout, progress=replay_bar)
         replay_bar.finish()
     finally:
         replay_bar.close()
@@ -1074,7 +1270,8 @@ def _run(args: argparse.Namespace) -> int:
 
         argv = ["--port", str(args.port)] + (["--dir", args.dir] if args.dir else [])
         return devbroker.main(argv)
-    get_codec(args.codec)  # a bad name is a usage error before anything is opened
+    if args.codec is not None:
+        get_codec(args.codec)  # a bad name is a usage error before anything is opened
     with _interruptible():
         if args.command == "demo":
             return _cmd_demo(args)

@@ -21,11 +21,17 @@ from kvlog.codec import MAX_KEY_SIZE
 
 __all__ = [
     "LOG_KEYS",
+    "MAX_NESTING",
+    "any_keys",
+    "any_values",
     "bad_keys",
     "keys",
+    "limit_keys",
     "log_operations",
     "log_records",
     "log_values",
+    "nested",
+    "sized_values",
     "unencodable_values",
     "values",
 ]
@@ -145,6 +151,164 @@ def unencodable_values() -> st.SearchStrategy[Any]:
         bad,
         st.lists(bad, min_size=1, max_size=2),
         st.dictionaries(st.text(max_size=3), bad, min_size=1, max_size=2),
+    )
+
+
+# -- anything at all, for the bad-input fuzz (test_fuzz_input.py) ---------------
+
+#: How deep msgpack nests containers, packing and unpacking alike (a list
+#: holding a list ... 1024 levels down packs; 1025 does not).
+MAX_NESTING = 1024
+
+#: Every code point, lone surrogates (which UTF-8 cannot encode) included.
+_ANY_CHAR = st.one_of(
+    st.characters(categories=["L", "M", "N", "P", "S", "Z", "C"]),
+    st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF),
+)
+
+
+def _any_text(max_size: int) -> st.SearchStrategy[str]:
+    # Not st.text(alphabet=_ANY_CHAR): text() silently drops the surrogates.
+    return st.lists(_ANY_CHAR, max_size=max_size).map("".join)
+
+
+def limit_keys() -> st.SearchStrategy[Any]:
+    """``str`` and ``bytes`` keys of 505 to 515 bytes: both sides of the 511-byte limit.
+
+    A ``str`` key is ASCII followed by one character of one to four UTF-8
+    bytes, so a multi-byte character straddles the limit: 510 ASCII bytes and
+    ``"é"`` make 511 characters but 512 bytes.
+    """
+    wide = st.sampled_from(["a", "é", "☃", "\U0001f600"])
+    text = st.builds(lambda n, c: "k" * n + c, st.integers(MAX_KEY_SIZE - 6, MAX_KEY_SIZE), wide)
+    raw = st.integers(MAX_KEY_SIZE - 2, MAX_KEY_SIZE + 2).map(lambda n: b"\xff" * n)
+    return st.one_of(text, raw)
+
+
+def any_keys() -> st.SearchStrategy[Any]:
+    """Anything a caller may pass as a key.
+
+    Good keys (:func:`keys`, raw bytes), every ``str`` (empty, lone
+    surrogates, any code point), keys at the 511-byte limit
+    (:func:`limit_keys`), and wrong types: int, float, ``None``, tuple, list,
+    ``bytearray``, ``memoryview``.
+    """
+    wrong_type = st.one_of(
+        st.integers(),
+        st.floats(),
+        st.none(),
+        st.tuples(st.text(max_size=2)),
+        st.lists(st.text(max_size=2), max_size=2),
+        st.binary(max_size=4).map(bytearray),
+        st.binary(max_size=4).map(memoryview),
+    )
+    return st.one_of(
+        keys(),
+        keys(),
+        st.binary(max_size=6),
+        _any_text(6),
+        limit_keys(),
+        st.sampled_from(["", b"", None]),
+        wrong_type,
+    )
+
+
+def nested(min_depth: int = 1, max_depth: int = 100_000) -> st.SearchStrategy[Any]:
+    """A value nested ``min_depth`` to ``max_depth`` containers deep, mostly near msgpack's limit.
+
+    The containers are lists, tuples, ``str``-keyed dicts or a mix; the depth
+    is one of 1000, 1023, 1024, 1025, 1100 or 100 000 (within the bounds),
+    or any other in them.
+    """
+    near = [
+        d
+        for d in (1000, MAX_NESTING - 1, MAX_NESTING, MAX_NESTING + 1, 1100, 100_000)
+        if min_depth <= d <= max_depth
+    ]
+    depth = (
+        st.one_of(st.sampled_from(near), st.integers(min_depth, max_depth))
+        if near
+        else st.integers(min_depth, max_depth)
+    )
+    shape = st.sampled_from(["list", "tuple", "dict", "mixed"])
+    return st.builds(_nest, depth, shape)
+
+
+def _nest(depth: int, shape: str) -> Any:
+    value: Any = 0
+    for level in range(depth):
+        kind = shape if shape != "mixed" else ("list", "dict", "tuple")[level % 3]
+        value = [value] if kind == "list" else (value,) if kind == "tuple" else {"k": value}
+    return value
+
+
+def sized_values(limit: int) -> st.SearchStrategy[Any]:
+    """``str``, ``bytes`` and list values whose encoding is within 64 bytes of ``limit``, either side."""
+    size = st.integers(max(0, limit - 64), limit + 64)
+    return st.one_of(
+        size.map(lambda n: "v" * n),
+        size.map(lambda n: b"\x00" * n),
+        size.map(lambda n: ["w" * 100] * (n // 102)),
+    )
+
+
+class _SelfHolding(list):  # type: ignore[type-arg]
+    """A list that holds itself: no encoder may loop forever on it."""
+
+    def __repr__(self) -> str:
+        return "_SelfHolding([...])"
+
+
+def _self_holding(as_dict: bool) -> Any:
+    inner = _SelfHolding()
+    inner.append(inner)
+    return {"self": inner} if as_dict else inner
+
+
+def any_values(max_leaves: int = 8) -> st.SearchStrategy[Any]:
+    """Anything a caller may pass as a value.
+
+    Good values (:func:`values`), values nobody can encode
+    (:func:`unencodable_values`), floats with NaN and infinities, ints on
+    both sides of the 64-bit range, ``str`` with lone surrogates, tuples,
+    ``bytearray``, dicts keyed by int, float, bool, ``None``, tuples or bytes,
+    deep nesting (:func:`nested`) and values that hold themselves.
+    """
+    scalars = st.one_of(
+        st.floats(),
+        st.integers(),
+        st.sampled_from([2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63), -(2**63) - 1]),
+        _any_text(6),
+        st.binary(max_size=6).map(bytearray),
+        _scalars(),
+    )
+    odd_keys = st.one_of(
+        st.integers(),
+        st.floats(allow_nan=False),
+        st.booleans(),
+        st.none(),
+        st.tuples(st.integers()),
+        st.binary(max_size=3),
+        _any_text(3),
+    )
+    mixed = st.recursive(
+        scalars,
+        lambda children: st.one_of(
+            st.lists(children, max_size=3),
+            st.lists(children, max_size=3).map(tuple),
+            st.dictionaries(odd_keys, children, max_size=3),
+            st.dictionaries(st.text(max_size=3), children, max_size=3),
+        ),
+        max_leaves=max_leaves,
+    )
+    return st.one_of(
+        values(),
+        values(),
+        unencodable_values(),
+        mixed,
+        mixed,
+        nested(),
+        st.booleans().map(_self_holding),
     )
 
 
