@@ -18,10 +18,11 @@ end offsets are last stable offsets, which a committed reader can reach.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import kafka.errors as kerr
@@ -125,21 +126,8 @@ class KafkaReader(LogReader):
     def poll(self, timeout: float, max_records: int) -> list[Any]:
         if self._closed or self._log._closed:
             raise ClosedError(f"a reader of {self._log.describe()} was used after close()")
-        try:
+        with self._read_errors():
             batches = self._consumer.poll(timeout_ms=int(timeout * 1000), max_records=max_records)
-        except kerr.OffsetOutOfRangeError as exc:
-            raise PositionOutOfRangeError(f"a reader position is outside the log: {exc}") from exc
-        except kerr.LogTruncationError as exc:
-            # KIP-320: the partition's log now ends before records this reader
-            # already read (an unclean leader election, a topic created again):
-            # kafka-python raises this rather than OffsetOutOfRangeError.
-            raise PositionOutOfRangeError(
-                f"a reader position is outside the log: the log was truncated below it ({exc})"
-            ) from exc
-        except kerr.KafkaError as exc:
-            if not exc.retriable:
-                raise
-            raise _unreadable(self._log, exc) from exc
         if not batches:
             return []
         if len(batches) == 1:
@@ -155,9 +143,20 @@ class KafkaReader(LogReader):
         # against the leader's epoch after a leader change (KIP-320), waiting
         # without bound and raising when no broker answers; poll() validates
         # before it fetches anyway.
-        try:
+        with self._read_errors():  # a truncation found by a validation that poll() started
             return {tp.partition: self._consumer.position(tp, timeout_ms=0) for tp in self._tps}
-        except kerr.LogTruncationError as exc:  # found by a validation that poll() started
+
+    @contextlib.contextmanager
+    def _read_errors(self) -> Iterator[None]:
+        """Turn kafka-python's read errors into the ones the replayer acts on."""
+        try:
+            yield
+        except kerr.OffsetOutOfRangeError as exc:
+            raise PositionOutOfRangeError(f"a reader position is outside the log: {exc}") from exc
+        except kerr.LogTruncationError as exc:
+            # KIP-320: the partition's log now ends before records this reader
+            # already read (an unclean leader election, a topic created again):
+            # kafka-python raises this rather than OffsetOutOfRangeError.
             raise PositionOutOfRangeError(
                 f"a reader position is outside the log: the log was truncated below it ({exc})"
             ) from exc
