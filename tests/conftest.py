@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -63,6 +63,13 @@ def wait_until(
         time.sleep(interval)  # polling interval of a deadline-bounded wait
 
 
+def kafka_missing(what: str, exc: Exception) -> NoReturn:
+    """Skip the tests that need Kafka ``what`` ("broker", "cluster"), or fail them under KVLOG_REQUIRE_KAFKA=1."""
+    if os.environ.get("KVLOG_REQUIRE_KAFKA") == "1":
+        pytest.fail(f"KVLOG_REQUIRE_KAFKA=1 but the Kafka {what} did not start: {exc}", pytrace=False)
+    pytest.skip(f"no Kafka {what} (set KVLOG_REQUIRE_KAFKA=1 to make this an error): {exc}")
+
+
 @pytest.fixture(scope="session")
 def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A running single-node Kafka broker for the whole session (``.bootstrap_servers``)."""
@@ -76,9 +83,7 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     try:
         broker.start(timeout=120)
     except DevBrokerError as exc:
-        if os.environ.get("KVLOG_REQUIRE_KAFKA") == "1":
-            pytest.fail(f"KVLOG_REQUIRE_KAFKA=1 but the Kafka broker did not start: {exc}", pytrace=False)
-        pytest.skip(f"no Kafka broker (set KVLOG_REQUIRE_KAFKA=1 to make this an error): {exc}")
+        kafka_missing("broker", exc)
     try:
         yield broker
     finally:

@@ -16,7 +16,6 @@ embedded log, with its reads made to fail a few times, shows that exactly.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +25,7 @@ from typing import Any
 import kafka.errors as kerr
 import msgpack
 import pytest
-from conftest import wait_until
+from conftest import kafka_missing, wait_until
 from kafka import KafkaConsumer, TopicPartition
 from kafka_cluster import KafkaCluster
 
@@ -56,9 +55,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaCluster]:
         nodes.start(timeout=120)
     except DevBrokerError as exc:
         nodes.close()
-        if os.environ.get("KVLOG_REQUIRE_KAFKA") == "1":
-            pytest.fail(f"KVLOG_REQUIRE_KAFKA=1 but the Kafka cluster did not start: {exc}", pytrace=False)
-        pytest.skip(f"no Kafka cluster (set KVLOG_REQUIRE_KAFKA=1 to make this an error): {exc}")
+        kafka_missing("cluster", exc)
     try:
         yield nodes
     finally:
