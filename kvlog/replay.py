@@ -71,6 +71,11 @@ MIN_MARK_SECONDS = 0.25
 #: A tombstone retention below this is too short to guard by time (a follower
 #: cannot reliably stand at the log end that often): the replayer warns instead.
 MIN_GUARDED_RETENTION_SECONDS = 1.0
+#: The pause before a caller waiting with a deadline (``sync()``, a write
+#: without the follower) asks the log again after a retriable error.
+RETRY_PAUSE_SECONDS = 0.1
+#: The shortest attempt to read them (a deadline about to pass still gets one try).
+END_OFFSETS_MIN_SECONDS = 0.05
 #: How many of the last quarantined records ``quarantined`` keeps.
 QUARANTINE_KEPT = 10
 #: Quarantined records logged one by one per batch; the rest are summed up.
@@ -136,6 +141,12 @@ class Replayer:
         #: The last few warnings about guarantees replay could not keep (see the module docstring).
         self.warnings: collections.deque[str] = collections.deque(maxlen=QUARANTINE_KEPT)
         self.batches = 0
+        #: When replay last moved forward: applied records, stepped over a gap,
+        #: or found the cache at the log end (wall-clock seconds; ``None``: not since open).
+        self.last_progress_at: float | None = None
+        #: The last error replay met (reading, applying, or asking for the end
+        #: offsets) and when, whether or not it was retried: ``(seconds, text)``.
+        self.last_error: tuple[float, str] | None = None
         # When the cache last stood at the log end (the time of the end-offset
         # snapshot it reached), and whether that moment is a rebuild's start
         # rather than an arrival at the end. See "Missed deletes" above.
@@ -186,6 +197,27 @@ class Replayer:
         """Whether the background follower thread is running."""
         return self._follower is not None and self._follower.is_alive()
 
+    def health(self) -> dict[str, Any]:
+        """How replay is doing, for an operator: is the cache following the log?
+
+        Returns:
+            ``following`` (the background follower runs), ``last_progress_at``
+            (wall-clock seconds when replay last applied records or found the
+            cache at the log end; ``None`` if not since open),
+            ``current_at`` (the time of the last end-offset snapshot the cache
+            reached), ``last_error`` and ``last_error_at`` (the last error met
+            while reading, applying or asking for the end offsets, retried or
+            not; ``None`` if none since open).
+        """
+        error = self.last_error
+        return {
+            "following": self.following,
+            "last_progress_at": self.last_progress_at,
+            "current_at": self._current_at,
+            "last_error": None if error is None else error[1],
+            "last_error_at": None if error is None else error[0],
+        }
+
     def check_usable(self) -> None:
         """Raise the error that stopped replay for good, if one did (before a write is sent)."""
         fatal = self._fatal
@@ -211,6 +243,10 @@ class Replayer:
                 raise ClosedError("the replayer is closed")
             try:
                 return self._step_locked(timeout, BATCH_RECORDS if max_records is None else max_records)
+            except Exception as exc:
+                if not isinstance(exc, ClosedError):
+                    self._note_error(exc)
+                raise
             finally:
                 if self._current_pending:
                     self._current_pending = False
@@ -282,6 +318,7 @@ class Replayer:
             raise
         with self._cond:
             self._positions = positions
+            self.last_progress_at = time.time()
             self.records_replayed += applied
             self.records_quarantined += skipped
             self.quarantined.extend((r.partition, r.offset, why) for r, why in bad)
@@ -409,6 +446,7 @@ class Replayer:
                 end = self._log.end_offsets(timeout=2.0)
             except Exception as exc:  # noqa: BLE001 - unknown means not current; retried later
                 log.debug("cannot tell whether the cache is current: %s", exc)
+                self._note_error(exc)
             else:
                 if self._probe is None:
                     self._probe = (now, end)
@@ -427,6 +465,7 @@ class Replayer:
             now = self._log.current_identity()
         except Exception as exc:  # noqa: BLE001 - checked again at the next snapshot
             log.debug("cannot check the log's identity: %s", exc)
+            self._note_error(exc)
             return
         cached = self._cache.identity() or {}
         if all(cached.get(k) == v for k, v in now.items()):
@@ -443,6 +482,7 @@ class Replayer:
     def _advance_current(self, since: float) -> bool:
         # With self._cond held. Marks only move forward: a snapshot taken
         # before a rebuild started says nothing about the rebuilt cache.
+        self.last_progress_at = time.time()
         if self._current_at is not None and since <= self._current_at:
             return False
         self._current_at = since
@@ -508,10 +548,43 @@ class Replayer:
                     self._track_current(positions)
         while True:
             since = time.time()
-            end = self._log.end_offsets()
+            end = self._end_offsets(deadline)
             self._wait(end, deadline, timeout, progress)
             if self._note_current(since, end):
                 return
+
+    def _end_offsets(self, deadline: float | None) -> dict[int, int]:
+        """The log's end offsets; a retriable failure is asked again while ``deadline`` allows.
+
+        Each attempt is bounded by the log's own timeout and by what is left
+        of the deadline; without a deadline one attempt decides. A client that
+        met a leader change can fail an attempt that a new one then answers
+        (see :class:`~kvlog.log.kafka.KafkaLog`), so a ``sync(timeout=10)``
+        rides out a failover rather than reporting it.
+        """
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            try:
+                return self._log.end_offsets(
+                    timeout=None if remaining is None else max(END_OFFSETS_MIN_SECONDS, remaining)
+                )
+            except KVLogError as exc:
+                self._note_error(exc)
+                if not exc.retriable or deadline is None:
+                    raise
+                if deadline - time.monotonic() <= RETRY_PAUSE_SECONDS:
+                    raise
+                log.debug("end offsets unavailable, asking again: %s", exc)
+                self._pause_before_retry(exc)
+
+    def _pause_before_retry(self, exc: BaseException) -> None:
+        with self._cond:
+            if self._closed:
+                raise ClosedError("the store was closed while waiting for replay") from exc
+            self._cond.wait(timeout=RETRY_PAUSE_SECONDS)
+
+    def _note_error(self, exc: BaseException) -> None:
+        self.last_error = (time.time(), f"{type(exc).__name__}: {exc}")
 
     # -- waiting ------------------------------------------------------------
 
@@ -577,7 +650,17 @@ class Replayer:
                     ):
                         self._cond.wait(timeout=min(remaining or 1.0, 1.0))
             else:
-                self.step(min(remaining if remaining is not None else 1.0, 1.0))
+                try:
+                    self.step(min(remaining if remaining is not None else 1.0, 1.0))
+                except KVLogError as exc:
+                    # The log is out of reach for now (a leader failing over):
+                    # the reader resumes from the checkpoint, as the follower
+                    # would. A deadline bounds the retries; without one, the
+                    # caller decides.
+                    if not exc.retriable or exc is self._fatal or remaining is None:
+                        raise
+                    log.debug("replay paused while waiting: %s", exc)
+                    self._pause_before_retry(exc)
 
     # -- the follower -------------------------------------------------------
 

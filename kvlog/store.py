@@ -574,7 +574,11 @@ class KVLog(MutableMapping[Any, Any]):
         ``bytes_on_disk``, ``map_size``, ``following``, ``records_replayed``
         and ``records_quarantined`` since open, ``quarantined`` (the last few
         quarantined records as ``(partition, offset, reason)``),
-        ``open_replay`` (how the last open went: warm or cold, records,
+        ``replay_health`` (when replay last moved forward or found the cache at
+        the log end, and the last error it met: see
+        :meth:`~kvlog.replay.Replayer.health`; a follower that makes no
+        progress while ``total_lag`` stays above zero is stuck, and the error
+        says why), ``open_replay`` (how the last open went: warm or cold, records,
         seconds, why it rebuilt), ``rebuilds`` (every reason the cache was
         rebuilt since open) and ``warnings`` (guarantees replay could not
         keep, e.g. a full replay slower than the topic keeps tombstones).
@@ -600,6 +604,7 @@ class KVLog(MutableMapping[Any, Any]):
             "bytes_on_disk": self._cache.disk_bytes(),
             "map_size": self._cache.map_size,
             "following": self._replayer.following,
+            "replay_health": self._replayer.health(),
             "records_replayed": self._replayer.records_replayed,
             "records_quarantined": self._replayer.records_quarantined,
             "quarantined": list(self._replayer.quarantined),

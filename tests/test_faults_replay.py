@@ -1,4 +1,4 @@
-"""Replay correctness under log faults and foreign records (issue 5, scenarios 4 to 7).
+"""Replay correctness under log faults and foreign records.
 
 4. A cache closed, or open but behind the log end, for longer than the log keeps tombstones is
    rebuilt rather than keep a key whose delete compaction removed meanwhile; a full replay slower
@@ -298,6 +298,41 @@ class _FollowerChild:
 def kafka_partition(key: bytes, partitions: int) -> int:
     """The partition Kafka's default partitioner picks for ``key``."""
     return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+#: Kafka's own known answers for its murmur2 (the Java client's ``Utils.murmur2`` test vectors).
+JAVA_MURMUR2 = {
+    b"21": -973932308,
+    b"foobar": -790332482,
+    b"a-little-bit-long-string": -985981536,
+    b"a-little-bit-longer-string": -1486304829,
+    b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8": -58897971,
+    b"abc": 479470107,
+}
+
+
+class TestPartitioning:
+    def test_keys_land_in_the_partition_the_java_clients_default_partitioner_picks(
+        self, make_kv: Any, bootstrap: str
+    ) -> None:
+        """A key kvlog writes and the same key written by a Java or kafka-python producer share a partition.
+
+        Otherwise the two records of one key sit in two partitions and no
+        replay can tell which is newer. The Java client's own murmur2 answers
+        pin the expected partitions; more keys are checked against
+        kafka-python's murmur2, which must agree with them.
+        """
+        partitions = 4
+        for key, java_hash in JAVA_MURMUR2.items():
+            assert murmur2(key) & 0x7FFFFFFF == java_hash & 0x7FFFFFFF, key
+        kv = make_kv(partitions=partitions)
+        keys = [*JAVA_MURMUR2, *(b"order:%d" % i for i in range(64))]
+        kv.update({key: 1 for key in keys})
+        placed = {key: p for p, _, key, _ in topic_records(bootstrap, kv.log.topic)}  # type: ignore[attr-defined]
+        for key, java_hash in JAVA_MURMUR2.items():
+            assert placed[key] == (java_hash & 0x7FFFFFFF) % partitions, key
+        assert {key: placed[key] for key in keys} == {key: kafka_partition(key, partitions) for key in keys}
+        assert len(set(placed.values())) == partitions
 
 
 class TestPartitionsAdded:

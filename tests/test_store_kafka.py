@@ -21,6 +21,7 @@ from kvlog import (
     RecordTooLargeError,
     TopicConfigError,
 )
+from kvlog import replay as replay_module
 
 pytestmark = pytest.mark.kafka
 
@@ -165,6 +166,12 @@ class TestFollowing:
         assert reader["own"] == 1
 
 
+def delete_topic(admin: Any, topic: str) -> None:
+    """Delete ``topic`` and wait until the broker no longer lists it."""
+    admin.delete_topics([topic])
+    wait_until(lambda: topic not in admin.list_topics(), timeout=30, what="topic deletion")
+
+
 class TestRestartAndRebuild:
     def test_warm_restart_replays_only_the_tail(self, make_kv: Any) -> None:
         kv = make_kv("a")
@@ -216,13 +223,46 @@ class TestRestartAndRebuild:
         kv = make_kv("a")
         kv.update({"old": 1, "both": "old"})
         kv.close()
-        admin.delete_topics([topic])
-        wait_until(lambda: topic not in admin.list_topics(), timeout=30, what="topic deletion")
+        delete_topic(admin, topic)
         fresh = make_kv("b")
         fresh["both"] = "new"
         reopened = make_kv("a")
         assert dict(reopened) == {"both": "new"}
         assert "topic_id" in reopened.stats()["open_replay"]["rebuild_reason"]
+
+    def test_a_topic_recreated_with_more_records_than_the_cache_read_is_rebuilt_at_open(
+        self, make_kv: Any, admin: Any, topic: str
+    ) -> None:
+        """Same name and partitions, and the checkpoint is not past the new log end: only the topic id differs."""
+        kv = make_kv("a")
+        kv.update({"old": 1, "both": "old"})  # checkpoint 2
+        kv.close()
+        delete_topic(admin, topic)
+        other = make_kv("b")
+        other.update({"both": "new", "n1": 1, "n2": 2})  # end offset 3 of the new topic
+        reopened = make_kv("a")
+        assert "topic_id" in (reopened.open_replay["rebuild_reason"] or ""), reopened.open_replay
+        assert dict(reopened) == {"both": "new", "n1": 1, "n2": 2}
+
+    def test_sync_rebuilds_a_store_whose_topic_was_recreated_under_it(
+        self, make_kv: Any, admin: Any, topic: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An open store meets a recreated topic that already holds more records than it has read.
+
+        Positions stay inside the new log, so nothing but the topic id tells
+        the topics apart: the store must rebuild, not read on from position 2
+        of a log it never saw.
+        """
+        monkeypatch.setattr(replay_module, "CURRENT_MARK_SECONDS", 0.0)  # every sync() checks the log
+        monkeypatch.setattr(replay_module, "MIN_MARK_SECONDS", 0.0)
+        kv = make_kv("a", follow=False)
+        kv.update({"old": 1, "both": "old"})
+        delete_topic(admin, topic)
+        other = make_kv("b")
+        other.update({"both": "new", "n1": 1, "n2": 2})
+        kv.sync(timeout=30)
+        assert dict(kv) == {"both": "new", "n1": 1, "n2": 2}
+        assert any("topic_id" in reason for reason in kv.stats()["rebuilds"]), kv.stats()["rebuilds"]
 
     def test_checkpoint_below_log_start_rebuilds(self, make_kv: Any, admin: Any, topic: str) -> None:
         """Records deleted past a closed cache's checkpoint force a full replay, not a skip."""

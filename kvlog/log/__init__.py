@@ -142,7 +142,7 @@ class Log(abc.ABC):
     def end_offsets(self, timeout: float | None = None) -> dict[int, int]:
         """Return the end offset (one past the last readable record) of every partition.
 
-        ``timeout`` bounds the wait (default: the log's own timeout).
+        ``timeout`` bounds the wait (default, and at most: the log's own timeout).
         """
 
     @abc.abstractmethod

@@ -19,6 +19,7 @@ end offsets are last stable offsets, which a committed reader can reach.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import threading
 import time
@@ -78,6 +79,37 @@ def _retention_from(configs: Mapping[str, Any], name: str, default: int) -> int:
 # refresh is separate (exponential, KIP-580), so a short one here only shortens
 # that first wait and the pause between refreshes that found topic errors.
 _METADATA_BACKOFF_MS = 10
+
+
+def _refresh_metadata_when_not_leader(consumer: Any) -> None:
+    """Make a consumer's offset queries refresh a stale leader instead of asking it again until they time out.
+
+    kafka-python 3.0 retries a ListOffsets answered with NOT_LEADER_OR_FOLLOWER
+    (or another "ask the leader again" error) at once, to the same broker,
+    without asking for new metadata. A consumer that met a leader change
+    while idle keeps the old leader in its metadata (a refresh triggered by
+    the lost connection runs before the controller has elected another), so
+    once that broker is back as a follower every ``end_offsets()`` and
+    ``beginning_offsets()`` spins against it until it times out, until the
+    metadata expires (``metadata_max_age_ms``, 5 minutes). The Java client
+    requests a metadata update and waits for it before retrying; this makes
+    kafka-python do the same, by reporting such an answer as stale metadata,
+    which its retry loop already handles that way. Where a kafka-python
+    release has no such method, a failed query still discards its consumer
+    (see :meth:`KafkaLog._offsets`).
+    """
+    fetcher = getattr(consumer, "_fetcher", None)
+    send = getattr(fetcher, "_send_list_offsets_requests", None)
+    if send is None or not inspect.iscoroutinefunction(send):
+        return
+
+    async def send_list_offsets_requests(timestamps: Any) -> Any:
+        offsets, retry = await send(timestamps)
+        if retry:
+            raise kerr.StaleMetadata(f"the leader of {sorted(map(str, retry))} moved; refreshing metadata")
+        return offsets, retry
+
+    fetcher._send_list_offsets_requests = send_list_offsets_requests
 
 
 def _shorten_startup_backoff(client: Any) -> None:
@@ -363,7 +395,7 @@ class KafkaLog(Log):
         return WriteError(f"write to {self.describe()} failed: {cause!r}"), cause
 
     def _new_consumer(self, **settings: Any) -> KafkaConsumer:
-        return self._connect(
+        consumer = self._connect(
             KafkaConsumer,
             group_id=None,
             enable_auto_commit=False,
@@ -374,6 +406,8 @@ class KafkaLog(Log):
             request_timeout_ms=max(31000, self._timeout_ms),
             **settings,
         )
+        _refresh_metadata_when_not_leader(consumer)
+        return consumer
 
     def _describe_topic(self) -> dict[str, Any] | None:
         assert self._admin is not None
@@ -557,14 +591,33 @@ class KafkaLog(Log):
 
     def _offsets(self, which: str, timeout: float | None = None) -> dict[int, int]:
         self._check_open()
-        assert self._offsets_consumer is not None
+        timeout_ms = (
+            self._timeout_ms if timeout is None else max(1, min(self._timeout_ms, int(timeout * 1000)))
+        )
         with self._offsets_lock:
+            consumer = self._offsets_consumer
             try:
-                query = getattr(self._offsets_consumer, which)
-                timeout_ms = self._timeout_ms if timeout is None else max(1, int(timeout * 1000))
-                offsets = query(self._tps(), timeout_ms=timeout_ms)
-            except _UNREACHABLE as exc:
-                raise self._unavailable(exc) from exc
+                if consumer is None:
+                    # The last one was discarded after a failed query.
+                    consumer = self._new_consumer(bootstrap_timeout_ms=timeout_ms)
+                    if self._closed:  # close() ran meanwhile and found no consumer to close
+                        _quietly(consumer.close, autocommit=False)
+                        self._check_open()
+                    self._offsets_consumer = consumer
+                offsets = getattr(consumer, which)(self._tps(), timeout_ms=timeout_ms)
+            except BrokerUnavailableError:
+                raise
+            except kerr.KafkaError as exc:
+                # Whatever state made this query fail (metadata naming a broker
+                # that no longer leads, a connection kafka-python still
+                # believes in), a new consumer starts from none of it: it
+                # bootstraps and asks the cluster who leads now.
+                self._offsets_consumer = None
+                if consumer is not None:
+                    _quietly(consumer.close, autocommit=False)
+                if isinstance(exc, _UNREACHABLE):
+                    raise self._unavailable(exc) from exc
+                raise
         return {tp.partition: offset for tp, offset in offsets.items()}
 
     def begin_offsets(self) -> dict[int, int]:
