@@ -109,7 +109,7 @@ def _refresh_metadata_when_not_leader(consumer: Any) -> None:
             raise kerr.StaleMetadata(f"the leader of {sorted(map(str, retry))} moved; refreshing metadata")
         return offsets, retry
 
-    fetcher._send_list_offsets_requests = send_list_offsets_requests
+    setattr(fetcher, "_send_list_offsets_requests", send_list_offsets_requests)  # noqa: B010 - an instance's method
 
 
 def _shorten_startup_backoff(client: Any) -> None:
@@ -163,7 +163,8 @@ class KafkaReader(LogReader):
         if not batches:
             return []
         if len(batches) == 1:
-            return next(iter(batches.values()))  # type: ignore[no-any-return]
+            only: list[Any] = next(iter(batches.values()))
+            return only
         records: list[Any] = []
         for batch in batches.values():
             records.extend(batch)
@@ -546,7 +547,7 @@ class KafkaLog(Log):
         partitions = self._partitions
         if partitions == 1:
             return 0
-        return (murmur2(key) & 0x7FFFFFFF) % partitions
+        return int(murmur2(key) & 0x7FFFFFFF) % partitions
 
     def describe(self) -> str:
         return f"kafka topic {self.topic!r} at {self.bootstrap_servers}"
