@@ -365,8 +365,9 @@ class KafkaLog(Log):
             _discard_producer(producer, timeout=0)
         cause: BaseException = exc
         partition = None
-        if isinstance(exc, kerr.KafkaTimeoutError):
-            # The timeout hides what the brokers answered to the retries.
+        if isinstance(exc, kerr.RetriableError) and not isinstance(exc, kerr.BrokerResponseError):
+            # A timeout, or a request cancelled with its connection, hides
+            # what the brokers answered to the retries before it.
             last = errors.last_since(started)
             if last is not None:
                 partition, cause = last
@@ -673,6 +674,10 @@ class _ProducerErrors:
 
     def __init__(self, producer: KafkaProducer | None) -> None:
         self._last: tuple[float, int, BaseException] | None = None
+        # The last error that a broker answered (it has an error code), kept
+        # apart: a request cancelled or a connection lost after the broker
+        # answered NOT_ENOUGH_REPLICAS says less about why the write failed.
+        self._last_answer: tuple[float, int, BaseException] | None = None
         sender = getattr(producer, "_sender", None)
         dispatch = getattr(sender, "_dispatch_error", None)
         if sender is None or dispatch is None:
@@ -681,17 +686,24 @@ class _ProducerErrors:
         def dispatch_error(batch: Any, exception: Any, partition_response: Any) -> Any:
             # Runs in the sender thread; one tuple assignment is atomic.
             if isinstance(exception, BaseException) and not isinstance(exception, kerr.KafkaTimeoutError):
-                self._last = (time.monotonic(), batch.topic_partition.partition, exception)
+                entry = (time.monotonic(), batch.topic_partition.partition, exception)
+                self._last = entry
+                if isinstance(exception, kerr.BrokerResponseError):
+                    self._last_answer = entry
             return dispatch(batch, exception, partition_response)
 
         sender._dispatch_error = dispatch_error
 
     def last_since(self, started: float) -> tuple[int, BaseException] | None:
-        """``(partition, error)`` of the last broker error after ``started`` (monotonic), if any."""
-        last = self._last
-        if last is None or last[0] < started:
-            return None
-        return last[1], last[2]
+        """``(partition, error)`` of the last error after ``started`` (monotonic), if any.
+
+        A broker's answer is preferred to a client-side failure (a cancelled
+        request, a lost connection) that came after it.
+        """
+        for last in (self._last_answer, self._last):
+            if last is not None and last[0] >= started:
+                return last[1], last[2]
+        return None
 
 
 def _discard_producer(producer: KafkaProducer, timeout: float) -> None:
