@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -61,6 +61,40 @@ def wait_until(
         if time.monotonic() >= deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what or condition}")
         time.sleep(interval)  # polling interval of a deadline-bounded wait
+
+
+class TopicRecord(NamedTuple):
+    """One record as it physically is in a topic."""
+
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+def topic_records(bootstrap: str, topic: str, *, timeout: float = 60.0) -> list[TopicRecord]:
+    """Every record physically in ``topic`` (all partitions, in partition and offset order), read with a plain consumer.
+
+    What kvlog wrote, as any other client sees it: the tests compare stores
+    with this, never with another kvlog replay.
+    """
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        end = consumer.end_offsets(tps)
+        out: list[TopicRecord] = []
+        deadline = time.monotonic() + timeout
+        while any(consumer.position(tp) < end[tp] for tp in tps):
+            assert time.monotonic() < deadline, f"could not read topic {topic!r} to its end"
+            for batch in consumer.poll(timeout_ms=500).values():
+                out.extend(TopicRecord(r.partition, r.offset, r.key, r.value) for r in batch)
+        return sorted(out, key=lambda r: (r.partition, r.offset))
+    finally:
+        consumer.close()
 
 
 def kafka_missing(what: str, exc: Exception) -> NoReturn:

@@ -25,7 +25,7 @@ from typing import Any
 import kafka.errors as kerr
 import msgpack
 import pytest
-from conftest import kafka_missing, wait_until
+from conftest import kafka_missing, topic_records, wait_until
 from kafka import KafkaConsumer, TopicPartition
 from kafka_cluster import KafkaCluster
 
@@ -89,23 +89,11 @@ def open_kv(tmp_path: Path, healthy: KafkaCluster, topic: str) -> Iterator[Calla
         kv.close()
 
 
-def topic_records(bootstrap: str, topic: str) -> list[tuple[int, bytes, Any]]:
-    """``(offset, key, decoded value)`` of every record in partition 0, read from the start."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-    try:
-        tp = TopicPartition(topic, 0)
-        consumer.assign([tp])
-        consumer.seek_to_beginning(tp)
-        end = consumer.end_offsets([tp])[tp]
-        out: list[tuple[int, bytes, Any]] = []
-        deadline = time.monotonic() + 60
-        while consumer.position(tp) < end:
-            assert time.monotonic() < deadline, "could not read the topic to its end"
-            for batch in consumer.poll(timeout_ms=500).values():
-                out.extend((r.offset, r.key, msgpack.unpackb(r.value)) for r in batch)
-        return out
-    finally:
-        consumer.close()
+def written(bootstrap: str, topic: str) -> list[tuple[int, bytes, Any]]:
+    """``(offset, key, decoded value)`` of every record in the topic (these tests use one partition)."""
+    records = topic_records(bootstrap, topic)
+    assert {r.partition for r in records} <= {0}
+    return [(r.offset, r.key or b"", msgpack.unpackb(r.value)) for r in records]
 
 
 def fold(records: list[tuple[int, bytes, Any]]) -> dict[str, Any]:
@@ -256,7 +244,7 @@ class TestLeaderKilled:
             assert exc.retriable, f"write {i} raised a non-retriable error: {exc!r}"
         assert failed, "a kill fails the writes in flight: the 2 s timeout is shorter than the failover"
 
-        records = topic_records(healthy.bootstrap_servers, topic)
+        records = written(healthy.bootstrap_servers, topic)
         values = [value for _, _, value in records]
         assert all(key == f"k{value:06d}".encode() for _, key, value in records)
         assert values == sorted(set(values)), "a write was duplicated or reordered in the log"
@@ -401,7 +389,7 @@ class TestNotEnoughReplicas:
         wait_until(lambda: in_sync(healthy, topic), 60, what="the killed brokers back in the ISR")
         kv["c"] = 3  # the same store, not a reopened one
         assert kv["c"] == 3
-        assert fold(topic_records(healthy.bootstrap_servers, topic)) == dict(kv.items())
+        assert fold(written(healthy.bootstrap_servers, topic)) == dict(kv.items())
 
 
 @pytest.mark.kafka
@@ -476,7 +464,7 @@ class TestBrokersRestarted:
         assert has("c", 50)
 
         reader.close()
-        records = topic_records(healthy.bootstrap_servers, topic)
+        records = written(healthy.bootstrap_servers, topic)
         assert dict(follower.items()) == fold(records)
         stats = follower.stats()
         assert stats["records_replayed"] == len(records) == 200, "a record was replayed twice, or missed"

@@ -29,8 +29,8 @@ from typing import Any
 
 import msgpack
 import pytest
-from conftest import wait_until
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from conftest import topic_records, wait_until
+from kafka import KafkaProducer
 from kafka.admin import ConfigResource, ConfigResourceType
 from kafka.partitioner import murmur2
 
@@ -51,25 +51,6 @@ SHORT_RETENTION = {
     "min.cleanable.dirty.ratio": "0.01",
     "min.compaction.lag.ms": "0",
 }
-
-
-def topic_records(bootstrap: str, topic: str) -> list[tuple[int, int, bytes | None, bytes | None]]:
-    """Every ``(partition, offset, key, value)`` physically in the topic, read with a plain consumer."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-    try:
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        end = consumer.end_offsets(tps)
-        out: list[tuple[int, int, bytes | None, bytes | None]] = []
-        deadline = time.monotonic() + 30
-        while any(consumer.position(tp) < end[tp] for tp in tps):
-            assert time.monotonic() < deadline, "could not read the topic to its end"
-            for batch in consumer.poll(timeout_ms=500).values():
-                out.extend((r.partition, r.offset, r.key, r.value) for r in batch)
-        return out
-    finally:
-        consumer.close()
 
 
 def send_raw(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes | None]]) -> None:
@@ -328,7 +309,7 @@ class TestPartitioning:
         kv = make_kv(partitions=partitions)
         keys = [*JAVA_MURMUR2, *(b"order:%d" % i for i in range(64))]
         kv.update({key: 1 for key in keys})
-        placed = {key: p for p, _, key, _ in topic_records(bootstrap, kv.log.topic)}  # type: ignore[attr-defined]
+        placed = {r.key: r.partition for r in topic_records(bootstrap, kv.log.topic)}  # type: ignore[attr-defined]
         for key, java_hash in JAVA_MURMUR2.items():
             assert placed[key] == (java_hash & 0x7FFFFFFF) % partitions, key
         assert {key: placed[key] for key in keys} == {key: kafka_partition(key, partitions) for key in keys}

@@ -8,14 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_until
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from conftest import topic_records, wait_until
+from kafka import TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType
 
 from kvlog import (
     BrokerUnavailableError,
     ClosedError,
-    Codec,
     KVLog,
     KVLogError,
     RecordTooLargeError,
@@ -24,146 +23,6 @@ from kvlog import (
 from kvlog import replay as replay_module
 
 pytestmark = pytest.mark.kafka
-
-
-def topic_records(bootstrap: str, topic: str) -> list[tuple[bytes, bytes | None]]:
-    """Every (key, value) physically in the topic, read with a plain consumer."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-    try:
-        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        end = consumer.end_offsets(tps)
-        out: list[tuple[bytes, bytes | None]] = []
-        deadline = time.monotonic() + 30
-        while any(consumer.position(tp) < end[tp] for tp in tps):
-            assert time.monotonic() < deadline, "could not read the topic to its end"
-            for batch in consumer.poll(timeout_ms=500).values():
-                out.extend((r.key, r.value) for r in batch)
-        return out
-    finally:
-        consumer.close()
-
-
-class TestMapping:
-    def test_put_get_contains_len_iter(self, make_kv: Any) -> None:
-        """The README example: a write is readable at once, keys iterate in sorted order."""
-        kv = make_kv()
-        kv["order:42"] = {"status": "paid", "total": 12.5}
-        kv["order:7"] = {"status": "new"}
-        kv[b"raw"] = [1, 2, 3]
-        assert kv["order:42"] == {"status": "paid", "total": 12.5}
-        assert "order:42" in kv and "order:43" not in kv
-        assert kv.get("missing", "dflt") == "dflt"
-        assert len(kv) == 3
-        assert list(kv) == ["order:42", "order:7", "raw"]
-        assert kv[b"order:7"] == kv["order:7"], "str keys are their UTF-8 bytes"
-
-    def test_missing_key_raises_keyerror_with_the_key(self, make_kv: Any) -> None:
-        kv = make_kv()
-        with pytest.raises(KeyError) as info:
-            kv["nope"]
-        assert info.value.args == ("nope",)
-        with pytest.raises(KeyError):
-            del kv["nope"]
-
-    def test_none_is_a_value_and_del_writes_a_tombstone(
-        self, make_kv: Any, bootstrap: str, topic: str
-    ) -> None:
-        kv = make_kv()
-        kv["a"] = None
-        assert "a" in kv and kv["a"] is None
-        del kv["a"]
-        assert "a" not in kv
-        assert topic_records(bootstrap, topic) == [(b"a", b"\xc0"), (b"a", None)]
-
-    def test_update_is_one_batch_and_visible_when_it_returns(self, make_kv: Any) -> None:
-        kv = make_kv()
-        kv.update({"a": 1, "b": 2}, c=3)
-        kv.update([("d", 4)])
-        assert dict(kv) == {"a": 1, "b": 2, "c": 3, "d": 4}
-
-    def test_scan_prefix_start_stop(self, make_kv: Any) -> None:
-        kv = make_kv()
-        kv.update({f"order:{i:03d}": i for i in range(20)} | {"user:1": "u", "a": 0})
-        assert [k for k, _ in kv.scan(prefix="order:01")] == [f"order:{i:03d}" for i in range(10, 20)]
-        assert list(kv.scan(start="order:018")) == [("order:018", 18), ("order:019", 19), ("user:1", "u")]
-        assert list(kv.scan(stop="order:001")) == [("a", 0), ("order:000", 0)]
-        assert list(kv.scan(prefix="order:", start="order:005", stop="order:007")) == [
-            ("order:005", 5),
-            ("order:006", 6),
-        ]
-        assert list(kv.scan(prefix="zzz")) == []
-
-    def test_iteration_spans_many_chunks_in_order(self, make_kv: Any) -> None:
-        """Iteration reads the cache in chunks; no key is lost or repeated across chunk edges."""
-        kv = make_kv()
-        kv.update({f"k{i:05d}": i for i in range(2000)})
-        assert list(kv) == [f"k{i:05d}" for i in range(2000)]
-        assert [v for _, v in kv.scan()] == list(range(2000))
-
-    def test_bytes_key_type(self, make_kv: Any) -> None:
-        kv = make_kv(key_type=bytes)
-        kv["é"] = 1
-        assert list(kv) == ["é".encode()]
-
-    def test_clear_and_popitem_go_through_the_log(self, make_kv: Any) -> None:
-        kv = make_kv()
-        kv.update({"a": 1, "b": 2, "c": 3})
-        assert kv.pop("a") == 1
-        kv.clear()
-        assert len(kv) == 0
-        assert len(make_kv("other")) == 0, "a fresh replay sees the tombstones"
-
-    @pytest.mark.parametrize(
-        ("codec", "value"),
-        [("json", {"a": [1, 2.5, None]}), ("str", "héllo"), ("bytes", b"\x00\xff")],
-    )
-    def test_builtin_codecs_round_trip(self, make_kv: Any, codec: str, value: Any) -> None:
-        kv = make_kv(codec=codec)
-        kv["k"] = value
-        assert kv["k"] == value
-        assert make_kv("fresh", codec=codec)["k"] == value
-
-    def test_user_codec(self, make_kv: Any) -> None:
-        upper = Codec("upper", lambda v: v.upper().encode(), lambda b: b.decode().lower())
-        kv = make_kv(codec=upper)
-        kv["k"] = "abc"
-        assert kv["k"] == "abc"
-
-
-class TestFollowing:
-    def test_foreign_producer_record_appears_without_any_call(
-        self, make_kv: Any, bootstrap: str, topic: str
-    ) -> None:
-        """A record from a plain Kafka producer (default partitioner) reaches the cache by itself."""
-        kv = make_kv(partitions=3)
-        producer = KafkaProducer(bootstrap_servers=bootstrap)
-        try:
-            producer.send(topic, key=b"foreign", value=b"\xa5hello").get(timeout=10)
-            producer.send(topic, key=b"gone", value=b"\x01").get(timeout=10)
-            producer.send(topic, key=b"gone", value=None).get(timeout=10)
-        finally:
-            producer.close()
-        wait_until(lambda: kv.get("foreign") == "hello", timeout=20, what="the follower to apply the record")
-        kv.sync(timeout=10)
-        assert "gone" not in kv
-
-    def test_other_instance_writes_become_visible(self, make_kv: Any) -> None:
-        a, b = make_kv("a", partitions=2), make_kv("b")
-        a["x"] = 1
-        b["y"] = 2
-        wait_until(lambda: a.get("y") == 2 and b.get("x") == 1, timeout=20, what="cross-instance visibility")
-
-    def test_without_follower_the_cache_moves_only_on_sync(self, make_kv: Any) -> None:
-        writer, reader = make_kv("w"), make_kv("r", follow=False)
-        writer["k"] = "v"
-        assert "k" not in reader, "follow=False: nothing applies records in the background"
-        assert reader.stats()["total_lag"] == 1
-        reader.sync(timeout=10)
-        assert reader["k"] == "v"
-        reader["own"] = 1  # its own writes are applied before they return
-        assert reader["own"] == 1
 
 
 def delete_topic(admin: Any, topic: str) -> None:
@@ -320,7 +179,7 @@ class TestTopicChecks:
         with pytest.raises(RecordTooLargeError, match=r"max\.message\.bytes=2000"):
             kv["big"] = "x" * 5000
         assert "big" not in kv
-        assert [k for k, _ in topic_records(bootstrap, topic)] == [b"small"]
+        assert [r.key for r in topic_records(bootstrap, topic)] == [b"small"]
 
 
 class TestBadInput:
@@ -356,7 +215,7 @@ class TestBadInput:
         with pytest.raises(TypeError):
             kv.update({"good": 1, "bad": value})
         assert dict(kv) == {"before": 1}
-        assert [k for k, _ in topic_records(bootstrap, topic)] == [b"before"], "nothing reached the log"
+        assert [r.key for r in topic_records(bootstrap, topic)] == [b"before"], "nothing reached the log"
 
 
 class TestLifecycle:
