@@ -97,7 +97,7 @@ def raised(call: Callable[[], object], error: type[BaseException]) -> BaseExcept
     return None
 
 
-# -- 4. tombstone retention guard -------------------------------------------------------------
+# -- tombstone retention guard -------------------------------------------------------------
 
 
 class TestMissedDeletes:
@@ -273,7 +273,7 @@ class _FollowerChild:
             self.proc.stdout.close()
 
 
-# -- 5. partitions added under a cache -------------------------------------------------------
+# -- partitions added under a cache -------------------------------------------------------
 
 
 def kafka_partition(key: bytes, partitions: int) -> int:
@@ -367,7 +367,7 @@ class TestPartitionsAdded:
         assert kv["a"] == 1 and unfollowed["a"] == 1, "reads keep serving the cache as of the change"
 
 
-# -- 6. checkpoint past the log end ---------------------------------------------------------
+# -- checkpoint past the log end ---------------------------------------------------------
 
 
 class TestCheckpointPastTheEnd:
@@ -409,7 +409,7 @@ class TestCheckpointPastTheEnd:
         assert dict(reopened) == {"new": 1, "after": 2}
 
 
-# -- 7. records from foreign producers ---------------------------------------------------------
+# -- records from foreign producers ---------------------------------------------------------
 
 
 class TestForeignRecords:
@@ -531,17 +531,15 @@ def test_a_batch_that_failed_to_apply_is_read_again(tmp_path: Path, monkeypatch:
     """The reader moved past a batch the cache refused (a full disk): the next replay reads it again."""
     with KVLog(tmp_path, follow=False) as kv:
         kv.log.append([(b"k%d" % i, msgpack.packb(i)) for i in range(100)], timeout=10)
-        cache = kv._cache
-        assert cache is not None
-        apply = cache.apply
+        apply = Cache.apply
         failures: Iterator[BaseException] = iter([CacheError("injected: the disk is full")])
 
-        def fail_once(*args: Any, **kwargs: Any) -> tuple[int, int]:
+        def fail_once(self: Cache, *args: Any, **kwargs: Any) -> tuple[int, int]:
             for exc in failures:
                 raise exc
-            return apply(*args, **kwargs)
+            return apply(self, *args, **kwargs)
 
-        monkeypatch.setattr(cache, "apply", fail_once)
+        monkeypatch.setattr(Cache, "apply", fail_once)
         with pytest.raises(CacheError, match="injected"):
             kv.sync(timeout=10)
         kv.sync(timeout=10)
