@@ -19,6 +19,12 @@ catches ``ValueError`` or ``TimeoutError`` keeps working::
     ├── WriteError(KVLogError)                       the log refused or failed a write
     └── SyncTimeoutError(KVLogError, TimeoutError)   the cache did not catch up in time (retriable)
 
+    PositionOutOfRangeError(Exception)               internal: a log reader's position left the log
+
+``PositionOutOfRangeError`` is not public API, and sits outside the tree (no
+``retriable``): a log raises it to kvlog's own replayer, which answers it by
+rebuilding the cache.
+
 Every error has a ``retriable`` attribute: ``True`` where the condition is
 transient (a broker down, a leader moving, replicas catching up, a slow
 replay), so the same call may succeed later without anything changing on the
@@ -134,3 +140,12 @@ class SyncTimeoutError(KVLogError, TimeoutError):
     """The cache did not catch up with the log before the timeout (a write that raised it is in the log)."""
 
     retriable = True
+
+
+class PositionOutOfRangeError(Exception):
+    """A reader's position is no longer in the log (its start moved past it, or it lost data).
+
+    Internal, not public API (not exported by :mod:`kvlog`; import it from
+    :mod:`kvlog.log`): the logs' readers raise it, and the replayer answers it
+    by rebuilding the cache from the log start. It is not a :class:`KVLogError`.
+    """

@@ -247,7 +247,7 @@ def torn_tail(segment: Path) -> Tail:
 
 
 def expected_reason(tail: Tail) -> str:
-    """The ``reason`` of the recovery entry for a torn tail (see ``LocalLog._recover``)."""
+    """The ``reason`` of the recovery entry for a torn tail (see ``kvlog.log.local.recovery``)."""
     if tail.torn_magic:
         return "torn segment header"
     reason = f"incomplete record at file position {tail.frames_end}"

@@ -1,0 +1,206 @@
+"""LocalReader: reads every partition of the embedded log from given positions.
+
+A reader entering a segment at or before its first record starts right after
+the magic; one positioned inside a segment starts at the nearest entry of the
+segment's sparse index and skips the frames before its position (outside the
+log's lock), indexing what it passed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from ...errors import ClosedError, LogCorruptError, PositionOutOfRangeError
+from ..base import LogReader, Record
+from .segments import FRAME_HEAD, INDEX_INTERVAL, MAX_FRAME, BadFrame, Segment, parse_frames, segment_of
+
+if TYPE_CHECKING:
+    from . import LocalLog
+
+__all__ = ["LocalReader"]
+
+#: Bytes read from a segment per system call when replaying.
+_READ_CHUNK = 4 * 1024 * 1024
+
+
+class LocalReader(LogReader):
+    """Reads every partition of a :class:`~kvlog.log.local.LocalLog` from given positions.
+
+    Raises:
+        PositionOutOfRangeError: a position is before the log start or past its end.
+    """
+
+    def __init__(self, local_log: LocalLog, positions: Mapping[int, int]) -> None:
+        self._log = local_log
+        self._positions = {p: positions[p] for p in range(local_log.partitions)}
+        # Per partition: (segment, open file descriptor, file position of the next frame).
+        self._cursors: dict[int, tuple[Segment, int, int] | None] = dict.fromkeys(self._positions)
+        self._next_partition = 0
+        self._closed = False
+        self._woken = False
+        with local_log._cond:
+            for p, position in self._positions.items():
+                self._check_position(p, position)
+
+    def positions(self) -> dict[int, int]:
+        """Return the position (next offset to read) of every partition."""
+        return dict(self._positions)
+
+    def poll(self, timeout: float, max_records: int) -> list[Record]:
+        """Return up to ``max_records`` records, waiting at most ``timeout`` seconds for the first."""
+        lg = self._log
+        deadline = time.monotonic() + timeout
+        with lg._cond:
+            while True:
+                if self._closed or lg._closed:
+                    raise ClosedError(f"{lg.describe()} is closed")
+                if any(self._positions[p] < lg._end[p] for p in self._positions):
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._woken:
+                    self._woken = False
+                    return []
+                lg._cond.wait(remaining)
+        records: list[Record] = []
+        n = lg.partitions
+        for i in range(n):
+            p = (self._next_partition + i) % n
+            if len(records) >= max_records:
+                break
+            self._read_partition(p, records, max_records)
+        self._next_partition = (self._next_partition + 1) % n
+        return records
+
+    def wakeup(self) -> None:
+        """Make a ``poll`` waiting in another thread return ``[]`` now."""
+        with self._log._cond:
+            self._woken = True
+            self._log._cond.notify_all()
+
+    # -- locating offsets (callers hold the log's _cond) -------------------------
+
+    def _check_position(self, p: int, position: int) -> None:
+        lg = self._log
+        segments = lg._segments[p]
+        if position < segments[0].base or position > lg._end[p]:
+            raise PositionOutOfRangeError(
+                f"position {position} of partition {p} is outside the log "
+                f"[{segments[0].base}, {lg._end[p]}] at {lg.path}"
+            )
+
+    def _following_base(self, p: int, segment: Segment) -> int | None:
+        """The base offset of the segment after ``segment``, or None if it is the active one."""
+        segments = self._log._segments[p]
+        if segments[-1] is segment:
+            return None
+        # Callers checked that the segment was not replaced, so it is in the list.
+        i = bisect.bisect_right([s.base for s in segments], segment.base) - 1
+        return segments[i + 1].base
+
+    def _locate(self, p: int, position: int) -> tuple[Segment, int]:
+        """Return the segment holding ``position`` and a file position at or before its frame.
+
+        Reads nothing: the position comes from the sparse index, or is the
+        first frame. A reader that starts before its position skips the frames
+        in between itself, outside the lock (appends go on meanwhile), and
+        indexes what it passed.
+        """
+        self._check_position(p, position)
+        segment = segment_of(self._log._segments[p], position)
+        return segment, segment.start_for(position)
+
+    # -- reading ------------------------------------------------------------------
+
+    def _close_cursor(self, p: int) -> None:
+        cursor = self._cursors[p]
+        if cursor is not None:
+            os.close(cursor[1])
+            self._cursors[p] = None
+
+    def _read_partition(self, p: int, out: list[Record], max_records: int) -> None:
+        lg = self._log
+        while len(out) < max_records:
+            with lg._cond:
+                end = lg._end[p]
+                if self._positions[p] >= end:
+                    return
+                cursor = self._cursors[p]
+                if cursor is None or cursor[0].replaced:
+                    # First read, or compaction replaced the segment under us:
+                    # find the position again. The descriptor is opened under
+                    # the lock, so it is the file the segment object describes.
+                    self._close_cursor(p)
+                    segment, file_pos = self._locate(p, self._positions[p])
+                    cursor = (segment, os.open(segment.path, os.O_RDONLY), file_pos)
+                    self._cursors[p] = cursor
+                segment, fd, file_pos = cursor
+                visible = segment.size
+                following = self._following_base(p, segment)
+            if file_pos >= visible:
+                if following is None:
+                    return  # the active segment has nothing more yet
+                # Segment done: the position moves to the next segment's base,
+                # past any offsets compaction removed at the segment's end.
+                self._close_cursor(p)
+                self._positions[p] = max(self._positions[p], following)
+                continue
+            self._read_chunk(p, segment, fd, file_pos, visible, out, max_records)
+
+    def _read_chunk(
+        self,
+        p: int,
+        segment: Segment,
+        fd: int,
+        file_pos: int,
+        visible: int,
+        out: list[Record],
+        max_records: int,
+    ) -> None:
+        """Read the frames of one chunk of ``segment`` from ``file_pos`` (outside the log's lock)."""
+        lg = self._log
+        # Read a large chunk, but always at least the whole first frame.
+        head = os.pread(fd, FRAME_HEAD.size, file_pos)
+        if len(head) < FRAME_HEAD.size:
+            raise LogCorruptError(f"{segment.path} is shorter than the log expects at position {file_pos}")
+        first = FRAME_HEAD.size + FRAME_HEAD.unpack(head)[0]
+        buf = os.pread(fd, min(max(_READ_CHUNK, first), visible - file_pos), file_pos)
+        position = self._positions[p]
+        start = file_pos
+        # Frames passed while seeking to the position are remembered in the
+        # segment's sparse index, so that the next seek there starts close.
+        passed: list[tuple[int, int]] = []
+        next_index_at = file_pos
+        try:
+            for frame in parse_frames(buf, 0, file_pos, MAX_FRAME, -1):
+                file_pos = frame.end
+                if frame.offset < position:
+                    # Seeking inside the segment to the reader's position.
+                    if frame.position >= next_index_at:
+                        passed.append((frame.offset, frame.position))
+                        next_index_at = frame.position + INDEX_INTERVAL
+                    continue
+                out.append(Record(p, frame.offset, frame.key, frame.value))
+                position = frame.offset + 1
+                if len(out) >= max_records:
+                    break
+        except BadFrame as bad:
+            raise lg._corrupt(p, segment, bad) from None
+        if file_pos == start:
+            # Published bytes always end at a whole frame: one that does not fit is damage.
+            raise lg._corrupt(p, segment, BadFrame(start, "a record runs past the end of the segment"))
+        if passed:
+            with lg._cond:
+                segment.index_passed_frames(passed)
+        self._positions[p] = position
+        self._cursors[p] = (segment, fd, file_pos)
+
+    def close(self) -> None:
+        """Close the reader's segment files. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            for p in list(self._cursors):
+                self._close_cursor(p)

@@ -1,0 +1,146 @@
+"""Open-time crash recovery of the embedded log.
+
+Reads the clean-shutdown marker, finishes a compaction swap a crash committed
+(``.swap``) or drops one it did not (``.cleaned``), and cuts a torn or corrupt
+tail of an active segment back to the last whole ``append()`` batch. What a
+crash at each step leaves is in docs/design.md, "The embedded log".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from ..._files import fsync_dir
+from .segments import FORMAT_VERSION, MAGIC, MAX_FRAME, BadFrame, Frame, Segment, parse_frames, segment_name
+
+__all__ = [
+    "CLEAN_SHUTDOWN_MARKER",
+    "finish_interrupted_swaps",
+    "recover_active_segment",
+    "take_clean_shutdown",
+]
+
+# The embedded log logs under one name, whichever of its modules speaks.
+log = logging.getLogger(__package__)
+
+#: The file ``close()`` leaves in the log directory: per partition, the active segment and its size.
+CLEAN_SHUTDOWN_MARKER = "clean-shutdown.json"
+
+
+def take_clean_shutdown(log_path: Path) -> dict[str, Any]:
+    """Read and remove the marker ``close()`` leaves; return its partitions (``{}`` if none or unreadable).
+
+    Removed before anything else is opened: a crash in this session must not find it.
+    """
+    path = log_path / CLEAN_SHUTDOWN_MARKER
+    try:
+        marker = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        marker = {}
+    path.unlink()
+    fsync_dir(log_path)
+    if not isinstance(marker, dict) or marker.get("format") != FORMAT_VERSION:
+        return {}
+    return dict(marker.get("partitions", {}))
+
+
+def finish_interrupted_swaps(directory: Path) -> None:
+    """Complete or undo the compaction swaps a crash interrupted in a partition directory."""
+    for cleaned in directory.glob("*.cleaned"):
+        cleaned.unlink()  # never committed: the segments it would replace are intact
+    for swap in sorted(directory.glob("*.swap")):
+        base_text, _, end_text = swap.name[: -len(".swap")].partition("-")
+        base, end = int(base_text), int(end_text)
+        # Committed: the old segments it replaces may be all there, or all but the first
+        # (a crash while deleting them); the first is replaced by the rename.
+        for old in directory.glob("*.log"):
+            if old.name[:-4].isdigit() and base < int(old.name[:-4]) < end:
+                old.unlink()
+        os.replace(swap, directory / segment_name(base))
+        fsync_dir(directory)
+        log.info("finished an interrupted compaction of %s (offsets %d-%d)", directory, base, end)
+
+
+def recover_active_segment(log_path: Path, p: int, segment: Segment) -> tuple[list[dict[str, Any]], int]:
+    """Scan the active segment of partition ``p``, index it, and cut a torn or corrupt tail.
+
+    Sets ``segment.size`` to the bytes kept.
+
+    Returns:
+        The report (one entry per cut, for :attr:`LocalLog.recovery`) and the
+        end offset of the partition.
+    """
+    report: list[dict[str, Any]] = []
+    with open(segment.path, "r+b") as f:
+        data = f.read()
+        good, last, reason = _last_whole_batch(data, segment)
+        if reason is not None:
+            truncated = len(data) - good
+            if good == 0:
+                f.seek(0)
+                f.write(MAGIC)
+                good = len(MAGIC)
+            f.truncate(good)
+            f.flush()
+            os.fsync(f.fileno())
+            entry = {
+                "segment": str(segment.path),
+                "truncated_bytes": truncated,
+                "reason": reason,
+                "last_good_offset": last if last >= segment.base else None,
+            }
+            report.append(entry)
+            log.warning(
+                "recovered partition %d of the log at %s: cut %d byte(s) at the end of %s (%s); "
+                "the last good record is offset %s",
+                p,
+                log_path,
+                truncated,
+                segment.path.name,
+                reason,
+                entry["last_good_offset"],
+            )
+    segment.size = good
+    return report, last + 1
+
+
+def _last_whole_batch(data: bytes, segment: Segment) -> tuple[int, int, str | None]:
+    """Where the good part of a segment's ``data`` ends: its bytes, its last offset, and why the rest is cut.
+
+    The reason is None when nothing is to be cut. Indexes the frames it keeps in ``segment``.
+    """
+    last = segment.base - 1
+    if data[: len(MAGIC)] != MAGIC:
+        if len(data) >= len(MAGIC) or MAGIC[: len(data)] != data:
+            return 0, last, "bad segment header"
+        return 0, last, "torn segment header"
+    good = len(MAGIC)
+    reason = None
+    # An append() batch is all or nothing: the tail is cut back to the last
+    # record that ends a batch, so a batch a crash tore leaves no record
+    # behind (Kafka keeps producer batches whole too).
+    pending: list[Frame] = []
+    try:
+        for frame in parse_frames(data, len(MAGIC), 0, MAX_FRAME, segment.base - 1):
+            pending.append(frame)
+            if frame.batch_end:
+                for whole in pending:
+                    segment.index_appended_frame(whole.offset, whole.position)
+                pending.clear()
+                good = frame.end
+                last = frame.offset
+    except BadFrame as bad:
+        reason = f"{bad.reason} at file position {bad.position}"
+    tail = pending[-1].end if pending else good
+    if reason is None and tail < len(data):
+        reason = f"incomplete record at file position {tail}"
+    if pending:
+        what = f"a batch without its last record at file position {tail}" if reason is None else reason
+        reason = f"{what}; {len(pending)} record(s) of an incomplete batch cut with it"
+    return good, last, reason
