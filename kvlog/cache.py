@@ -1,87 +1,19 @@
 """The LMDB cache: the log folded up to a checkpoint.
 
-On disk, an LMDB environment (``data.mdb``, ``lock.mdb``) with two tables:
-
-``data``
-    key bytes -> value bytes, exactly as they are in the log (never decoded
-    here). A tombstone deletes the key.
-``meta``
-    ``format`` (an int), ``identity`` (msgpack map: what log this cache
-    mirrors, and with which codec) and ``checkpoint`` (msgpack map:
-    partition -> position, the next offset to replay).
-
-Crash safety rests on one rule: a batch of records and the checkpoint that
-follows it are written in ONE write transaction (:meth:`Cache.apply`). LMDB
-commits a transaction atomically, so a crash at any point leaves the cache
-equal to the log folded up to the stored checkpoint: some prefix of the log,
-never a torn mixture. :meth:`Cache.reset` likewise clears the data and writes
-the new identity and an empty checkpoint in one transaction.
-
-Only the replayer writes (from one thread at a time); any number of threads
-read. LMDB can only grow its memory map while no transaction of this process
-is open, so readers announce themselves (without a lock: see ``Cache.__init__``)
-and the writer, between its own transactions, closes the way in and waits for
-the readers inside before it resizes.
-
-``Cache(path, sync=False)`` skips the fsync of every commit (LMDB's
-``MDB_NOSYNC``): the store uses it when the log itself is not synced on every
-write (the embedded log with ``fsync="interval"`` or ``"never"``). A killed
-process loses nothing that way (the OS page cache has every commit), but an
-OS crash or power loss can leave LMDB pages torn, and LMDB has no checksums to
-notice. So an unsynced cache carries an ``UNSYNCED`` file naming the boot it
-was written in (Linux's ``/proc/sys/kernel/random/boot_id``); a clean close
-syncs and removes it. A cache found with the file of another boot is deleted
-before LMDB opens it, and the store rebuilds it from the log
-(:attr:`Cache.discarded` says why). Where the boot cannot be identified, the
-cache is always synced.
-
-A damaged cache is never trusted, and LMDB is never run over a file that may
-be garbage inside the user's process: LMDB keeps no checksums and trusts its
-page pointers, so a bad one can crash the process (SIGSEGV, SIGBUS, or an
-assertion's SIGABRT) instead of raising. Opening checks, in this order:
-
-1. always, with plain reads: both meta pages (magic, version, page size, root
-   pages within the file, the file at least as long as the pages the newest
-   meta page claims). This catches zeroed meta pages and truncation, and
-   costs two small reads;
-2. unless the cache was closed cleanly and ``data.mdb`` is exactly as that
-   close left it (size, mtime, ctime and inode, written to ``CLOSED`` at the
-   close): a probe in a child process opens the environment read-only and
-   walks every table, reading every key and value and checking key order. A
-   probe that dies of a signal, gets an LMDB error or finds keys out of order
-   means the cache is damaged. A clean warm restart skips the probe; after a
-   crash (or any change to the file kvlog did not make) it costs one pass
-   over the file (about 0.07s for 100k keys).
-
-A damaged cache raises :class:`~kvlog.CacheError`, or, with
-``move_damaged=True`` (what :class:`~kvlog.KVLog` passes), is moved aside to
-``cache.corrupt-<UTC time>/`` next to it, kept for inspection, and a new empty
-cache takes its place (:attr:`Cache.discarded` names both), which the store
-rebuilds from the log. LMDB errors at run time that mean damage
-(``MDB_CORRUPTED``, ``MDB_PAGE_NOTFOUND``, ...) raise ``CacheError`` and leave
-a ``DAMAGED`` file, so that the next open (or :meth:`Cache.reset`, which
-``rewarm()`` calls) sets the cache aside. A flipped bit inside a stored value
-cannot be detected without checksums: the value is still well-formed LMDB.
-``kvlog.verify`` finds it, by comparing the cache with a replay of the log.
-
-Reader slots: a process killed while it read leaves its slot in ``lock.mdb``
-taken. Opening clears the slots of dead processes (``reader_check``), and a
-read that finds the table full clears them and tries once more.
-
-Every file and directory the cache creates gets ``file_mode`` (0600, so 0700
-for directories) whatever the umask. A cache is unusable in a child forked
-after it was opened (see :mod:`kvlog._fork`).
+:class:`Cache` keeps key and value bytes, as the log holds them, in an LMDB
+table ``data``, and in a table ``meta`` the checkpoint they reach and the
+identity of the log they mirror. A batch and its checkpoint commit in one
+transaction, so the cache is always the log folded up to its checkpoint. A
+damaged cache is found before LMDB opens it (:mod:`kvlog.cachecheck`) and set
+aside. See docs/design.md, "The cache".
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import signal
-import struct
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -93,6 +25,7 @@ import msgpack
 
 from . import _fork
 from ._files import DEFAULT_FILE_MODE, check_file_mode, fsync_dir, make_dirs, write_file_atomically
+from .cachecheck import check_meta_pages, check_structure, file_signature
 from .errors import BadRecordError, CacheError, ClosedError, CodecError
 
 __all__ = ["DEFAULT_MAP_SIZE", "Cache"]
@@ -109,8 +42,9 @@ _META_IDENTITY = b"identity"
 _META_CHECKPOINT = b"checkpoint"
 _META_CURRENT_AT = b"current_at"
 
+#: Present while the cache is written without fsync: the boot it is written in.
 _UNSYNCED = "UNSYNCED"
-#: Written at a clean close: what data.mdb looked like then (see _signature).
+#: Written at a clean close: what data.mdb looked like then (see cachecheck.file_signature).
 _CLOSED = "CLOSED"
 #: Written when LMDB reported damage at run time: the reason. The next open sets the cache aside.
 _DAMAGED = "DAMAGED"
@@ -182,156 +116,19 @@ def _unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
 
-# -- checking a cache before LMDB opens it ---------------------------------------
-
-_MDB_MAGIC = 0xBEEFC0DE
-_P_META = 0x08
-_P_INVALID = (1 << 64) - 1
-#: LMDB's two on-disk formats, by page header size: 0.9 (data version 1) and 1.0 (data version 3).
-_DATA_VERSION_BY_HEADER = {16: 1, 24: 3}
-#: The meta record after the page header: magic, version, address, map size,
-#: the free and main table records (48 bytes each), last page, txnid.
-_META = struct.Struct("=IIQQ48s48sQQ")
-#: A table record: page size (in the free table's record), flags, depth,
-#: branch, leaf and overflow pages, entries, root page.
-_DB = struct.Struct("=IHHQQQQQ")
-_MAX_DEPTH = 32  # LMDB's cursor stack: a deeper tree cannot be read
-
-
-def _meta_page(data: bytes, header: int) -> tuple[str | None, dict[str, int]]:
-    """Parse one meta page; return ``(problem or None, fields)``."""
-    if len(data) < header + _META.size:
-        return "it is cut short", {}
-    (flags,) = struct.unpack_from("=H", data, header - 6)
-    magic, version, _address, _mapsize, free, main, last_pg, txnid = _META.unpack_from(data, header)
-    if not flags & _P_META or magic != _MDB_MAGIC:
-        return "it is not an LMDB meta page (zeroed or overwritten)", {}
-    if version != _DATA_VERSION_BY_HEADER[header]:
-        return f"data version {version}", {}
-    psize = _DB.unpack(free)[0]
-    fields = {"psize": psize, "last_pg": last_pg, "txnid": txnid}
-    if psize < 512 or psize > 65536 or psize & (psize - 1):
-        return f"page size {psize}", fields
-    if last_pg < 1:
-        return f"last page {last_pg}", fields
-    for name, record in (("free", free), ("main", main)):
-        depth, root = _DB.unpack(record)[2], _DB.unpack(record)[7]
-        if depth > _MAX_DEPTH or (root != _P_INVALID and not 2 <= root <= last_pg):
-            return f"its {name} table has root page {root} and depth {depth} (last page {last_pg})", fields
-    return None, fields
-
-
-def _check_meta_pages(data_file: Path, size: int) -> str | None:
-    """Why the meta pages of ``data_file`` are not sound, or ``None``. Plain reads only.
-
-    LMDB reads both meta pages at open and uses the one with the higher
-    transaction id; a zeroed one makes it refuse the file, a root page beyond
-    the file or a file shorter than its pages makes it read unmapped memory.
-    """
-    with open(data_file, "rb") as f:
-        first = f.read(4096)
-        header = next(
-            (h for h in _DATA_VERSION_BY_HEADER if first[h : h + 4] == _MDB_MAGIC.to_bytes(4, sys.byteorder)),
-            16,
-        )
-        problem0, meta0 = _meta_page(first, header)
-        # Meta page 1 starts one page in: at the page size meta 0 names, else the usual one.
-        psize = meta0.get("psize") or 4096
-        f.seek(psize)
-        problem1, meta1 = _meta_page(f.read(header + _META.size), header)
-    if problem0 or problem1:
-        damaged = [f"meta page {i} ({problem})" for i, problem in ((0, problem0), (1, problem1)) if problem]
-        return "data.mdb has a damaged " + " and a damaged ".join(damaged)
-    if meta0["psize"] != meta1["psize"]:
-        return f"the meta pages of data.mdb disagree on the page size ({meta0['psize']}, {meta1['psize']})"
-    newest = max(meta0, meta1, key=lambda m: m["txnid"])
-    needed = (newest["last_pg"] + 1) * newest["psize"]
-    if size < needed:
-        return f"data.mdb is truncated: it has {size} bytes but its pages need {needed}"
-    return None
-
-
-def _signature(path: Path) -> dict[str, int]:
-    """What changes whenever anyone writes or replaces the file (ctime cannot be set back)."""
-    st = path.stat()
-    return {
-        "size": st.st_size,
-        "mtime_ns": st.st_mtime_ns,
-        "ctime_ns": st.st_ctime_ns,
-        "inode": st.st_ino,
-        "device": st.st_dev,
-    }
-
-
-# Run by ``python -c`` in a child process, so that a crash of LMDB over a damaged
-# file kills the child, not the user's process. Imports only lmdb (fast to start).
-# Prints "ok" and exits 0 if every table can be walked in key order.
-_PROBE = """
-import sys
-import lmdb
-
-path, mode = sys.argv[1], int(sys.argv[2], 8)
-env = lmdb.open(path, readonly=True, max_dbs=16, max_readers=512, mode=mode, readahead=False)
-with env.begin(buffers=False) as txn:
-    names = [bytes(name) for name, _ in txn.cursor()]
-    for name in [None, *names]:
-        db = None if name is None else env.open_db(name, txn=txn, create=False)
-        count, previous = 0, None
-        # Values are copied (buffers=False): a value's page pointer that leads
-        # outside the file faults here, in the child.
-        for key, value in txn.cursor() if db is None else txn.cursor(db):
-            if previous is not None and key <= previous:
-                print(f"table {name!r}: key {key[:40]!r} after {previous[:40]!r}: keys out of order")
-                sys.exit(3)
-            previous, count = key, count + 1
-        entries = env.stat()["entries"] if db is None else txn.stat(db)["entries"]
-        if count != entries:
-            print(f"table {name!r} says it has {entries} entries, a walk found {count}")
-            sys.exit(3)
-print("ok")
-"""
-
-#: Seconds a probe may take: this much plus one per _PROBE_BYTES_PER_SECOND of data.mdb.
-_PROBE_TIMEOUT = 60.0
-_PROBE_BYTES_PER_SECOND = 20 * 1024 * 1024
-
-
-def _probe(path: Path, size: int, file_mode: int) -> str | None:
-    """Walk the environment in a child process; return why it is damaged, or ``None``."""
-    timeout = _PROBE_TIMEOUT + size / _PROBE_BYTES_PER_SECOND
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", _PROBE, str(path), oct(file_mode)],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            errors="replace",
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        return f"a check of its structure did not finish within {timeout:.0f}s"
-    except OSError as exc:
-        return f"its structure could not be checked (cannot run {sys.executable}: {exc})"
-    if done.returncode == 0 and done.stdout.strip() == "ok":
-        return None
-    if done.returncode < 0:
-        try:
-            name = signal.Signals(-done.returncode).name
-        except ValueError:
-            name = f"signal {-done.returncode}"
-        return f"reading it crashed a check process with {name}"
-    said = (done.stdout.strip() or done.stderr.strip() or f"exit status {done.returncode}").splitlines()[-1]
-    return f"a check of its structure failed: {said}"
-
-
 class Cache:
     """An LMDB environment holding the folded log and its checkpoint.
+
+    One thread at a time writes (the replayer); any number of threads read.
 
     Args:
         path: directory of the LMDB environment; created if missing.
         map_size: initial LMDB map size in bytes; it grows on demand.
-        sync: fsync every commit (see the module docstring for ``False``).
+        sync: fsync every commit. ``False`` suits a log that is not synced
+            on every write either: a killed process loses nothing, and a cache
+            an OS crash may have torn is deleted at the next open
+            (:attr:`discarded` says so). Where the boot cannot be identified,
+            the cache is synced anyway.
         file_mode: permission bits of the files the cache creates (0o600;
             directories get the matching search bits), whatever the umask.
         move_damaged: set a damaged cache aside (``<path>.corrupt-<time>``)
@@ -357,9 +154,10 @@ class Cache:
         self.discarded: str | None = None
         #: Where a damaged cache was set aside (``move_damaged=True``), if one was.
         self.moved_to: Path | None = None
-        #: Seconds the structure probe took at open; ``None`` when none was needed
-        #: (a new cache, or one closed cleanly and unchanged since).
-        self.probe_seconds: float | None = None
+        #: Seconds the structure check (:func:`~kvlog.cachecheck.check_structure`) took
+        #: at open; ``None`` when none was needed (a new cache, or one closed cleanly
+        #: and unchanged since).
+        self.structure_check_seconds: float | None = None
         self._map_size = map_size
         # Why LMDB said the files are damaged at run time (see _damaged).
         self._damage: str | None = None
@@ -368,15 +166,16 @@ class Cache:
         #: Whether every commit is synced to disk (``False`` only where the boot can be identified).
         self.sync = sync or boot is None
         # Growing the map (mdb_env_set_mapsize) needs every read transaction of
-        # this process closed. Readers announce themselves without a lock, on the
-        # hot path: a reader appends to _active and then checks _blocked; a
-        # resizer (or close) sets _blocked and then checks _active. Both list
-        # operations and attribute accesses are atomic and ordered under the GIL,
-        # so at least one side sees the other (Dekker): the reader backs off, or
-        # the resizer waits for it. Leaving readers wake a waiting resizer.
-        self._gate = threading.Condition(threading.Lock())
-        self._active: list[None] = []
-        self._blocked = False
+        # this process closed. Readers register without a lock, on the hot path:
+        # a reader appends to _active_readers and then checks _readers_blocked; a
+        # resizer (or close) sets _readers_blocked and then checks _active_readers.
+        # Both list operations and attribute accesses are atomic and ordered under
+        # the GIL, so at least one side sees the other (Dekker): the reader backs
+        # off and waits at _readers_gate, or the resizer waits there for it.
+        # Unregistering readers wake a waiting resizer.
+        self._readers_gate = threading.Condition(threading.Lock())
+        self._active_readers: list[None] = []
+        self._readers_blocked = False
         self._resize_lock = threading.Lock()
         self._closed = False
         try:
@@ -413,8 +212,8 @@ class Cache:
             # durability on an OS crash for one fsync per commit instead of
             # two; integrity is kept either way (LMDB keeps two meta pages).
             metasync=False,
-            # Unsynced: see the module docstring (a torn cache is detected
-            # by its UNSYNCED file and rebuilt, never read).
+            # Unsynced only where a reboot can be told: a cache an OS crash may
+            # have torn is found by its UNSYNCED file and rebuilt, never read.
             sync=self.sync,
             readahead=False,
             max_readers=512,
@@ -433,7 +232,12 @@ class Cache:
             raise
 
     def _inspect(self) -> str | None:
-        """Why the files at ``path`` must not be opened, or ``None`` (see the module docstring)."""
+        """Why the files at ``path`` must not be opened, or ``None``.
+
+        In order: LMDB reported damage before (a ``DAMAGED`` file); the meta
+        pages (always, plain reads); unless ``data.mdb`` is exactly as a clean
+        close left it, the structure check in a child process.
+        """
         try:
             reason = (self.path / _DAMAGED).read_text(errors="replace").strip()
         except FileNotFoundError:
@@ -447,19 +251,19 @@ class Cache:
             return None
         if size == 0:
             return None  # LMDB creates a new environment in an empty file
-        reason = _check_meta_pages(data_file, size)
+        reason = check_meta_pages(data_file, size)
         if reason is not None or self._unchanged_since_closed(data_file):
             return reason
         started = time.monotonic()
-        reason = _probe(self.path, size, self.file_mode)
-        self.probe_seconds = round(time.monotonic() - started, 3)
+        reason = check_structure(self.path, size, self.file_mode)
+        self.structure_check_seconds = round(time.monotonic() - started, 3)
         return reason
 
     def _unchanged_since_closed(self, data_file: Path) -> bool:
         """Whether data.mdb is exactly as the last clean close left it."""
         try:
             closed = json.loads((self.path / _CLOSED).read_bytes())
-            return bool(closed == _signature(data_file))
+            return bool(closed == file_signature(data_file))
         except (OSError, ValueError):
             return False
 
@@ -533,7 +337,7 @@ class Cache:
         self._damage = reason
         log.error("the cache at %s is damaged: %s", self.path, reason)
         try:
-            # Without CLOSED the next open probes the cache even if DAMAGED cannot be written.
+            # Without CLOSED the next open checks the structure even if DAMAGED cannot be written.
             (self.path / _CLOSED).unlink(missing_ok=True)
             write_file_atomically(self.path / _DAMAGED, reason.encode(), sync=True, file_mode=self.file_mode)
         except OSError as exc:
@@ -553,11 +357,11 @@ class Cache:
         """In a forked child: refuse every use; close() leaves the parent's environment alone."""
         self._forked = True
         self._closed = True
-        self._blocked = True
+        self._readers_blocked = True
         # Locks another thread of the parent held at the fork stay held forever in the child.
-        self._gate = threading.Condition(threading.Lock())
+        self._readers_gate = threading.Condition(threading.Lock())
         self._resize_lock = threading.Lock()
-        self._active = []
+        self._active_readers = []
 
     def _begin_read(self, **kwargs: Any) -> lmdb.Transaction[Any]:
         """Begin a read transaction; if the reader table is full, clear dead readers' slots and retry once."""
@@ -575,76 +379,84 @@ class Cache:
 
     # -- reading ------------------------------------------------------------
 
-    def _enter(self) -> None:
-        active = self._active
-        active.append(None)
-        if self._blocked:
-            active.pop()
-            self._enter_slow()
+    def _register_reader(self) -> None:
+        """Count a read in before it begins a transaction; wait while the map is being resized.
 
-    def _enter_slow(self) -> None:
-        with self._gate:
+        Raises:
+            ClosedError: the cache is closed (or this is a forked child).
+        """
+        active = self._active_readers
+        active.append(None)
+        if self._readers_blocked:
+            active.pop()
+            self._wait_and_register_reader()
+
+    def _wait_and_register_reader(self) -> None:
+        """The slow path of :meth:`_register_reader`: wait until readers are let in, then count this one."""
+        with self._readers_gate:
             # A resizer may be waiting for the entry just removed.
-            self._gate.notify_all()
+            self._readers_gate.notify_all()
             while True:
                 if self._closed:
                     raise self._closed_error()
-                if not self._blocked:
-                    self._active.append(None)
-                    if not self._blocked:
+                if not self._readers_blocked:
+                    self._active_readers.append(None)
+                    if not self._readers_blocked:
                         return
-                    self._active.pop()
-                    self._gate.notify_all()
-                self._gate.wait()
+                    self._active_readers.pop()
+                    self._readers_gate.notify_all()
+                self._readers_gate.wait()
 
-    def _leave(self) -> None:
-        self._active.pop()
-        if self._blocked:
-            with self._gate:
-                self._gate.notify_all()
+    def _unregister_reader(self) -> None:
+        """Count a read out once its transaction ended; wake a resizer (or close) waiting for it."""
+        self._active_readers.pop()
+        if self._readers_blocked:
+            with self._readers_gate:
+                self._readers_gate.notify_all()
 
     def get(self, key: bytes) -> bytes | None:
         """Return the stored value bytes of ``key``, or ``None`` if absent."""
-        # _enter and _leave inlined: this is the point-read hot path.
-        active = self._active
+        # _register_reader and _unregister_reader inlined: this is the point-read hot path.
+        active = self._active_readers
         active.append(None)
-        if self._blocked:
+        if self._readers_blocked:
             active.pop()
-            self._enter_slow()
+            self._wait_and_register_reader()
         try:
             # begin/get/abort without the context manager and with a positional
             # db: half the cost of the idiomatic form; a read transaction that
             # raised is aborted when it is collected.
             txn = self._env.begin(self._data)
-            value = txn.get(key)
+            value: bytes | None = txn.get(key)
             txn.abort()
-            return value  # type: ignore[no-any-return]
+            return value
         except lmdb.ReadersFullError:
             return self._get_after_reader_check(key)
         except lmdb.Error as exc:
             raise self._damaged(exc) from exc
         finally:
             active.pop()
-            if self._blocked:
-                with self._gate:
-                    self._gate.notify_all()
+            if self._readers_blocked:
+                with self._readers_gate:
+                    self._readers_gate.notify_all()
 
     def _get_after_reader_check(self, key: bytes) -> bytes | None:
         try:
             with self._begin_read(db=self._data) as txn:
-                return txn.get(key)  # type: ignore[no-any-return]
+                value: bytes | None = txn.get(key)
+                return value
         except lmdb.Error as exc:
             raise self._damaged(exc) from exc
 
     def __len__(self) -> int:
-        self._enter()
+        self._register_reader()
         try:
             with self._begin_read() as txn:
                 return int(txn.stat(self._data)["entries"])
         except lmdb.Error as exc:
             raise self._damaged(exc) from exc
         finally:
-            self._leave()
+            self._unregister_reader()
 
     def items(
         self, *, start: bytes | None = None, stop: bytes | None = None, prefix: bytes | None = None
@@ -661,7 +473,7 @@ class Cache:
         inclusive = True
         while True:
             chunk: list[tuple[bytes, bytes]] = []
-            self._enter()
+            self._register_reader()
             try:
                 with self._begin_read(db=self._data, buffers=False) as txn:
                     cursor = txn.cursor()
@@ -674,7 +486,7 @@ class Cache:
             except lmdb.Error as exc:
                 raise self._damaged(exc) from exc
             finally:
-                self._leave()
+                self._unregister_reader()
             for key, value in chunk:
                 if stop is not None and key >= stop:
                     return
@@ -693,14 +505,14 @@ class Cache:
     # -- meta ---------------------------------------------------------------
 
     def _meta_get(self, name: bytes, valid: Callable[[Any], bool]) -> Any:
-        self._enter()
+        self._register_reader()
         try:
             with self._begin_read(db=self._meta) as txn:
                 raw = txn.get(name)
         except lmdb.Error as exc:
             raise self._damaged(exc) from exc
         finally:
-            self._leave()
+            self._unregister_reader()
         if raw is None:
             return None
         try:
@@ -889,26 +701,19 @@ class Cache:
     def _replace_damaged(self) -> None:
         """Close the environment, set its damaged files aside and open an empty one in their place."""
         assert self._damage is not None
-        with self._resize_lock, self._gate:
-            self._blocked = True
+        with self._readers_shut_out():
+            self._env.close()
             try:
-                while self._active:
-                    self._gate.wait()
-                self._env.close()
-                try:
-                    created = self._set_aside(self._damage, move=True)
-                    if not self.sync:
-                        self._mark_unsynced(_boot_id())
-                    self._open_env(created)
-                except BaseException as exc:
-                    self._closed = True  # the environment is gone: nothing can be read or written
-                    if isinstance(exc, lmdb.Error | OSError):
-                        raise CacheError(f"cannot open a new cache at {self.path}: {exc}") from exc
-                    raise
-                self._damage = None
-            finally:
-                self._blocked = self._closed
-                self._gate.notify_all()
+                created = self._set_aside(self._damage, move=True)
+                if not self.sync:
+                    self._mark_unsynced(_boot_id())
+                self._open_env(created)
+            except BaseException as exc:
+                self._closed = True  # the environment is gone: nothing can be read or written
+                if isinstance(exc, lmdb.Error | OSError):
+                    raise CacheError(f"cannot open a new cache at {self.path}: {exc}") from exc
+                raise
+            self._damage = None
         log.warning("%s; it is rebuilt from the log", self.discarded)
 
     def _keep_headroom(self, pages_before: int) -> None:
@@ -930,21 +735,30 @@ class Cache:
             self._grow()
 
     def _grow(self) -> None:
-        with self._resize_lock, self._gate:
-            self._blocked = True
+        with self._readers_shut_out():
+            new_size = self._env.info()["map_size"] * 2
             try:
-                while self._active:
-                    self._gate.wait()
-                new_size = self._env.info()["map_size"] * 2
-                try:
-                    self._env.set_mapsize(new_size)
-                except lmdb.Error as exc:
-                    raise CacheError(
-                        f"the cache at {self.path} is full and cannot grow to {new_size} bytes: {exc}"
-                    ) from exc
+                self._env.set_mapsize(new_size)
+            except lmdb.Error as exc:
+                raise CacheError(
+                    f"the cache at {self.path} is full and cannot grow to {new_size} bytes: {exc}"
+                ) from exc
+
+    @contextlib.contextmanager
+    def _readers_shut_out(self) -> Iterator[None]:
+        """Keep readers out while the writer replaces the map: block new ones, wait for those inside.
+
+        Readers are let in again afterwards, unless the cache was closed meanwhile.
+        """
+        with self._resize_lock, self._readers_gate:
+            self._readers_blocked = True
+            try:
+                while self._active_readers:
+                    self._readers_gate.wait()
+                yield
             finally:
-                self._blocked = self._closed
-                self._gate.notify_all()
+                self._readers_blocked = self._closed
+                self._readers_gate.notify_all()
 
     # -- housekeeping -------------------------------------------------------
 
@@ -952,6 +766,21 @@ class Cache:
     def map_size(self) -> int:
         """The current LMDB map size in bytes."""
         return int(self._env.info()["map_size"])
+
+    @property
+    def env(self) -> lmdb.Environment:
+        """The LMDB environment, for tools and tests that inspect it (its reader table, its stat).
+
+        Read and write through the cache's methods instead: a transaction
+        begun on the environment is not a registered reader, so the map may be
+        resized under it, and a write there bypasses the checkpoint.
+        """
+        return self._env
+
+    @property
+    def probe_seconds(self) -> float | None:
+        """Former name of :attr:`structure_check_seconds`, kept while callers move to it."""
+        return self.structure_check_seconds
 
     def disk_bytes(self) -> int:
         """Bytes the cache files take on disk."""
@@ -965,13 +794,13 @@ class Cache:
 
     def close(self) -> None:
         """Close the environment once no reader is inside. Idempotent."""
-        with self._gate:
+        with self._readers_gate:
             if self._closed:
                 return
             self._closed = True
-            self._blocked = True
-            while self._active:
-                self._gate.wait()
+            self._readers_blocked = True
+            while self._active_readers:
+                self._readers_gate.wait()
         _fork.unregister(self)
         try:
             marker = self.path / _UNSYNCED
@@ -986,11 +815,11 @@ class Cache:
             self._note_clean_close()
 
     def _note_clean_close(self) -> None:
-        """Record what data.mdb looks like now, so that the next open can skip the probe."""
+        """Record what data.mdb looks like now, so that the next open can skip the structure check."""
         try:
-            data = json.dumps(_signature(self.path / "data.mdb")).encode()
+            data = json.dumps(file_signature(self.path / "data.mdb")).encode()
             write_file_atomically(self.path / _CLOSED, data, sync=False, file_mode=self.file_mode)
-        except OSError as exc:  # a full disk: the next open probes the cache instead
+        except OSError as exc:  # a full disk: the next open checks the structure instead
             log.debug("cannot record the clean close of the cache at %s: %s", self.path, exc)
 
     @property

@@ -37,9 +37,8 @@ def test_apply_writes_records_and_checkpoint_together(tmp_path: Path) -> None:
 
 def test_records_with_keys_lmdb_cannot_hold_are_skipped_and_counted(tmp_path: Path) -> None:
     cache = Cache(tmp_path)
-    applied, skipped = cache.apply(
-        [rec(None, b"x"), rec(b"", b"x"), rec(b"k" * 512, b"x"), rec(b"ok", b"1")], {0: 4}
-    )  # type: ignore[arg-type]
+    records = [rec(None, b"x"), rec(b"", b"x"), rec(b"k" * 512, b"x"), rec(b"ok", b"1")]  # type: ignore[arg-type]
+    applied, skipped = cache.apply(records, {0: 4})
     assert (applied, skipped) == (1, 3)
     assert list(cache.keys()) == [b"ok"] and cache.checkpoint() == {0: 4}
     cache.close()

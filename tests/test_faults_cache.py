@@ -1,6 +1,6 @@
 """Cache and disk faults: killed replays, damaged cache files, full maps and disks, reader slots, fork, file modes.
 
-Scenarios 8-12 of the fault-injection issue. The children are
+The cache and disk rows of the README's "Guarantees and failure modes". The children are
 ``tests/_fault_child.py``; crashes are real SIGKILLs, a damaged cache is opened
 in a child process (a crash there is a signal exit, not a dead pytest), a full
 disk is a real small tmpfs (or, where mounting is not allowed, a file-size
@@ -53,7 +53,7 @@ def raw_contents(path: Path) -> dict[bytes, bytes]:
     return cache_contents(path)[0]
 
 
-# -- 8. SIGKILL stepped through a replay ---------------------------------------------------------
+# -- SIGKILL stepped through a replay ------------------------------------------------------------
 
 BATCH = 32
 
@@ -170,7 +170,7 @@ def test_replay_killed_at_every_point_leaves_a_prefix(tmp_path: Path, replay_sou
     print(f"{how}: {len(points)} kill points over {ops} record writes and {txns} transactions")
 
 
-# -- 9. a damaged data.mdb ----------------------------------------------------------------------
+# -- a damaged data.mdb -------------------------------------------------------------------------
 
 U16, U32, U64 = struct.Struct("=H"), struct.Struct("=I"), struct.Struct("=Q")
 P_BRANCH, F_SUBDATA = 0x01, 0x02
@@ -226,7 +226,7 @@ class Pages:
         raise KeyError(name)
 
     def root(self, name: bytes) -> int:
-        return U64.unpack_from(self.data, self.table_record(name) + 40)[0]
+        return int(U64.unpack_from(self.data, self.table_record(name) + 40)[0])
 
     def leaf(self, name: bytes = b"data", k: int = 3) -> int:
         return [pgno for pgno, kind in self.pages(self.root(name)) if kind == "leaf"][k]
@@ -358,16 +358,18 @@ class TestDamagedCache:
         assert (moved / "data.mdb").read_bytes() == damaged, "the damaged file is not kept as it was"
         assert f"WARNING kvlog.store: rebuilding the cache at {path}: {reason}" in done.stderr
         assert report["digest"] == expected, "the rebuilt cache is not the log folded"
-        # The new cache was closed cleanly: the next open trusts it without a probe.
+        # The new cache was closed cleanly: the next open trusts it without a structure check.
+        cache = Cache(path / "cache")
+        assert cache.discarded is None and cache.structure_check_seconds is None
+        cache.close()
         with KVLog(path) as kv:
-            assert kv.open_replay["rebuild_reason"] is None and kv._cache is not None
-            assert kv._cache.probe_seconds is None
+            assert kv.open_replay["rebuild_reason"] is None
 
     @pytest.mark.parametrize("name", ["truncated-half", "truncated-by-a-page", "zeroed-metas"])
     def test_meta_pages_are_checked_even_when_the_file_looks_cleanly_closed(
         self, tmp_path: Path, damage_source: tuple[Path, str], name: str
     ) -> None:
-        """The always-on check: a truncation under a matching stat (no probe) is caught, not a SIGBUS."""
+        """The always-on check: a truncation under a matching stat (no structure check) is caught, not a SIGBUS."""
         source, expected = damage_source
         path, _ = damaged_copy(tmp_path, source, CORRUPTIONS[name])
         forge_clean_close(path / "cache")
@@ -391,9 +393,12 @@ class TestDamagedCache:
             p.data[at + len(value) - 1] ^= 0x01  # the last byte of the padding string: still msgpack
 
         path, _ = damaged_copy(tmp_path, source, flip_value)
+        cache = Cache(path / "cache")
+        # The file had changed, so its structure was checked, and found sound.
+        assert cache.structure_check_seconds is not None and cache.discarded is None
+        cache.close()
         with KVLog(path, follow=False) as kv:
-            assert kv.open_replay["rebuild_reason"] is None  # its structure is sound
-            assert kv._cache is not None and kv._cache.probe_seconds is not None  # the file had changed
+            assert kv.open_replay["rebuild_reason"] is None
             report = verify(kv)
         assert not report.ok and (report.different, report.missing, report.extra) == (1, 0, 0)
         assert report.differences[0].key == key[0]
@@ -503,22 +508,34 @@ def forge_clean_close(cache_dir: Path) -> None:
     (cache_dir / "CLOSED").write_text(json.dumps(signature))
 
 
+def structure_checked_at_open(cache_dir: Path) -> bool:
+    """Whether opening the cache at ``cache_dir`` checks its structure (it must then find it sound)."""
+    cache = Cache(cache_dir)
+    try:
+        assert cache.discarded is None, cache.discarded
+        return cache.structure_check_seconds is not None
+    finally:
+        cache.close()
+
+
+# The name is cited by the README's "Guarantees and failure modes".
 class TestProbe:
-    def test_a_clean_warm_restart_runs_no_probe(self, tmp_path: Path) -> None:
+    """The structure check in a child process runs after an unclean close, or when data.mdb changed since."""
+
+    def test_a_clean_warm_restart_runs_no_structure_check(self, tmp_path: Path) -> None:
         with KVLog(tmp_path) as kv:
             kv["k"] = "v"
-        with KVLog(tmp_path) as kv:
-            assert kv._cache is not None and kv._cache.probe_seconds is None
+        assert not structure_checked_at_open(tmp_path / "cache")
 
-    def test_a_cache_changed_since_its_clean_close_is_probed(self, tmp_path: Path) -> None:
+    def test_a_cache_changed_since_its_clean_close_is_checked(self, tmp_path: Path) -> None:
         with KVLog(tmp_path) as kv:
             kv["k"] = "v"
         os.utime(tmp_path / "cache" / "data.mdb")  # what a copy, a restore or an editor does
+        assert structure_checked_at_open(tmp_path / "cache")
         with KVLog(tmp_path) as kv:
-            assert kv._cache is not None and kv._cache.probe_seconds is not None
             assert kv.open_replay["rebuild_reason"] is None and kv["k"] == "v"
 
-    def test_a_cache_left_by_a_killed_process_is_probed(self, tmp_path: Path) -> None:
+    def test_a_cache_left_by_a_killed_process_is_checked(self, tmp_path: Path) -> None:
         path = tmp_path / "data"
         with KVLog(path) as kv:
             kv["k"] = "v"
@@ -534,12 +551,12 @@ class TestProbe:
                     break
             holder.kill()
             holder.wait(timeout=30)
+        assert structure_checked_at_open(path / "cache")
         with KVLog(path) as kv:
-            assert kv._cache is not None and kv._cache.probe_seconds is not None
             assert kv.open_replay["rebuild_reason"] is None and kv["k"] == "v"
 
 
-# -- 10. a full map, a full disk -----------------------------------------------------------------
+# -- a full map, a full disk ---------------------------------------------------------------------
 
 
 def test_a_tiny_map_grows_on_writes_and_on_a_cold_replay(tmp_path: Path) -> None:
@@ -733,7 +750,7 @@ class TestFullDisk:
             }
 
 
-# -- 11. reader slots of killed readers, fork() ------------------------------------------------
+# -- reader slots of killed readers, fork() ----------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -767,6 +784,15 @@ def reader_pids(env: Any) -> set[int]:
     }
 
 
+def readers_in(cache_dir: Path) -> set[int]:
+    """Pids in the reader table of the cache at ``cache_dir``, which no environment of this process has open."""
+    env = lmdb.open(str(cache_dir), max_dbs=4, readonly=True)
+    try:
+        return reader_pids(env)
+    finally:
+        env.close()
+
+
 class TestReaderSlots:
     def test_slots_of_killed_readers_are_reclaimed_at_open(self, tmp_path: Path) -> None:
         """Readers SIGKILLed inside a read transaction leave slots; opening the store clears them."""
@@ -779,47 +805,50 @@ class TestReaderSlots:
             for _ in range(3):
                 with child("reader", cache_dir, expect="reading") as (proc, _):
                     dead.append(proc.pid)
-            env = lmdb.open(str(cache_dir), max_dbs=4, readonly=True)
-            try:
-                assert set(dead) <= reader_pids(env), "the killed readers left no slots: nothing tested"
-            finally:
-                env.close()
+            assert set(dead) <= readers_in(cache_dir), "the killed readers left no slots: nothing tested"
             with KVLog(tmp_path) as kv:
                 assert kv["k"] == "v"
-                assert kv._cache is not None
-                assert not set(dead) & reader_pids(kv._cache._env)
+            # The holder keeps the reader table alive after the store closed.
+            assert not set(dead) & readers_in(cache_dir)
 
     def test_a_full_reader_table_is_cleared_of_dead_readers(self, tmp_path: Path) -> None:
-        """Every slot taken by readers killed after the store opened: the next read clears them and succeeds."""
+        """Every slot taken by readers killed after the cache opened: the next read clears them and succeeds."""
         with KVLog(tmp_path) as kv:
             kv["k"] = "v"
         cache_dir = tmp_path / "cache"
         (cache_dir / "lock.mdb").unlink()  # the holder makes a new one with 4 slots
         with child("holder", cache_dir, "--max-readers", "4", expect="ready") as (_, line):
             assert line.split()[2] == "4"
-            with KVLog(tmp_path, follow=False) as kv:
-                cache = kv._cache
-                assert cache is not None and cache._env.max_readers() == 4
+            cache = Cache(cache_dir)
+            try:
+                env = cache.env
+                assert env.max_readers() == 4
                 # A point read, then a read through the other path (len, scan, meta).
-                for use, expected in ((lambda: kv["k"], "v"), (lambda: len(kv), 1)):
+                for use, expected in (
+                    (lambda: cache.get(b"k"), MSGPACK.encode("v")),
+                    (lambda: len(cache), 1),
+                ):
                     # This process holds a slot: the read needs another one.
-                    with cache._env.begin() as held:
-                        assert held.get(b"k", db=cache._data) is not None
-                        free = 4 - len(reader_pids(cache._env))
+                    with env.begin() as held:
+                        assert held.get(b"k", db=env.open_db(b"data", txn=held, create=False)) is not None
+                        free = 4 - len(reader_pids(env))
                         with contextlib.ExitStack() as stack:
                             pids = [
                                 stack.enter_context(child("reader", cache_dir, expect="reading"))[0].pid
                                 for _ in range(free)
                             ]
                         # SIGKILLed: their slots stay taken, the table is full.
-                        assert free >= 2 and set(pids) <= reader_pids(cache._env)
+                        assert free >= 2 and set(pids) <= reader_pids(env)
                         assert use() == expected  # was: CacheError (MDB_READERS_FULL)
-                        assert not set(pids) & reader_pids(cache._env)
+                        assert not set(pids) & reader_pids(env)
+            finally:
+                cache.close()
 
 
 class TestFork:
     def test_a_forked_child_cannot_use_the_store_and_the_parent_carries_on(self, tmp_path: Path) -> None:
         kv = KVLog(tmp_path)
+        cache = Cache(tmp_path / "bare-cache")  # a cache on its own refuses too
         try:
             kv["before"] = 1
             read, write = os.pipe()
@@ -836,7 +865,7 @@ class TestFork:
                         "set": lambda: kv.__setitem__("child", 2),
                         "len": lambda: len(kv),
                         "log-append": lambda: kv.log.append([(b"child", b"x")]),
-                        "cache-get": lambda: kv._cache.get(b"before"),  # type: ignore[union-attr]
+                        "cache-get": lambda: cache.get(b"before"),
                     }.items():
                         try:
                             use()
@@ -870,12 +899,13 @@ class TestFork:
             kv["after"] = 2
             assert kv["before"] == 1 and dict(kv.scan()) == {"after": 2, "before": 1}
         finally:
+            cache.close()
             kv.close()
         with KVLog(tmp_path) as kv:
             assert dict(kv.scan()) == {"after": 2, "before": 1} and "child" not in kv
 
 
-# -- 12. file modes ------------------------------------------------------------------------------
+# -- file modes ----------------------------------------------------------------------------------
 
 
 @pytest.fixture(params=[0o000, 0o077], ids=["umask-000", "umask-077"])
@@ -917,7 +947,7 @@ def make_every_file(path: Path, **options: Any) -> int:
     data_file = path / "cache" / "data.mdb"
     data_file.write_bytes(b"\0" * 8192 + data_file.read_bytes()[8192:])
     with KVLog(path, log=LocalLog(log_dir, **options), **options) as kv:
-        assert kv._cache is not None and kv._cache.moved_to is not None
+        assert "moved aside" in kv.open_replay["rebuild_reason"]
     return unsynced
 
 
