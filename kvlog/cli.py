@@ -1,5 +1,10 @@
 """The ``kvlog`` command: query, load, re-warm, verify and compact a kvlog database from a terminal.
 
+This module holds the argument parser, the target (which log, which cache),
+one function per command, and ``main``. The dump format is
+:mod:`kvlog.dumpfile`, the demo :mod:`kvlog.demo`, signal handling and
+progress bars :mod:`kvlog.terminal`.
+
 Usage (also ``python -m kvlog``)::
 
     kvlog demo [--records N] [--dir DIR] [--keep]   # write, read, lose the cache, rebuild it, verify
@@ -16,7 +21,7 @@ Usage (also ``python -m kvlog``)::
     kvlog ... rewarm [--resume]                     # rebuild the cache by replay; Ctrl-C is safe
     kvlog ... verify [--show N]                     # replay into a scratch cache and compare; exit 1 on differences
     kvlog ... compact [--json]                      # compact the embedded log now
-    kvlog broker [--port 9092] [--dir DIR]          # a local single-node Kafka broker for development
+    kvlog broker [--port 9092] [--dir DIR]          # a local Kafka broker for development (source checkout)
 
 Values are decoded with the codec the cache records (the one the store was
 built with; ``msgpack`` for a new store). ``--codec`` picks the codec of a
@@ -31,16 +36,9 @@ shows as ``"key_b64"``) are taken as they are.
 over those variables, and ``--data`` together with ``--bootstrap-servers`` or
 ``--topic`` is a usage error. Global options go before the command.
 
-The dump format (``dump``, ``scan``, ``load``) is one JSON object per line:
-``"key"`` holds a key that is valid UTF-8 (str and bytes keys are the same
-bytes in the log), ``"key_b64"`` any other key, base64-encoded. ``"value"``
-holds a value that JSON represents exactly; a ``bytes`` value is
-``"value_b64"`` (base64) and anything else JSON cannot hold (bytes inside a
-container, a dict with bytes keys, msgpack extension types, NaN, a value
-nested too deeply for JSON) is ``"value_msgpack_b64"`` (the value packed with
-msgpack, base64-encoded).
-``load`` decodes all three, so ``dump`` then ``load`` reproduces every value
-(tuples come back as lists, as they do from msgpack).
+The dump format (``dump``, ``scan``, ``load``) is JSON lines, one object per
+entry, described in :mod:`kvlog.dumpfile`: ``dump`` then ``load`` reproduces
+every key and value.
 
 Exit codes (also in ``kvlog --help``): 0 success, 1 key not found or
 differences found, 2 usage error or failure (one line on stderr, no
@@ -52,30 +50,27 @@ cleanly first), 141 stdout closed early (a pipe into ``head``).
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
+import importlib
 import io
 import json
 import logging
 import math
 import os
-import random
 import shlex
 import shutil
-import signal
 import sys
-import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
-
-import msgpack
+from types import ModuleType
+from typing import IO, Any, NoReturn
 
 from .codec import encode_key, get_codec
+from .dumpfile import DumpLineError, dump_line, read_dump
 from .errors import CacheError, KVLogError
+from .terminal import ReplayBar, count_bar, interruptible, offsets, rate, signals_ignored
 
 __all__ = ["main"]
 
@@ -97,15 +92,15 @@ LOAD_BATCH = 10_000
 OPEN_BAR_DELAY = 1.0
 
 
-class _UsageError(Exception):
+class UsageError(Exception):
     """A mistake in the command line: reported in one line, exit 2."""
 
 
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors are one line (argparse prints the usage block too)."""
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
-        raise _UsageError(f"{message} (see {self.prog} --help)")
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def _non_negative(text: str) -> int:
@@ -167,7 +162,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    broker = sub.add_parser("broker", help="run a local single-node Kafka broker for development")
+    broker = sub.add_parser(
+        "broker",
+        help="run a local single-node Kafka broker for development (from kvlog's source checkout)",
+        description="Run a local single-node Kafka broker for development: the devbroker package of "
+        "kvlog's source repository (python -m devbroker there), which is not installed with kvlog.",
+    )
     broker.add_argument("--port", type=int, default=9092)
     broker.add_argument("--dir", default=None, help="data directory (default: a temporary one)")
 
@@ -228,7 +228,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 @dataclass(frozen=True)
-class _Target:
+class Target:
     """What the command works on: an embedded data directory or a Kafka topic with its cache."""
 
     kind: str  # "local" or "kafka"
@@ -238,6 +238,7 @@ class _Target:
 
     @property
     def cache_dir(self) -> Path:
+        """The LMDB cache's directory."""
         return self.path / "cache"
 
     def argv(self) -> str:
@@ -250,37 +251,37 @@ class _Target:
         )
 
 
-def _target(args: argparse.Namespace) -> _Target:
+def _target(args: argparse.Namespace) -> Target:
     if args.data is not None:
         if args.bootstrap_servers or args.topic:
-            raise _UsageError(
+            raise UsageError(
                 "--data (the embedded log) cannot be combined with --bootstrap-servers or --topic (a Kafka topic)"
             )
         if args.cache is not None:
-            raise _UsageError("--cache is for a Kafka topic; the embedded log keeps its cache in DATA/cache")
-        return _Target("local", Path(args.data))
+            raise UsageError("--cache is for a Kafka topic; the embedded log keeps its cache in DATA/cache")
+        return Target("local", Path(args.data))
     servers = args.bootstrap_servers or os.environ.get("KVLOG_BOOTSTRAP_SERVERS") or None
     topic = args.topic or os.environ.get("KVLOG_TOPIC") or None
     if servers or topic:
         if not (servers and topic):
-            raise _UsageError(
+            raise UsageError(
                 "a Kafka topic needs both --bootstrap-servers and --topic "
                 "(or KVLOG_BOOTSTRAP_SERVERS and KVLOG_TOPIC)"
             )
-        return _Target("kafka", Path(args.cache or "./cache"), servers, topic)
+        return Target("kafka", Path(args.cache or "./cache"), servers, topic)
     if args.cache is not None:
-        raise _UsageError(
+        raise UsageError(
             "--cache needs --bootstrap-servers and --topic (a Kafka topic); the embedded log is --data DIR"
         )
-    return _Target("local", Path("./data"))
+    return Target("local", Path("./data"))
 
 
-def _open(args: argparse.Namespace, target: _Target, *, progress: Any = None, **kwargs: Any) -> Any:
+def _open(args: argparse.Namespace, target: Target, *, progress: Any = None, **kwargs: Any) -> Any:
     """Open the store for a command: no follower thread (the cache moves only when asked), no topic creation."""
     from .store import KVLog
 
     _check_not_a_file(target)
-    own_bar = _ReplayBar("replay", delay=OPEN_BAR_DELAY) if progress is None else None
+    own_bar = ReplayBar("replay", delay=OPEN_BAR_DELAY) if progress is None else None
     if own_bar is not None:
         progress = own_bar
     options: dict[str, Any] = {
@@ -319,31 +320,31 @@ def _open(args: argparse.Namespace, target: _Target, *, progress: Any = None, **
 
 
 @contextlib.contextmanager
-def _opened(args: argparse.Namespace, target: _Target, **kwargs: Any) -> Iterator[Any]:
+def _opened(args: argparse.Namespace, target: Target, **kwargs: Any) -> Iterator[Any]:
     """``_open`` as a context manager whose close is shielded from a second Ctrl-C."""
     kv = _open(args, target, **kwargs)
     try:
         yield kv
     finally:
-        with _signals_ignored():
+        with signals_ignored():
             kv.close()
 
 
-def _require_data_dir(target: _Target) -> None:
+def _require_data_dir(target: Target) -> None:
     """Commands that only read refuse a missing data directory instead of creating an empty database."""
     _check_not_a_file(target)
     if target.kind == "local" and not target.path.is_dir():
-        raise _UsageError(
+        raise UsageError(
             f"no kvlog data directory at {target.path} (kvlog put or kvlog load creates one; "
             "--data DIR picks another)"
         )
 
 
-def _check_not_a_file(target: _Target) -> None:
+def _check_not_a_file(target: Target) -> None:
     """A data or cache path that names something other than a directory is a usage error, said plainly."""
     if target.path.exists() and not target.path.is_dir():
         option = "--data" if target.kind == "local" else "--cache"
-        raise _UsageError(f"{option} {target.path} is not a directory")
+        raise UsageError(f"{option} {target.path} is not a directory")
 
 
 def _recorded_codec(cache_dir: Path) -> str | None:
@@ -370,7 +371,7 @@ def _recorded_codec(cache_dir: Path) -> str | None:
     return codec if isinstance(codec, str) else None
 
 
-def _codec(args: argparse.Namespace, target: _Target) -> str:
+def _codec(args: argparse.Namespace, target: Target) -> str:
     """The codec to open the store with: the recorded one; ``--codec`` for a new store or a rewarm.
 
     A store opened with another codec than its cache's rebuilds the whole
@@ -382,275 +383,21 @@ def _codec(args: argparse.Namespace, target: _Target) -> str:
         return args.codec or DEFAULT_CODEC
     if args.codec is None or args.codec == recorded:
         if recorded not in _BUILTIN_CODECS:
-            raise _UsageError(
+            raise UsageError(
                 f"the cache at {target.cache_dir} was built with the codec {recorded!r}, which the kvlog "
                 f"command does not have (it has {', '.join(_BUILTIN_CODECS)})"
             )
         return recorded
     if args.command == "rewarm":
         return str(args.codec)
-    raise _UsageError(
+    raise UsageError(
         f"the store at {target.path} holds {recorded} values; --codec {args.codec} would rebuild its "
         f"cache and misread them (leave --codec out, or rebuild the cache for {args.codec} with "
         f"kvlog --codec {args.codec} {target.argv()} rewarm)"
     )
 
 
-# -- signals --------------------------------------------------------------------
-
-
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
-@contextlib.contextmanager
-def _signal_handlers(handler: Any) -> Iterator[None]:
-    """Install ``handler`` for SIGINT and SIGTERM while inside; restore the previous ones after.
-
-    A signal the process was started with ignored (SIGINT of a background job
-    in a non-interactive shell) stays ignored.
-    """
-    if not _in_main_thread():  # signal.signal works only there
-        yield
-        return
-    previous: dict[signal.Signals, Any] = {}
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        if signal.getsignal(signum) is signal.SIG_IGN:
-            continue
-        previous[signum] = signal.signal(signum, handler)
-    try:
-        yield
-    finally:
-        for restored, old in previous.items():
-            signal.signal(restored, signal.SIG_DFL if old is None else old)
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
-def _interruptible() -> contextlib.AbstractContextManager[None]:
-    """SIGTERM, like Ctrl-C, raises KeyboardInterrupt: the command unwinds and closes its store."""
-    return _signal_handlers(_raise_interrupt)
-
-
-def _signals_ignored() -> contextlib.AbstractContextManager[None]:
-    """Closing a store is not interrupted by a second Ctrl-C (it would leave the log lock behind)."""
-    return _signal_handlers(signal.SIG_IGN)
-
-
-# -- progress -------------------------------------------------------------------
-
-
-class _ReplayBar:
-    """A tqdm bar on stderr over log offsets, fed by the store's ``progress(applied, target)`` callbacks.
-
-    Offsets have gaps after compaction, so the bar counts offsets, not records:
-    its total is the distance from the first positions seen to the target,
-    which is what makes the rate and the ETA honest.
-    """
-
-    def __init__(self, desc: str, *, delay: float = 0.0) -> None:
-        self.desc = desc
-        self.delay = delay
-        self.first: dict[int, int] | None = None
-        self.applied: dict[int, int] = {}
-        self.target: dict[int, int] = {}
-        self._bar: Any = None
-        self._base = 0
-
-    def __call__(self, applied: dict[int, int], target: dict[int, int]) -> None:
-        self.applied, self.target = dict(applied), dict(target)
-        if self.first is None:
-            self.first = dict(applied)
-            self._base = sum(applied.get(p, 0) for p in target)
-            self._bar = _count_bar(self.desc, self._total(), delay=self.delay)
-        total = self._total()
-        if total != self._bar.total:
-            self._bar.total = total
-        done = min(total, sum(applied.get(p, 0) for p in target) - self._base)
-        self._bar.update(done - self._bar.n)
-
-    def _total(self) -> int:
-        return max(0, sum(self.target.values()) - self._base)
-
-    def finish(self) -> None:
-        """Fill the bar (the last callback comes before the last batch) and close it."""
-        if self._bar is not None:
-            self.applied = dict(self.target)
-            self._bar.update(self._total() - self._bar.n)
-        self.close()
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-
-def _count_bar(desc: str, total: int | None, *, delay: float = 0.0) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total,
-        desc=desc,
-        unit="rec",
-        # 1.2M rather than 1234567; but 12, not 12.0
-        unit_scale=total is None or total >= 1000,
-        file=sys.stderr,
-        delay=delay,
-        dynamic_ncols=True,
-    )
-
-
-def _rate(count: float, seconds: float) -> str:
-    return f"{count / seconds:,.0f}" if seconds > 0 else "-"
-
-
-def _offsets(positions: dict[int, int], target: dict[int, int] | None = None) -> str:
-    """``offset 5 of 9`` for one partition, ``offsets 0:5/9, 1:3/4`` for several."""
-    if len(positions) == 1 and (target is None or len(target) == 1):
-        ((p, position),) = positions.items()
-        return f"offset {position}" + ("" if target is None else f" of {target.get(p, position)}")
-    parts = [
-        f"{p}:{position}" + ("" if target is None else f"/{target.get(p, position)}")
-        for p, position in sorted(positions.items())
-    ]
-    return "offsets " + ", ".join(parts)
-
-
-# -- the dump format ------------------------------------------------------------
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _json_exact(value: Any) -> bool:
-    """Whether JSON holds ``value`` exactly (tuples become lists, as they do in msgpack)."""
-    if value is None or isinstance(value, (str, bool, int)):
-        return True
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, (list, tuple)):
-        return all(_json_exact(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _json_exact(v) for k, v in value.items())
-    return False
-
-
-def _dump_record(key: bytes, value: Any) -> dict[str, Any]:
-    """One line of the dump format (see the module docstring)."""
-    record: dict[str, Any] = {}
-    try:
-        record["key"] = key.decode("utf-8")
-    except UnicodeDecodeError:
-        record["key_b64"] = _b64(key)
-    if isinstance(value, bytes):
-        record["value_b64"] = _b64(value)
-    elif _json_exact_within_recursion_limit(value):
-        record["value"] = value
-    else:
-        record["value_msgpack_b64"] = _b64(msgpack.packb(value, use_bin_type=True))
-    return record
-
-
-def _json_exact_within_recursion_limit(value: Any) -> bool:
-    # A value nested about a thousand levels deep (msgpack holds 1024) is past
-    # what Python's recursion, and so its json module, reaches: it goes to
-    # value_msgpack_b64 like anything else JSON cannot hold.
-    try:
-        return _json_exact(value)
-    except RecursionError:
-        return False
-
-
-def _dump_line(key: bytes, value: Any) -> str:
-    record = _dump_record(key, value)
-    try:
-        return json.dumps(record, ensure_ascii=False, allow_nan=False)
-    except RecursionError:  # _json_exact passed, json.dumps (on a deeper stack) did not
-        del record["value"]
-        record["value_msgpack_b64"] = _b64(msgpack.packb(value, use_bin_type=True))
-        return json.dumps(record, ensure_ascii=False, allow_nan=False)
-
-
-_KEY_FIELDS = ("key", "key_b64")
-_VALUE_FIELDS = ("value", "value_b64", "value_msgpack_b64")
-
-
-def _parse_dump_line(line: str, encode: Callable[[Any], bytes]) -> tuple[bytes, Any]:
-    """Parse and check one line of the dump format; return ``(key bytes, value)``.
-
-    Raises:
-        ValueError: the line is not valid, or its key or value cannot be stored.
-    """
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"not valid JSON ({exc})") from None
-    except RecursionError:
-        raise ValueError(
-            "nests too deeply for Python's JSON parser (value_msgpack_b64 holds deep values)"
-        ) from None
-    if not isinstance(record, dict):
-        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-    unknown = sorted(set(record) - set(_KEY_FIELDS) - set(_VALUE_FIELDS))
-    if unknown:
-        raise ValueError(f"unknown field {unknown[0]!r}")
-    keys = [f for f in _KEY_FIELDS if f in record]
-    values = [f for f in _VALUE_FIELDS if f in record]
-    if len(keys) != 1:
-        raise ValueError('expected exactly one of "key" and "key_b64"')
-    if len(values) != 1:
-        raise ValueError('expected exactly one of "value", "value_b64" and "value_msgpack_b64"')
-    raw_key = record[keys[0]]
-    if not isinstance(raw_key, str):
-        raise ValueError(f'"{keys[0]}" must be a string')
-    try:
-        key = encode_key(_unb64(raw_key) if keys[0] == "key_b64" else raw_key)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"bad key: {exc}") from None
-    field, value = values[0], record[values[0]]
-    if field != "value":
-        if not isinstance(value, str):
-            raise ValueError(f'"{field}" must be a base64 string')
-        value = _unb64(value)
-        if field == "value_msgpack_b64":
-            try:
-                # The codec's limits: str/bytes map keys only, lengths within the data.
-                value = msgpack.unpackb(value, raw=False, strict_map_key=True)
-            except (ValueError, TypeError, msgpack.UnpackException) as exc:
-                raise ValueError(
-                    f'"value_msgpack_b64" is not valid msgpack: {exc or type(exc).__name__}'
-                ) from None
-    try:
-        encode(value)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"bad value: {exc}") from None
-    return key, value
-
-
-def _unb64(text: str) -> bytes:
-    try:
-        return base64.b64decode(text, validate=True)
-    except ValueError as exc:
-        raise ValueError(f"not valid base64: {exc}") from None
-
-
-def _read_dump(stream: IO[str], encode: Callable[[Any], bytes]) -> list[tuple[bytes, Any]]:
-    """Parse and check a whole dump before anything is written; a bad line names its number.
-
-    ``stream`` decodes with ``surrogateescape``, so bytes that are not UTF-8
-    reach the line's checks (as a bad key, value or JSON) with its number.
-    """
-    items: list[tuple[bytes, Any]] = []
-    for number, line in enumerate(stream, 1):
-        if not line.strip():
-            continue
-        try:
-            items.append(_parse_dump_line(line, encode))
-        except ValueError as exc:
-            raise ValueError(f"line {number}: {exc}; nothing was written") from None
-    return items
+# -- printing values and keys ---------------------------------------------------
 
 
 def _jsonable(value: Any) -> Any:
@@ -699,11 +446,11 @@ def _argv_key(text: str) -> str | bytes:
     try:
         encode_key(key)
     except (TypeError, ValueError) as exc:
-        raise _UsageError(f"bad KEY: {exc}") from None
+        raise UsageError(f"bad KEY: {exc}") from None
     return key
 
 
-def _cmd_get(args: argparse.Namespace, target: _Target) -> int:
+def _cmd_get(args: argparse.Namespace, target: Target) -> int:
     key = _argv_key(args.key)
     _require_data_dir(target)
     missing = object()
@@ -716,7 +463,7 @@ def _cmd_get(args: argparse.Namespace, target: _Target) -> int:
         if isinstance(value, str):
             value = value.encode("utf-8")
         if not isinstance(value, bytes):
-            raise _UsageError(
+            raise UsageError(
                 f"--raw prints bytes or str values; the value of {args.key} is {type(value).__name__}"
             )
         sys.stdout.flush()
@@ -734,14 +481,14 @@ def _cmd_get(args: argparse.Namespace, target: _Target) -> int:
     return EXIT_OK
 
 
-def _cmd_put(args: argparse.Namespace, target: _Target) -> int:
+def _cmd_put(args: argparse.Namespace, target: Target) -> int:
     key = _argv_key(args.key)
     value: Any
     if args.raw:
         if args.value is not None:
-            raise _UsageError("with --raw the value is read from stdin; do not pass VALUE")
+            raise UsageError("with --raw the value is read from stdin; do not pass VALUE")
     elif args.value is None:
-        raise _UsageError("put needs KEY and VALUE (a JSON value), or --raw to read the value from stdin")
+        raise UsageError("put needs KEY and VALUE (a JSON value), or --raw to read the value from stdin")
     codec = get_codec(_codec(args, target))
     if args.raw:
         value = sys.stdin.buffer.read()
@@ -765,12 +512,12 @@ def _parse_json(text: str, what: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise _UsageError(f"{what} is not valid JSON: {exc}") from None
+        raise UsageError(f"{what} is not valid JSON: {exc}") from None
     except RecursionError:
-        raise _UsageError(f"{what} nests too deeply for Python's JSON parser") from None
+        raise UsageError(f"{what} nests too deeply for Python's JSON parser") from None
 
 
-def _cmd_del(args: argparse.Namespace, target: _Target) -> int:
+def _cmd_del(args: argparse.Namespace, target: Target) -> int:
     key = _argv_key(args.key)
     _require_data_dir(target)
     with _opened(args, target) as kv:
@@ -792,37 +539,38 @@ def _argv_prefix(text: str | None) -> str | bytes | None:
         try:
             return os.fsencode(text)
         except UnicodeEncodeError:
-            raise _UsageError(
+            raise UsageError(
                 f"bad --prefix {text!r}: not UTF-8 and not bytes from the command line"
             ) from None
 
 
-def _cmd_scan(args: argparse.Namespace, target: _Target) -> int:
+def _cmd_scan(args: argparse.Namespace, target: Target) -> int:
     prefix = _argv_prefix(args.prefix)
     _require_data_dir(target)
     if args.limit == 0:
         return EXIT_OK
     with _opened(args, target, key_type=bytes) as kv:
         for n, (key, value) in enumerate(kv.scan(prefix=prefix), 1):
-            print(_dump_line(key, value))
+            print(dump_line(key, value))
             if args.limit is not None and n >= args.limit:
                 break
     return EXIT_OK
 
 
-def _log_stats(kv: Any) -> dict[str, Any] | None:
+def log_stats(kv: Any) -> dict[str, Any] | None:
+    """The log's own stats (segments, bytes, recovery, compaction), if the log keeps any: the embedded one does."""
     stats = getattr(kv.log, "stats", None)
     return dict(stats()) if callable(stats) else None
 
 
-def _cmd_stats(args: argparse.Namespace, target: _Target) -> int:
+def _cmd_stats(args: argparse.Namespace, target: Target) -> int:
     _require_data_dir(target)
     with _opened(args, target) as kv:
         stats = kv.stats()
         if "log_stats" not in stats:
-            log_stats = _log_stats(kv)
-            if log_stats is not None:
-                stats["log_stats"] = log_stats
+            log = log_stats(kv)
+            if log is not None:
+                stats["log_stats"] = log
         description = kv.log.describe()
     if args.json:
         print(json.dumps(stats, default=str))
@@ -843,7 +591,7 @@ def _human(value: Any) -> str:
     return str(value)
 
 
-def _print_stats(stats: dict[str, Any], description: str, target: _Target) -> None:
+def _print_stats(stats: dict[str, Any], description: str, target: Target) -> None:
     label = "data" if target.kind == "local" else "cache"
     print(f"{label:<12} {stats['path']}")
     print(f"mirrors      {description}")
@@ -893,7 +641,7 @@ def _print_log_stats(log_stats: dict[str, Any]) -> None:
         print(f"compaction   {'none since the log was opened' if not last else _human(last)}")
 
 
-def _cmd_dump(args: argparse.Namespace, target: _Target) -> int:
+def _cmd_dump(args: argparse.Namespace, target: Target) -> int:
     _require_data_dir(target)
     started = time.monotonic()
     prefix = _argv_prefix(args.prefix)
@@ -909,11 +657,11 @@ def _cmd_dump(args: argparse.Namespace, target: _Target) -> int:
                 final = Path(args.output)
                 partial = final.with_name(final.name + ".partial")
                 out = stack.enter_context(open(partial, "w", encoding="utf-8"))
-            bar = stack.enter_context(_count_bar("dump", total, delay=0.5))
+            bar = stack.enter_context(count_bar("dump", total, delay=0.5))
             count = 0
             try:
                 for key, value in kv.scan(prefix=prefix):
-                    out.write(_dump_line(key, value))
+                    out.write(dump_line(key, value))
                     out.write("\n")
                     count += 1
                     if count % 1000 == 0:
@@ -932,24 +680,27 @@ def _cmd_dump(args: argparse.Namespace, target: _Target) -> int:
     return EXIT_OK
 
 
-def _cmd_load(args: argparse.Namespace, target: _Target) -> int:
+def _cmd_load(args: argparse.Namespace, target: Target) -> int:
     _check_not_a_file(target)
     encode = get_codec(_codec(args, target)).encode
     started = time.monotonic()
     # The whole input is parsed and checked before the store is even opened:
     # a bad line anywhere writes nothing.
-    if args.file == "-":
-        stdin = sys.stdin
-        if hasattr(stdin, "buffer"):
-            stdin = io.TextIOWrapper(stdin.buffer, encoding="utf-8", errors="surrogateescape")
-        items = _read_dump(stdin, encode)
-    else:
-        with open(args.file, encoding="utf-8", errors="surrogateescape") as stream:
-            items = _read_dump(stream, encode)
+    try:
+        if args.file == "-":
+            stdin = sys.stdin
+            if hasattr(stdin, "buffer"):
+                stdin = io.TextIOWrapper(stdin.buffer, encoding="utf-8", errors="surrogateescape")
+            items = read_dump(stdin, encode)
+        else:
+            with open(args.file, encoding="utf-8", errors="surrogateescape") as stream:
+                items = read_dump(stream, encode)
+    except DumpLineError as exc:
+        raise ValueError(f"{exc}; nothing was written") from None
     with _opened(args, target) as kv:
         written = 0
         try:
-            with _count_bar("load", len(items)) as bar:
+            with count_bar("load", len(items)) as bar:
                 for start in range(0, len(items), LOAD_BATCH):
                     batch = items[start : start + LOAD_BATCH]
                     kv.update(batch)
@@ -961,15 +712,15 @@ def _cmd_load(args: argparse.Namespace, target: _Target) -> int:
         entries = len(kv)
     seconds = time.monotonic() - started
     print(
-        f"loaded {written:,} records in {seconds:.2f}s ({_rate(written, seconds)} records/s); "
+        f"loaded {written:,} records in {seconds:.2f}s ({rate(written, seconds)} records/s); "
         f"the store holds {entries:,} entries"
     )
     return EXIT_OK
 
 
-def _cmd_compact(args: argparse.Namespace, target: _Target) -> int:
+def _cmd_compact(args: argparse.Namespace, target: Target) -> int:
     if target.kind == "kafka":
-        raise _UsageError(
+        raise UsageError(
             "compact works on the embedded log only; the broker's log cleaner compacts a Kafka topic"
         )
     _require_data_dir(target)
@@ -977,7 +728,7 @@ def _cmd_compact(args: argparse.Namespace, target: _Target) -> int:
 
     with _opened(args, target) as kv:
         if not isinstance(kv.log, LocalLog):
-            raise _UsageError("compact works on the embedded log only")
+            raise UsageError("compact works on the embedded log only")
         report = dict(kv.log.compact())
     if args.json:
         print(json.dumps(report, default=str))
@@ -988,18 +739,18 @@ def _cmd_compact(args: argparse.Namespace, target: _Target) -> int:
     return EXIT_OK
 
 
-def _cmd_verify(args: argparse.Namespace, target: _Target) -> int:
+def _cmd_verify(args: argparse.Namespace, target: Target) -> int:
     from .verify import verify
 
     _require_data_dir(target)
     with _opened(args, target) as kv:
-        bar = _ReplayBar("verify", delay=0.5)
+        bar = ReplayBar("verify", delay=0.5)
         try:
             report = verify(kv, progress=bar, limit=args.show, scratch_dir=args.scratch)
             bar.finish()
         finally:
             bar.close()
-    where = _offsets(report.checkpoint) if report.checkpoint else "the log start"
+    where = offsets(report.checkpoint) if report.checkpoint else "the log start"
     if report.ok:
         print(
             f"verified {report.checked:,} keys at {where} ({report.records:,} records replayed "
@@ -1026,9 +777,9 @@ def _cmd_verify(args: argparse.Namespace, target: _Target) -> int:
     return EXIT_NOT_FOUND
 
 
-def _cmd_rewarm(args: argparse.Namespace, target: _Target) -> int:
+def _cmd_rewarm(args: argparse.Namespace, target: Target) -> int:
     _require_data_dir(target)
-    bar = _ReplayBar("rewarm")
+    bar = ReplayBar("rewarm")
     kv = None
     resumed = ""
     try:
@@ -1044,10 +795,10 @@ def _cmd_rewarm(args: argparse.Namespace, target: _Target) -> int:
                 # The store logged why (a "kvlog: warning:" line); say what it means here.
                 resumed = ", rebuilt from the log start: the checkpoint could not be trusted"
             elif bar.first is None or all(bar.first.get(p, 0) >= t for p, t in bar.target.items()):
-                print(f"the cache is already at the end of the log ({_offsets(kv.stats()['checkpoint'])})")
+                print(f"the cache is already at the end of the log ({offsets(kv.stats()['checkpoint'])})")
                 return EXIT_OK
             elif any(bar.first.values()):
-                resumed = f", resumed from {_offsets(bar.first)}"
+                resumed = f", resumed from {offsets(bar.first)}"
         else:
             try:
                 kv = _open(args, target)
@@ -1070,7 +821,7 @@ def _cmd_rewarm(args: argparse.Namespace, target: _Target) -> int:
                 records, seconds = result["records"], result["seconds"]
         entries = len(kv)
     except KeyboardInterrupt:
-        with _signals_ignored():  # a second Ctrl-C must not cut the clean-up short
+        with signals_ignored():  # a second Ctrl-C must not cut the clean-up short
             bar.close()
             if kv is not None:
                 kv.close()
@@ -1078,7 +829,7 @@ def _cmd_rewarm(args: argparse.Namespace, target: _Target) -> int:
             # transaction, so whatever the interrupt cut short was rolled back:
             # the cache on disk is the log folded up to this checkpoint.
             checkpoint = _committed_checkpoint(target.cache_dir)
-            where = _offsets(checkpoint, bar.target or None) if checkpoint else "the log start"
+            where = offsets(checkpoint, bar.target or None) if checkpoint else "the log start"
             print(
                 f"kvlog: interrupted; the cache is consistent at {where}; "
                 f"kvlog {target.argv()} rewarm --resume continues from there",
@@ -1088,11 +839,11 @@ def _cmd_rewarm(args: argparse.Namespace, target: _Target) -> int:
     finally:
         bar.close()
         if kv is not None:
-            with _signals_ignored():
+            with signals_ignored():
                 kv.close()
     print(
         f"rewarmed {entries:,} entries from {records:,} records in {seconds:.2f}s "
-        f"({_rate(records, seconds)} records/s){resumed}"
+        f"({rate(records, seconds)} records/s){resumed}"
     )
     return EXIT_OK
 
@@ -1110,147 +861,57 @@ def _committed_checkpoint(cache_dir: Path) -> dict[int, int]:
         cache.close()
 
 
-# -- demo ---------------------------------------------------------------------------
-
-_STATUSES = ("pending", "paid", "shipped", "delivered", "cancelled")
-
-
-def _demo_orders(count: int) -> Iterator[tuple[str, dict[str, Any]]]:
-    """The demo's data set, the same every time: ``order:000042 -> {customer, status, total, items}``."""
-    rng = random.Random(42)
-    customers = max(1, count // 10)
-    for i in range(count):
-        yield (
-            f"order:{i:06d}",
-            {
-                "customer": f"customer:{rng.randrange(customers):05d}",
-                "status": rng.choice(_STATUSES),
-                "total": round(rng.uniform(5, 500), 2),
-                "items": rng.randint(1, 9),
-            },
-        )
-
-
-def _step(number: int, what: str, seconds: float, extra: str = "") -> None:
-    print(f"{number}. {what:<64} {seconds:6.2f}s{('  ' + extra) if extra else ''}", flush=True)
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
-    if args.data is not None or args.cache is not None or args.bootstrap_servers or args.topic:
-        raise _UsageError("demo runs on its own embedded data directory; choose it with demo --dir DIR")
-    if args.dir is not None:
-        path = Path(args.dir)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise _UsageError(f"demo --dir needs a new or empty directory; {path} is not empty")
-        keep = True
-    else:
-        path = Path(tempfile.mkdtemp(prefix="kvlog-demo-"))
-        keep = args.keep
+    # Imported here: kvlog.demo imports this module (the target, the exit codes).
+    from .demo import cmd_demo
+
+    return cmd_demo(args)
+
+
+def _cmd_broker(args: argparse.Namespace) -> int:
     try:
-        return _demo(args, path, args.records, keep)
-    finally:
-        if not keep:
-            shutil.rmtree(path, ignore_errors=True)
+        devbroker = _import_devbroker()
+    except ImportError as exc:
+        return _fail(str(exc))
+    argv = ["--port", str(args.port)] + (["--dir", args.dir] if args.dir else [])
+    code: int = devbroker.main(argv)
+    return code
 
 
-def _demo(args: argparse.Namespace, path: Path, count: int, keep: bool) -> int:
-    from .store import KVLog
+def _import_devbroker() -> ModuleType:
+    """The development broker: importable as it is, or from the source checkout this kvlog runs from.
 
-    target = _Target("local", path)
-    begun = time.monotonic()
-    print(f"kvlog demo: {count:,} orders in an embedded kvlog database at {path} (no broker)")
-    example = f"order:{min(42, count - 1):06d}"
-    sample = dict(_demo_orders(min(count, 43)))[example]
-    print(f"   e.g. {example} -> {json.dumps(sample)}")
+    It lives next to the kvlog package in the source repository and is not
+    installed with kvlog, so an installed ``kvlog`` (whose script does not
+    start in the checkout) finds it only through the checkout's directory.
 
-    started = time.monotonic()
-    codec = args.codec or DEFAULT_CODEC
-    with KVLog(path, codec=codec, follow=False, timeout=args.timeout) as kv:
-        with _count_bar("write", count) as bar:
-            batch: list[tuple[str, Any]] = []
-            for item in _demo_orders(count):
-                batch.append(item)
-                if len(batch) == LOAD_BATCH:
-                    kv.update(batch)
-                    bar.update(len(batch))
-                    batch = []
-            if batch:
-                kv.update(batch)
-                bar.update(len(batch))
-        seconds = time.monotonic() - started
-        _step(
-            1,
-            f"write {count:,} orders through the log (kv.update)",
-            seconds,
-            f"{_rate(count, seconds)} records/s",
-        )
-
-        started = time.monotonic()
-        for key, expected in _demo_orders(count):
-            if kv[key] != expected:
-                print(f"kvlog: demo: {key} reads back {kv[key]!r}, expected {expected!r}", file=sys.stderr)
-                return EXIT_NOT_FOUND
-        seconds = time.monotonic() - started
-        _step(
-            2,
-            f"read all {count:,} keys back from the cache, each checked",
-            seconds,
-            f"{_rate(count, seconds)} reads/s",
-        )
-
-    started = time.monotonic()
-    shutil.rmtree(target.cache_dir)
-    _step(3, f"delete the cache directory {target.cache_dir}", time.monotonic() - started, "(the log stays)")
-
-    started = time.monotonic()
-    replay_bar = _ReplayBar("replay")
+    Raises:
+        ImportError: with the one-line message to print.
+    """
     try:
-        kv = KVLog(path, codec=codec, follow=False, timeout=args.timeout, progress=replay_bar)
-        replay_bar.finish()
-    finally:
-        replay_bar.close()
-    with kv:
-        seconds = time.monotonic() - started
-        replayed = kv.open_replay["records"]
-        _step(
-            4,
-            f"reopen: cold rebuild of the cache by replaying {replayed:,} records",
-            seconds,
-            f"{_rate(replayed, seconds)} records/s",
-        )
-
-        started = time.monotonic()
-        if len(kv) != count:
-            print(f"kvlog: demo: {len(kv):,} entries after the rebuild, expected {count:,}", file=sys.stderr)
-            return EXIT_NOT_FOUND
-        for (key, value), (expected_key, expected) in zip(
-            kv.scan(prefix="order:"), _demo_orders(count), strict=True
-        ):
-            if key != expected_key or value != expected:
-                print(f"kvlog: demo: {key} differs after the rebuild", file=sys.stderr)
-                return EXIT_NOT_FOUND
-        _step(5, f"check the rebuilt cache: all {count:,} orders identical", time.monotonic() - started)
-
-        stats = kv.stats()
-        log_stats = _log_stats(kv)
-    print()
-    print(f"entries      {stats['entries']:,}")
-    print(f"checkpoint   {_offsets(stats['checkpoint'])}")
-    print(f"cache size   {stats['bytes_on_disk'] / 1e6:,.1f} MB on disk ({target.cache_dir})")
-    if log_stats:
-        partitions = log_stats.get("partitions") or {}
-        segments = sum(info.get("segments", 0) for info in partitions.values())
-        size = sum(info.get("bytes", 0) for info in partitions.values())
-        print(f"log          {segments:,} segment(s), {size / 1e6:,.1f} MB ({log_stats.get('path')})")
-    print(f"done in {time.monotonic() - begun:.1f}s")
-    if keep:
-        print(f"try: kvlog {target.argv()} get {example}")
-    return EXIT_OK
+        return importlib.import_module("devbroker")
+    except ModuleNotFoundError as exc:
+        if exc.name != "devbroker":
+            raise ImportError(f"kvlog broker cannot import the development broker: {exc}") from None
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "devbroker" / "__init__.py").is_file():
+        sys.path.append(str(checkout))
+        try:
+            return importlib.import_module("devbroker")
+        except ModuleNotFoundError as exc:
+            if exc.name != "devbroker":
+                raise ImportError(
+                    f"kvlog broker cannot import the development broker from {checkout}: {exc}"
+                ) from None
+    raise ImportError(
+        "kvlog broker needs the development broker, which ships in kvlog's source repository "
+        "(devbroker/): run it from a checkout with python -m devbroker"
+    )
 
 
 # -- main -----------------------------------------------------------------------------
 
-_COMMANDS: dict[str, Callable[[argparse.Namespace, _Target], int]] = {
+_COMMANDS: dict[str, Callable[[argparse.Namespace, Target], int]] = {
     "get": _cmd_get,
     "put": _cmd_put,
     "del": _cmd_del,
@@ -1266,13 +927,10 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, _Target], int]] = {
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "broker":
-        from . import devbroker
-
-        argv = ["--port", str(args.port)] + (["--dir", args.dir] if args.dir else [])
-        return devbroker.main(argv)
+        return _cmd_broker(args)
     if args.codec is not None:
         get_codec(args.codec)  # a bad name is a usage error before anything is opened
-    with _interruptible():
+    with interruptible():
         if args.command == "demo":
             return _cmd_demo(args)
         return _COMMANDS[args.command](args, _target(args))
@@ -1306,13 +964,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     try:
         args = _parser().parse_args(argv)
-    except _UsageError as exc:
+    except UsageError as exc:
         return _fail(str(exc))
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     try:
         return _run(args)
-    except _UsageError as exc:
+    except UsageError as exc:
         return _fail(str(exc))
     except BrokenPipeError:
         # The reader of stdout went away (kvlog scan | head). Point stdout at

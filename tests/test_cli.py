@@ -16,42 +16,29 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lmdb
 import msgpack
 import pytest
+from cli_helpers import (  # noqa: F401 (the fixture_* fixtures: pytest finds them in this module)
+    Run,
+    checkout_env,
+    clean_env,
+    fixture_data,
+    fixture_no_kafka_from_the_environment,
+    fixture_run,
+    one_error_line,
+    one_line,
+)
 
+import kvlog
 from kvlog import KVLog
 from kvlog.cli import main
 from kvlog.log.local import LocalLog
 from kvlog.verify import verify
-
-Run = Callable[..., int]
-
-
-@pytest.fixture(autouse=True)
-def _no_kafka_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("KVLOG_BOOTSTRAP_SERVERS", raising=False)
-    monkeypatch.delenv("KVLOG_TOPIC", raising=False)
-
-
-@pytest.fixture
-def data(tmp_path: Path) -> Path:
-    """An embedded data directory (not created: ``put``/``load`` create it)."""
-    return tmp_path / "data"
-
-
-@pytest.fixture
-def run(data: Path) -> Run:
-    """``run("get", "k")`` is ``kvlog --data DATA get k``."""
-
-    def run(*args: str) -> int:
-        return main(["--data", str(data), *args])
-
-    return run
 
 
 def raw_cache(data: Path) -> list[tuple[bytes, bytes]]:
@@ -63,14 +50,6 @@ def raw_cache(data: Path) -> list[tuple[bytes, bytes]]:
             return [(bytes(k), bytes(v)) for k, v in txn.cursor()]
     finally:
         env.close()
-
-
-def one_error_line(err: str) -> str:
-    """The one line an expected failure prints; fails on a traceback or several lines."""
-    assert "Traceback" not in err
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 # -- queries ------------------------------------------------------------------------
@@ -93,7 +72,7 @@ class TestQueries:
         assert len(capsys.readouterr().out.splitlines()) == 1
         assert run("del", "order:1") == 0
         assert run("get", "order:1") == 1
-        assert one_error_line(capsys.readouterr().err) == "kvlog: key not found: order:1"
+        assert one_line(capsys.readouterr().err) == "kvlog: key not found: order:1"
         assert run("del", "order:1") == 1
         assert "key not found" in capsys.readouterr().err
 
@@ -294,7 +273,7 @@ class TestMaintenance:
         assert run("get", "k1") == 0
         captured = capsys.readouterr()
         assert captured.out.strip() == "1"
-        warning = one_error_line(captured.err)
+        warning = one_line(captured.err)
         assert warning.startswith("kvlog: warning: ")
         assert "damaged" in warning and "moved aside" in warning and "truncated" in warning
         assert [p.name.startswith("cache.corrupt-") for p in data.iterdir()].count(True) == 1
@@ -310,7 +289,7 @@ class TestMaintenance:
             for round_ in range(20):
                 kv.update({f"k{i}": {"round": round_, "pad": "x" * 50} for i in range(20)})
             kv.discard("k0")
-            segments_before = kv.log.stats()["partitions"][0]["segments"]
+            segments_before = small.stats()["partitions"][0]["segments"]
         capsys.readouterr()
         assert run("compact", "--json") == 0
         report = json.loads(capsys.readouterr().out)
@@ -458,6 +437,23 @@ class TestUsage:
         for command in ("demo", "get", "put", "del", "scan", "stats", "dump", "load", "rewarm", "verify"):
             assert command in out
 
+    def test_broker_without_the_source_checkout_is_one_line(self, tmp_path: Path) -> None:
+        """An installed kvlog has no devbroker/ beside it: ``kvlog broker`` says where it ships, exit 2."""
+        site = tmp_path / "site"
+        package = Path(kvlog.__file__).parent
+        shutil.copytree(package, site / "kvlog", ignore=shutil.ignore_patterns("__pycache__"))
+        done = subprocess.run(
+            [sys.executable, "-m", "kvlog", "broker"],
+            cwd=site,
+            env=clean_env(PYTHONPATH=str(site)),
+            capture_output=True,
+            timeout=120,
+        )
+        assert done.returncode == 2, done.stderr.decode()
+        line = one_error_line(done.stderr.decode())
+        assert "kvlog broker needs the development broker" in line and "python -m devbroker" in line, line
+        assert done.stdout == b""
+
 
 # -- an interrupted rewarm, in a real process ----------------------------------------
 
@@ -492,10 +488,6 @@ def read_until(stream: Any, pattern: str, timeout: float) -> str:
     pytest.fail(f"{pattern!r} did not appear within {timeout}s: {seen.decode()!r}")
 
 
-def _env_without_kafka() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in ("KVLOG_BOOTSTRAP_SERVERS", "KVLOG_TOPIC")}
-
-
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_an_interrupted_rewarm_leaves_a_consistent_cache_that_resume_completes(
     big_data: Path, tmp_path: Path, signum: int, capsys: pytest.CaptureFixture[str]
@@ -506,18 +498,18 @@ def test_an_interrupted_rewarm_leaves_a_consistent_cache_that_resume_completes(
         [sys.executable, "-m", "kvlog", "--data", str(data), "rewarm"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=_env_without_kafka(),
+        env=checkout_env(),
     )
     try:
         # The bar shows a first batch applied (and not yet the end): interrupt mid-replay.
         seen = read_until(proc.stderr, r"rewarm:\s+([1-9]|[1-9]\d)%", timeout=120)
         proc.send_signal(signum)
-        out, err = proc.communicate(timeout=120)
+        out, rest = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    err = seen + err.decode()
+    err = seen + rest.decode()
     assert proc.returncode == 130, (out, err)
     match = re.search(r"the cache is consistent at offset (\d+) of (\d+); (.*) continues", err)
     assert match, err

@@ -1,4 +1,7 @@
-"""The ``kvlog`` command given bad input (issue 5, scenario 15): one clear line on stderr, the documented exit code.
+"""The ``kvlog`` command given bad input: one clear line on stderr, the documented exit code.
+
+This is the README's row "The CLI with malformed JSON, ..." under Guarantees
+and failure modes (Bad input).
 
 Each case checks that stderr is exactly one ``kvlog: error: ...`` line (no
 traceback), that the exit code is the one the CLI documents (2 for bad input
@@ -17,54 +20,27 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
+from cli_helpers import (  # noqa: F401 (the fixture_* fixtures: pytest finds them in this module)
+    Run,
+    checkout_env,
+    fixture_data,
+    fixture_no_kafka_from_the_environment,
+    fixture_run,
+    one_error_line,
+)
 
-import kvlog
 import kvlog.cli
 from kvlog import Codec, KVLog
 from kvlog.cli import main
 from kvlog.codec import MAX_KEY_SIZE
 
-Run = Callable[..., int]
-
 #: The exit code the CLI documents for a usage error or a failure.
 EXIT_ERROR = 2
-
-
-@pytest.fixture(autouse=True)
-def _no_kafka_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("KVLOG_BOOTSTRAP_SERVERS", raising=False)
-    monkeypatch.delenv("KVLOG_TOPIC", raising=False)
-
-
-@pytest.fixture
-def data(tmp_path: Path) -> Path:
-    """An embedded data directory (not created: ``put``/``load`` create it)."""
-    return tmp_path / "data"
-
-
-@pytest.fixture
-def run(data: Path) -> Run:
-    """``run("get", "k")`` is ``kvlog --data DATA get k``."""
-
-    def run(*args: str) -> int:
-        return main(["--data", str(data), *args])
-
-    return run
-
-
-def one_error_line(err: str) -> str:
-    """The one line an expected failure prints; fails on a traceback, a warning or several lines."""
-    assert "Traceback" not in err, err
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("kvlog: error: "), lines[0]
-    return lines[0]
 
 
 def fails(capsys: pytest.CaptureFixture[str], code: int, *fragments: str) -> str:
@@ -398,7 +374,7 @@ class TestDirectories:
         done = subprocess.run(
             ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
             capture_output=True,
-            env=_subprocess_env(),
+            env=checkout_env(),
             timeout=120,
         )
         if done.returncode == 97 or b"unshare failed" in done.stderr:
@@ -440,21 +416,13 @@ class TestUnreachableBroker:
 # -- the real entry point -----------------------------------------------------------------------
 
 
-def _subprocess_env() -> dict[str, str]:
-    """The test's environment for ``python -m kvlog``: no Kafka settings; this checkout's kvlog first on the path."""
-    env = {k: v for k, v in os.environ.items() if k not in ("KVLOG_BOOTSTRAP_SERVERS", "KVLOG_TOPIC")}
-    root = str(Path(kvlog.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    return env
-
-
 class TestEntryPoint:
     def kvlog(self, *argv: str | bytes, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(
             [sys.executable, "-m", "kvlog", *argv],
             input=stdin,
             capture_output=True,
-            env=_subprocess_env(),
+            env=checkout_env(),
             timeout=120,
         )
 

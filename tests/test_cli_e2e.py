@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_helpers import clean_env
 
 
 @pytest.fixture
@@ -20,13 +20,6 @@ def kvlog_script() -> str:
     if script is None:
         pytest.fail("the kvlog console script is not installed (pip install -e .)")
     return script
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The test's environment without Kafka settings, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if k not in ("KVLOG_BOOTSTRAP_SERVERS", "KVLOG_TOPIC")}
-    env.update(extra)
-    return env
 
 
 def kvlog(
