@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         bootstrap = args.bootstrap_servers
         kafka_version = None
         if bootstrap is None and set(selected) - {"embedded"}:
-            from kvlog.devbroker import DEFAULT_KAFKA_VERSION, DevBroker
+            from devbroker import DEFAULT_KAFKA_VERSION, DevBroker
 
             print(f"starting a local Kafka {DEFAULT_KAFKA_VERSION} broker (KRaft, one node) ...", flush=True)
             broker = stack.enter_context(DevBroker(workdir / "broker"))

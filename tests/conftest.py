@@ -1,7 +1,7 @@
 """Shared fixtures: one real Kafka broker per test session, stores that close themselves.
 
 The broker is a single-node KRaft Apache Kafka started from jars fetched from
-Maven Central (:mod:`kvlog.devbroker`), on free loopback ports, and killed
+Maven Central (:mod:`devbroker`, in the checkout), on free loopback ports, and killed
 with its whole process group at the end of the session. Set
 ``KVLOG_TEST_BOOTSTRAP_SERVERS`` to use a broker you already run instead.
 
@@ -111,7 +111,7 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     if external:
         yield type("ExternalBroker", (), {"bootstrap_servers": external})()
         return
-    from kvlog.devbroker import DevBroker, DevBrokerError
+    from devbroker import DevBroker, DevBrokerError
 
     broker = DevBroker(tmp_path_factory.mktemp("kafka"), broker_configs=TEST_BROKER_CONFIGS)
     try:

@@ -1,10 +1,11 @@
 """A multi-broker KRaft Kafka cluster on loopback, for the fault-injection tests.
 
 One dedicated controller process and N broker-only processes, each its own JVM in
-its own process group (see :class:`kvlog.devbroker.DevBroker`, which every node
-is). Killing brokers therefore never costs the controller quorum: the controller
-fences a dead broker after ``broker.session.timeout.ms``, shrinks the ISR of its
-partitions and elects new leaders, as a production cluster would.
+its own process group: every node is a :class:`devbroker.DevBroker` subclass that
+overrides its extension points (``server_properties``, and ``wait_ready`` for the
+controller). Killing brokers therefore never costs the controller quorum: the
+controller fences a dead broker after ``broker.session.timeout.ms``, shrinks the
+ISR of its partitions and elects new leaders, as a production cluster would.
 
 The quorum is static (``controller.quorum.voters`` names the one controller), so
 storage is formatted without ``--standalone``/``--initial-controllers``.
@@ -13,7 +14,6 @@ storage is formatted without ``--standalone``/``--initial-controllers``.
 from __future__ import annotations
 
 import logging
-import subprocess
 import threading
 import time
 import warnings
@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from kvlog.devbroker import DevBroker, DevBrokerError, _new_cluster_id, _port_is_listening
+from devbroker import DevBroker, DevBrokerError, new_cluster_id, port_is_listening
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +50,9 @@ class ControllerNode(DevBroker):
 
     def __init__(self, workdir: Path, *, cluster_id: str, heap: str) -> None:
         super().__init__(workdir, heap=heap, jvm_options=NODE_JVM_OPTIONS)
-        self.cluster_id = self._existing_cluster_id() or cluster_id
+        self.cluster_id = self.existing_cluster_id() or cluster_id
 
-    def _server_properties(self) -> dict[str, str]:
+    def server_properties(self) -> dict[str, str]:
         return {
             **_COMMON,
             "process.roles": "controller",
@@ -62,21 +62,17 @@ class ControllerNode(DevBroker):
             "log.dirs": str(self.data_dir),
         }
 
-    def _wait_ready(self, deadline: float, timeout: float) -> None:
+    def wait_ready(self, deadline: float, timeout: float) -> None:
         # No client listener to ask: the controller is up once its port listens.
         # The brokers' own readiness (registered and unfenced) proves the quorum works.
-        assert self._proc is not None
-        while not _port_is_listening(self.controller_port):
-            if self._proc.poll() is not None:
-                raise DevBrokerError(f"the KRaft controller exited during startup\n{self._failure_details()}")
+        while not port_is_listening(self.controller_port):
+            if not self.is_running():
+                raise DevBrokerError(f"the KRaft controller exited during startup\n{self.failure_details()}")
             if time.monotonic() >= deadline:
                 raise DevBrokerError(
-                    f"the KRaft controller did not listen within {timeout:.0f} s\n{self._failure_details()}"
+                    f"the KRaft controller did not listen within {timeout:.0f} s\n{self.failure_details()}"
                 )
-            try:
-                self._proc.wait(timeout=0.1)  # returns at once if the JVM dies
-            except subprocess.TimeoutExpired:
-                pass
+            self.wait_exit(0.1)  # returns at once if the JVM dies
 
 
 class BrokerNode(DevBroker):
@@ -97,9 +93,9 @@ class BrokerNode(DevBroker):
         super().__init__(
             workdir, controller_port=controller.controller_port, heap=heap, jvm_options=NODE_JVM_OPTIONS
         )
-        self.cluster_id = self._existing_cluster_id() or controller.cluster_id
+        self.cluster_id = self.existing_cluster_id() or controller.cluster_id
 
-    def _server_properties(self) -> dict[str, str]:
+    def server_properties(self) -> dict[str, str]:
         return {
             **_COMMON,
             "process.roles": "broker",
@@ -131,7 +127,7 @@ class KafkaCluster:
         heap: str = NODE_HEAP,
         broker_configs: Mapping[str, str] | None = None,
     ) -> None:
-        self.controller = ControllerNode(workdir / "controller", cluster_id=_new_cluster_id(), heap=heap)
+        self.controller = ControllerNode(workdir / "controller", cluster_id=new_cluster_id(), heap=heap)
         self.brokers: dict[int, BrokerNode] = {
             node_id: BrokerNode(
                 workdir / f"broker-{node_id}",

@@ -1,8 +1,11 @@
-"""Tests for kvlog.devbroker against a real single-node Kafka broker (no mocks)."""
+"""Tests for devbroker, the development Kafka broker in the checkout (real brokers and ports, no mocks)."""
 
 from __future__ import annotations
 
+import base64
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -13,7 +16,8 @@ from conftest import wait_until
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient
 
-from kvlog.devbroker import DevBroker, main
+import devbroker
+from devbroker import DevBroker, DevBrokerError, free_ports, main, new_cluster_id, port_is_listening
 
 STARTUP_TIMEOUT = 90.0
 
@@ -150,3 +154,79 @@ def test_main_fetch_only(capsys: pytest.CaptureFixture[str]) -> None:
     libs = Path(capsys.readouterr().out.strip())
     assert libs.is_dir()
     assert any(libs.glob("kafka_2.13-*.jar"))
+
+
+def test_the_library_does_not_import_devbroker() -> None:
+    """devbroker is a development tool in the checkout: ``import kvlog`` must not need it."""
+    code = "import sys, kvlog; assert 'devbroker' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_public_names() -> None:
+    assert devbroker.__all__ == sorted(devbroker.__all__)
+    for name in devbroker.__all__:
+        assert getattr(devbroker, name).__doc__, f"{name} has no docstring"
+    for name in ("server_properties", "wait_ready", "existing_cluster_id", "failure_details", "wait_exit"):
+        assert getattr(DevBroker, name).__doc__, f"DevBroker.{name} has no docstring"
+
+
+def test_help_from_the_command_line() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "devbroker", "--help"], check=True, capture_output=True, text=True, timeout=60
+    ).stdout
+    assert out.startswith("usage: python -m devbroker") and "--fetch-only" in out
+
+
+def test_free_ports_are_distinct_and_bindable() -> None:
+    ports = free_ports(3)
+    assert len(set(ports)) == 3
+    for port in ports:
+        assert not port_is_listening(port)
+
+
+def test_port_is_listening_sees_a_listener() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert port_is_listening(port)
+    assert not port_is_listening(port)
+
+
+def test_new_cluster_id_is_a_base64_uuid() -> None:
+    ids = {new_cluster_id() for _ in range(10)}
+    assert len(ids) == 10
+    for cluster_id in ids:
+        assert len(cluster_id) == 22
+        assert len(base64.urlsafe_b64decode(cluster_id + "==")) == 16
+
+
+def test_extension_points_shape_a_node(tmp_path: Path) -> None:
+    """A subclass's server_properties drives the cluster id lookup, without starting anything."""
+
+    class OtherDataDir(DevBroker):
+        def server_properties(self) -> dict[str, str]:
+            return {**super().server_properties(), "log.dirs": str(tmp_path / "elsewhere")}
+
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "meta.properties").write_text("version=1\ncluster.id=abc-123\n")
+    node = OtherDataDir(tmp_path / "work")
+    assert node.existing_cluster_id() == node.cluster_id == "abc-123"
+    assert not node.is_running() and node.pid is None
+    assert "server.log (last lines) ---\n(file does not exist)" in node.failure_details()
+    assert node.failure_details("boom").startswith("--- command output ---\nboom\n")
+    with pytest.raises(DevBrokerError, match="no JVM to wait for"):
+        node.wait_exit(0.1)
+    node.close()
+
+
+@pytest.mark.kafka
+def test_main_reports_a_taken_port(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        (controller_port,) = free_ports(1)
+        assert main(["--port", str(port), "--controller-port", str(controller_port)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"devbroker: error: cannot start Kafka: 127.0.0.1:{port} is already in use")

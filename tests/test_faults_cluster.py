@@ -29,8 +29,8 @@ from conftest import kafka_missing, topic_records, wait_until
 from kafka import KafkaConsumer, TopicPartition
 from kafka_cluster import KafkaCluster
 
+from devbroker import DevBrokerError
 from kvlog import BrokerUnavailableError, KVLog, KVLogError, LogUnavailableError, NotEnoughReplicasError
-from kvlog.devbroker import DevBrokerError
 from kvlog.log import LogReader
 from kvlog.log.local import LocalLog
 

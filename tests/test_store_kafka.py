@@ -252,9 +252,9 @@ class TestLifecycle:
 
 class TestBrokerDown:
     def test_unreachable_broker_at_open_names_the_address(self, tmp_path: Path) -> None:
-        from kvlog.devbroker import _free_ports
+        from devbroker import free_ports
 
-        (port,) = _free_ports(1)
+        (port,) = free_ports(1)
         started = time.monotonic()
         with pytest.raises(BrokerUnavailableError, match=f"127.0.0.1:{port}") as info:
             KVLog(tmp_path / "c", bootstrap_servers=f"127.0.0.1:{port}", topic="t", timeout=2)
@@ -264,7 +264,7 @@ class TestBrokerDown:
     def test_reads_keep_working_and_writes_fail_cleanly_while_the_broker_is_down(
         self, tmp_path: Path
     ) -> None:
-        from kvlog.devbroker import DevBroker
+        from devbroker import DevBroker
 
         with DevBroker(tmp_path / "broker") as broker:
             kv = KVLog(tmp_path / "c", bootstrap_servers=broker.bootstrap_servers, topic="t", timeout=3)

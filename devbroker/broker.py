@@ -1,276 +1,31 @@
-"""A throwaway single-node Apache Kafka broker (KRaft mode) for tests, benchmarks and local dev.
-
-kvlog needs a real Kafka broker to talk to. This module fetches the broker's jars from Maven
-Central (with ``mvn``, cached under :func:`jar_cache_dir`), formats a KRaft storage directory and
-runs ``kafka.Kafka`` as a combined broker+controller listening on 127.0.0.1 only. It is NOT meant
-for production: one node, replication factor 1, plaintext, no authentication.
-
-Requirements: ``java`` (17 or newer) and ``mvn`` on ``PATH``, plus access to Maven Central the
-first time (Debian/Ubuntu: ``apt-get install maven openjdk-17-jre-headless``).
-
-From the command line::
-
-    python -m kvlog.devbroker                 # 127.0.0.1:9092, data in a temp dir, Ctrl-C to stop
-    python -m kvlog.devbroker --port 9192 --dir ./kafka-dev-data
-    python -m kvlog.devbroker --fetch-only    # just download the jars and print where they are
-
-From Python (e.g. a pytest fixture)::
-
-    with DevBroker() as broker:
-        store = ...(bootstrap_servers=broker.bootstrap_servers)
-
-Any broker still running when the Python process that started it exits is killed by an
-``atexit`` handler, so an aborted test run does not leave stray JVMs behind.
-"""
+"""The broker process: :class:`DevBroker` configures, formats, starts and stops one Kafka node."""
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import base64
-import fcntl
-import json
 import logging
 import os
-import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 import uuid
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-__all__ = [
-    "DEFAULT_KAFKA_VERSION",
-    "DEFAULT_LOG4J_VERSION",
-    "DevBroker",
-    "DevBrokerError",
-    "fetch_jars",
-    "jar_cache_dir",
-    "main",
-]
+from .errors import DevBrokerError, _file_tail, _tail_text
+from .jars import DEFAULT_KAFKA_VERSION, _check_version, _find_java, fetch_jars
+from .ports import _accepts_connections, free_ports, port_is_listening
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_KAFKA_VERSION = "4.1.2"
-DEFAULT_LOG4J_VERSION = "2.24.3"
-
-# Scala binary version of the kafka_2.xx artifact; Kafka 4.x only ships 2.13.
-_SCALA_VERSION = "2.13"
-_CACHE_ENV = "KVLOG_KAFKA_CACHE"
-_MARKER_NAME = ".complete"
-_LOCK_NAME = ".lock"
-_TMP_PREFIX = ".tmp-"
 _NODE_ID = 1
-_TAIL_LINES = 30
-# Generous: the first fetch downloads ~43 MB, but a wedged mvn must not hang a test run forever.
-_MVN_TIMEOUT_S = 30 * 60
-_INSTALL_HINT = (
-    "install it and make sure it is on PATH "
-    "(Debian/Ubuntu: apt-get install maven openjdk-17-jre-headless; "
-    "macOS: brew install maven openjdk@17)"
-)
-# Versions end up in a path and in the pom XML, so only allow what Maven versions look like.
-_VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.\-_]*$")
-_ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-_POM_TEMPLATE = """\
-<project xmlns="http://maven.apache.org/POM/4.0.0">
-  <modelVersion>4.0.0</modelVersion>
-  <groupId>kvlog</groupId><artifactId>devbroker</artifactId><version>1</version>
-  <packaging>pom</packaging>
-  <dependencies>
-    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka_{scala}</artifactId>
-      <version>{kafka}</version></dependency>
-    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j-impl</artifactId>
-      <version>{log4j}</version></dependency>
-    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-core</artifactId>
-      <version>{log4j}</version></dependency>
-  </dependencies>
-</project>
-"""
-
-
-class DevBrokerError(RuntimeError):
-    """The development broker could not be fetched, started or stopped.
-
-    The message is meant for humans: it names the missing tool or includes the tail of the
-    relevant log so the cause is visible without digging through files.
-    """
-
-
-# --------------------------------------------------------------------------------------------
-# Fetching the jars
-# --------------------------------------------------------------------------------------------
-
-
-def jar_cache_dir() -> Path:
-    """Return the directory that caches downloaded Kafka jars.
-
-    ``$KVLOG_KAFKA_CACHE`` if set, else ``~/.cache/kvlog/kafka`` (deliberately outside any
-    repository so 43 MB of jars never end up in a checkout).
-    """
-    env = os.environ.get(_CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "kvlog" / "kafka"
-
-
-def _check_version(kind: str, version: str) -> None:
-    if not _VERSION_RE.match(version):
-        raise DevBrokerError(f"invalid {kind} version {version!r}")
-
-
-def _require_tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        raise DevBrokerError(f"`{name}` not found: {_INSTALL_HINT}")
-    return path
-
-
-def _find_java() -> str:
-    # Honour JAVA_HOME like the Kafka scripts and mvn do, so the same JDK runs both.
-    java_home = os.environ.get("JAVA_HOME")
-    if java_home:
-        candidate = Path(java_home) / "bin" / "java"
-        if os.access(candidate, os.X_OK):
-            return str(candidate)
-    return _require_tool("java")
-
-
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on *path* (created if needed) for the ``with`` block."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        # Closing the descriptor releases the lock, also if we crash (the kernel closes it).
-        os.close(fd)
-
-
-def _tail_text(text: str, lines: int = _TAIL_LINES) -> str:
-    # mvn colours its output even in batch mode; escape codes would garble error messages.
-    text = _ANSI_RE.sub("", text)
-    return "\n".join(text.rstrip().splitlines()[-lines:])
-
-
-def fetch_jars(
-    kafka_version: str = DEFAULT_KAFKA_VERSION,
-    *,
-    log4j_version: str = DEFAULT_LOG4J_VERSION,
-    cache_dir: str | os.PathLike[str] | None = None,
-) -> Path:
-    """Download the Kafka broker jars (once) and return the directory holding them.
-
-    The jars land in ``<cache>/kafka_2.13-<kafka_version>-log4j-<log4j_version>/libs``. A call
-    that finds a complete download returns immediately. Concurrent callers (also in other
-    processes) serialise on a lock file in the cache dir, and a download only becomes visible
-    through an atomic rename, so a crash mid-download never leaves a half-filled libs dir.
-
-    Args:
-        kafka_version: version of the ``org.apache.kafka:kafka_2.13`` artifact.
-        log4j_version: version of the log4j2 backend used for the broker's logging.
-        cache_dir: cache root; defaults to :func:`jar_cache_dir`.
-
-    Raises:
-        DevBrokerError: ``mvn`` or ``java`` is missing, or ``mvn`` failed (the message carries
-            the tail of its output).
-    """
-    _check_version("Kafka", kafka_version)
-    _check_version("log4j", log4j_version)
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else jar_cache_dir()
-    final = cache / f"kafka_{_SCALA_VERSION}-{kafka_version}-log4j-{log4j_version}"
-    libs = final / "libs"
-    if (final / _MARKER_NAME).is_file():
-        return libs
-
-    mvn = _require_tool("mvn")
-    _find_java()  # mvn needs a JVM as well; fail with our hint rather than mvn's.
-    cache.mkdir(parents=True, exist_ok=True)
-    with _file_lock(cache / _LOCK_NAME):
-        # Someone else may have finished the download while we waited for the lock.
-        if (final / _MARKER_NAME).is_file():
-            return libs
-        # Holding the lock means no download is in progress, so leftovers are from crashes.
-        for stale in cache.glob(_TMP_PREFIX + "*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        if final.exists():
-            shutil.rmtree(final)
-
-        logger.info("fetching Kafka %s jars from Maven Central into %s", kafka_version, final)
-        tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=cache))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
-        try:
-            (tmp / "pom.xml").write_text(
-                _POM_TEMPLATE.format(scala=_SCALA_VERSION, kafka=kafka_version, log4j=log4j_version)
-            )
-            cmd = [
-                mvn,
-                "-q",
-                "-B",
-                "dependency:copy-dependencies",
-                f"-DoutputDirectory={tmp / 'libs'}",
-                "-DincludeScope=runtime",
-            ]
-            try:
-                proc = subprocess.run(
-                    cmd,
-                    cwd=tmp,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    text=True,
-                    errors="replace",
-                    timeout=_MVN_TIMEOUT_S,
-                    check=False,
-                )
-            except subprocess.TimeoutExpired as exc:
-                raise DevBrokerError(
-                    f"mvn did not finish within {_MVN_TIMEOUT_S} s while fetching Kafka {kafka_version}"
-                ) from exc
-            jars = sorted(p.name for p in (tmp / "libs").glob("*.jar"))
-            if proc.returncode != 0 or f"kafka_{_SCALA_VERSION}-{kafka_version}.jar" not in jars:
-                raise DevBrokerError(
-                    f"mvn failed to fetch Kafka {kafka_version} (exit code {proc.returncode}); "
-                    f"last lines of its output:\n{_tail_text(proc.stdout or '(no output)')}"
-                )
-            # The marker is written last and inside the temp dir: the rename below is the single
-            # commit point, so `final` either does not exist or is complete.
-            marker = tmp / _MARKER_NAME
-            with open(marker, "w") as f:
-                json.dump(
-                    {
-                        "kafka_version": kafka_version,
-                        "log4j_version": log4j_version,
-                        "jars": jars,
-                    },
-                    f,
-                    indent=1,
-                )
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    logger.info("fetched %d jars into %s", len(jars), libs)
-    return libs
-
-
-# --------------------------------------------------------------------------------------------
-# Running the broker
-# --------------------------------------------------------------------------------------------
 
 # Brokers started by this process and possibly still running, killed at interpreter exit.
 _LIVE: dict[int, DevBroker] = {}
@@ -294,43 +49,13 @@ def _atexit_kill_all() -> None:
 atexit.register(_atexit_kill_all)
 
 
-def _free_ports(count: int) -> list[int]:
-    """Return *count* distinct loopback ports that were free a moment ago."""
-    socks = []
-    try:
-        # Keep all sockets bound until the end so the kernel cannot hand out the same port twice.
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            socks.append(s)
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+def new_cluster_id() -> str:
+    """Return a fresh random KRaft cluster id.
 
-
-def _port_is_listening(port: int) -> bool:
-    """True if something already listens on 127.0.0.1:*port*."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        # SO_REUSEADDR so leftover TIME_WAIT connections from our own previous run (restart) do
-        # not count; on Linux bind still fails if there is a live listener.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-    return False
-
-
-def _accepts_connections(port: int, timeout: float = 1.0) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _new_cluster_id() -> str:
+    The format ``kafka-storage.sh random-uuid`` prints: a random 16-byte UUID in URL-safe
+    base64 without padding (22 characters). Every node of one cluster must be formatted with
+    the same id.
+    """
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
 
 
@@ -351,19 +76,8 @@ def _read_properties(path: Path) -> dict[str, str]:
     return props
 
 
-def _file_tail(path: Path, lines: int = _TAIL_LINES) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 64 * 1024))
-            data = f.read().decode(errors="replace")
-    except FileNotFoundError:
-        return "(file does not exist)"
-    return _tail_text(data, lines) or "(empty)"
-
-
 class DevBroker:
-    """A single-node KRaft Kafka broker on loopback, for tests/benchmarks/dev.
+    """A single-node KRaft Kafka broker on loopback, for tests, benchmarks and development.
 
     Args:
         workdir: directory for the configuration, data and logs. ``None`` creates a temp dir
@@ -375,6 +89,11 @@ class DevBroker:
         heap: JVM max heap (``-Xmx``).
         jvm_options: further JVM options, e.g. ``["-XX:TieredStopAtLevel=1"]`` for a faster start.
         broker_configs: extra ``server.properties`` entries, overriding the defaults.
+
+    Subclasses may run another kind of node (say, one node of a multi-node cluster) by
+    overriding the extension points :meth:`server_properties`, :meth:`wait_ready`,
+    :meth:`existing_cluster_id` and :meth:`failure_details`; everything else (ports checked
+    before a start, storage formatting, the node id) is derived from :meth:`server_properties`.
 
     Not thread-safe: start/stop/kill one broker from one thread at a time.
     """
@@ -391,6 +110,7 @@ class DevBroker:
         broker_configs: Mapping[str, str] | None = None,
     ) -> None:
         _check_version("Kafka", kafka_version)
+        self.workdir: Path
         if workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="kvlog-broker-"))
             self._owns_workdir = True
@@ -403,7 +123,7 @@ class DevBroker:
         self.jvm_options = list(jvm_options)
         self.broker_configs: dict[str, str] = {str(k): str(v) for k, v in (broker_configs or {}).items()}
         if port is None or controller_port is None:
-            free = iter(_free_ports(2))
+            free = iter(free_ports(2))
             port = port if port is not None else next(free)
             controller_port = controller_port if controller_port is not None else next(free)
         if port == controller_port:
@@ -413,7 +133,7 @@ class DevBroker:
         self._proc: subprocess.Popen[bytes] | None = None
         self._owner_pid = os.getpid()
         # A reused workdir is already formatted with some cluster id; keep reporting that one.
-        self.cluster_id: str = self._existing_cluster_id() or _new_cluster_id()
+        self.cluster_id: str = self.existing_cluster_id() or new_cluster_id()
 
     # -- paths and config ---------------------------------------------------------------------
 
@@ -443,7 +163,23 @@ class DevBroker:
         proc = self._proc
         return proc.pid if proc is not None and proc.poll() is None else None
 
-    def _server_properties(self) -> dict[str, str]:
+    def server_properties(self) -> dict[str, str]:
+        """Return the node's ``server.properties`` entries (an extension point).
+
+        The default is a combined broker+controller node (``node.id`` 1) with a client listener
+        on :attr:`port`, a controller listener on :attr:`controller_port`, data in
+        :attr:`data_dir` and replication factor 1 everywhere, with ``broker_configs`` on top.
+
+        Override it to run another kind of node. ``node.id``, ``listeners`` and ``log.dirs``
+        must be present: they give the node id that readiness looks for, the ports that must
+        be free before a start, and the storage directories. With ``controller.quorum.voters``
+        present the quorum is static and storage is formatted without ``--standalone``.
+
+        It is called often, so keep it cheap and deterministic. ``DevBroker.__init__`` calls it
+        already (through :meth:`existing_cluster_id`), after setting ``workdir``, ``port``,
+        ``controller_port`` and ``broker_configs``: a subclass must set any attribute of its own
+        that it reads here before calling ``super().__init__()``.
+        """
         props = {
             "process.roles": "broker,controller",
             "node.id": str(_NODE_ID),
@@ -470,30 +206,35 @@ class DevBroker:
         props.update(self.broker_configs)
         return props
 
-    # The three helpers below read the configuration rather than assume the single-node
-    # layout, so a subclass that changes the roles or listeners (a node of a multi-node test
-    # cluster) only overrides _server_properties.
+    # The helpers below read the configuration rather than assume the single-node layout, so
+    # a subclass that changes the roles or listeners only overrides server_properties().
 
     def _node_id(self) -> int:
-        return int(self._server_properties()["node.id"])
+        return int(self.server_properties()["node.id"])
 
     def _listen_ports(self) -> list[int]:
         """The loopback ports named in ``listeners`` (checked to be free before a start)."""
-        listeners = self._server_properties()["listeners"]
+        listeners = self.server_properties()["listeners"]
         return [int(entry.rsplit(":", 1)[1]) for entry in listeners.split(",") if entry.strip()]
 
     def _format_options(self) -> list[str]:
         # A static quorum (controller.quorum.voters) is named in the config; only a dynamic
         # quorum needs the first controller to be formatted as its own single voter.
-        if "controller.quorum.voters" in self._server_properties():
+        if "controller.quorum.voters" in self.server_properties():
             return []
         return ["--standalone"]
 
     def _log_dirs(self) -> list[Path]:
-        value = self._server_properties()["log.dirs"]
+        value = self.server_properties()["log.dirs"]
         return [Path(d.strip()) for d in value.split(",") if d.strip()]
 
-    def _existing_cluster_id(self) -> str | None:
+    def existing_cluster_id(self) -> str | None:
+        """Return the cluster id the node's storage is formatted with (an extension point).
+
+        Read from ``meta.properties`` in the first log dir of :meth:`server_properties` that
+        has one; ``None`` while the storage is not formatted yet. ``DevBroker.__init__`` keeps
+        this id for a reused workdir, and :meth:`start` reports the id the storage tool kept.
+        """
         for d in self._log_dirs():
             meta = d / "meta.properties"
             if meta.is_file():
@@ -507,10 +248,8 @@ class DevBroker:
 
     def _write_config(self) -> tuple[Path, Path]:
         props_path = self.workdir / "server.properties"
-        lines = [f"{_prop_escape(k)}={_prop_escape(v)}" for k, v in self._server_properties().items()]
-        props_path.write_text(
-            "# written by kvlog.devbroker; edits are overwritten\n" + "\n".join(lines) + "\n"
-        )
+        lines = [f"{_prop_escape(k)}={_prop_escape(v)}" for k, v in self.server_properties().items()]
+        props_path.write_text("# written by devbroker; edits are overwritten\n" + "\n".join(lines) + "\n")
         log4j_path = self.workdir / "log4j2.properties"
         log4j_path.write_text(
             "status = warn\n"
@@ -535,7 +274,16 @@ class DevBroker:
         )
         return props_path, log4j_path
 
-    def _failure_details(self, extra_output: str | None = None) -> str:
+    def failure_details(self, extra_output: str | None = None) -> str:
+        """Return the text to append to an error message about this node (an extension point).
+
+        The last lines of the broker's log (:attr:`log_path`) and of the JVM's output
+        (:attr:`stdout_path`), each under a header naming the file.
+
+        Args:
+            extra_output: output of a command that failed (e.g. the storage tool); its last
+                lines come first.
+        """
         parts = []
         if extra_output is not None:
             parts.append(f"--- command output ---\n{_tail_text(extra_output) or '(empty)'}")
@@ -549,12 +297,29 @@ class DevBroker:
         """True while the broker JVM started by :meth:`start` is alive."""
         return self._proc is not None and self._proc.poll() is None
 
+    def wait_exit(self, timeout: float) -> int | None:
+        """Wait up to *timeout* seconds for the JVM to exit; return its exit code, or ``None``.
+
+        ``None`` means it still runs. Meant as the pause between two polls in
+        :meth:`wait_ready`: unlike ``time.sleep`` it returns as soon as the JVM dies.
+
+        Raises:
+            DevBrokerError: there is no JVM to wait for (never started, or stopped already).
+        """
+        proc = self._proc
+        if proc is None:
+            raise DevBrokerError(f"{self!r} has no JVM to wait for")
+        try:
+            return proc.wait(timeout=max(0.0, timeout))
+        except subprocess.TimeoutExpired:
+            return None
+
     def start(self, timeout: float = 90.0) -> Self:
         """Start the broker and wait until it serves requests; no-op if already running.
 
         Fetches the jars if needed (not counted in *timeout*), formats the storage on first
         use only (so a restart keeps the data), launches the JVM in its own process group and
-        polls until an admin client sees this broker registered and unfenced.
+        waits for :meth:`wait_ready`.
 
         Args:
             timeout: seconds to wait for formatting plus readiness.
@@ -572,7 +337,7 @@ class DevBroker:
         java = _find_java()
         libs = fetch_jars(self.kafka_version)
         for p in self._listen_ports():
-            if _port_is_listening(p):
+            if port_is_listening(p):
                 raise DevBrokerError(f"cannot start Kafka: 127.0.0.1:{p} is already in use")
 
         deadline = time.monotonic() + timeout
@@ -619,7 +384,7 @@ class DevBroker:
         with _LIVE_LOCK:
             _LIVE[id(self)] = self
         try:
-            self._wait_ready(deadline, timeout)
+            self.wait_ready(deadline, timeout)
         except BaseException:
             # Never leave a half-started JVM behind (also on KeyboardInterrupt).
             self.kill()
@@ -657,31 +422,44 @@ class DevBroker:
                 check=False,
             )
         except subprocess.TimeoutExpired as exc:
-            raise DevBrokerError(f"formatting Kafka storage timed out\n{self._failure_details()}") from exc
+            raise DevBrokerError(f"formatting Kafka storage timed out\n{self.failure_details()}") from exc
         if proc.returncode != 0:
             raise DevBrokerError(
                 f"formatting Kafka storage failed (exit code {proc.returncode})\n"
-                f"{self._failure_details(proc.stdout)}"
+                f"{self.failure_details(proc.stdout)}"
             )
         # If a log dir was already formatted, the tool kept its id; report the id actually used.
-        self.cluster_id = self._existing_cluster_id() or self.cluster_id
+        self.cluster_id = self.existing_cluster_id() or self.cluster_id
 
-    def _wait_ready(self, deadline: float, timeout: float) -> None:
-        assert self._proc is not None
+    def wait_ready(self, deadline: float, timeout: float) -> None:
+        """Block until the JVM :meth:`start` just launched serves requests (an extension point).
+
+        The default polls an admin client on :attr:`bootstrap_servers` until this node is
+        registered with the cluster and unfenced. Override it for a node that has no client
+        listener (a controller-only node), using :meth:`is_running` and :meth:`wait_exit`.
+        If it raises, :meth:`start` kills the JVM.
+
+        Args:
+            deadline: the :func:`time.monotonic` value by which the node must be ready.
+            timeout: the *timeout* :meth:`start` was given, for the error message.
+
+        Raises:
+            DevBrokerError: the JVM exited, or the node was not ready by *deadline*; the
+                message ends with :meth:`failure_details`.
+        """
         admin: Any = None
         last_error = "no connection yet"
         try:
             while True:
-                if self._proc.poll() is not None:
+                if not self.is_running():
+                    code = self._proc.returncode if self._proc is not None else None
                     raise DevBrokerError(
-                        f"Kafka exited during startup with code {self._proc.returncode}\n"
-                        f"{self._failure_details()}"
+                        f"Kafka exited during startup with code {code}\n{self.failure_details()}"
                     )
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise DevBrokerError(
-                        f"Kafka was not ready within {timeout:.0f} s ({last_error})\n"
-                        f"{self._failure_details()}"
+                        f"Kafka was not ready within {timeout:.0f} s ({last_error})\n{self.failure_details()}"
                     )
                 # Only bother an admin client once the port accepts connections: a failed
                 # KafkaAdminClient bootstrap is slow and logs errors.
@@ -695,11 +473,8 @@ class DevBroker:
                         # The connection may be wedged; start over with a fresh client.
                         admin.close()
                         admin = None
-                try:
-                    # Poll interval that also wakes up immediately if the JVM dies.
-                    self._proc.wait(timeout=min(0.2, max(0.0, deadline - time.monotonic())))
-                except subprocess.TimeoutExpired:
-                    pass
+                # Poll interval that also wakes up immediately if the JVM dies.
+                self.wait_exit(min(0.2, deadline - time.monotonic()))
         finally:
             if admin is not None:
                 admin.close()
@@ -865,104 +640,3 @@ def _open_admin(bootstrap_servers: str, remaining: float) -> tuple[Any, str]:
             client.close()
         return None, f"admin client could not bootstrap: {exc!r}"
     return admin, "connected"
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run ``python -m kvlog.devbroker``: start a broker and keep it up until Ctrl-C/SIGTERM.
-
-    Returns:
-        The process exit code: 0 on success, 1 if the broker could not be fetched or started
-        (or died while running).
-    """
-    parser = argparse.ArgumentParser(
-        prog="python -m kvlog.devbroker",
-        description="Run a throwaway single-node Kafka broker (KRaft) on 127.0.0.1 for "
-        "kvlog development and tests. Not for production.",
-    )
-    parser.add_argument("--port", type=int, default=9092, help="client port (default: 9092)")
-    parser.add_argument(
-        "--controller-port",
-        type=int,
-        default=None,
-        help="KRaft controller port (default: port + 1)",
-    )
-    parser.add_argument(
-        "--dir",
-        default=None,
-        help="data/config/log directory, kept afterwards and reusable (default: a temp dir deleted on exit)",
-    )
-    parser.add_argument("--kafka-version", default=DEFAULT_KAFKA_VERSION, help="Kafka version to run")
-    parser.add_argument(
-        "--fetch-only",
-        action="store_true",
-        help="only fetch the jars and print their directory",
-    )
-    args = parser.parse_args(argv)
-    if args.controller_port is not None and args.controller_port == args.port:
-        parser.error("--controller-port must differ from --port")
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-
-    try:
-        if args.fetch_only:
-            print(fetch_jars(args.kafka_version), flush=True)
-            return 0
-        return _serve(args)
-    except DevBrokerError as exc:
-        # The first line is the summary; any further lines are log tails that would be lost
-        # otherwise (a temp workdir is deleted on exit), so keep them below it.
-        summary, _, details = str(exc).partition("\n")
-        print(f"kvlog.devbroker: error: {summary}", file=sys.stderr, flush=True)
-        if details:
-            print(details, file=sys.stderr, flush=True)
-        return 1
-    except KeyboardInterrupt:
-        print("kvlog.devbroker: interrupted", file=sys.stderr, flush=True)
-        return 130
-
-
-def _serve(args: argparse.Namespace) -> int:
-    stop_requested = threading.Event()
-    ready = False
-
-    def on_signal(signum: int, frame: object) -> None:
-        stop_requested.set()
-        if not ready:
-            # Abort fetching/starting right away; start() kills a half-started JVM.
-            raise KeyboardInterrupt
-
-    broker = DevBroker(
-        args.dir,
-        kafka_version=args.kafka_version,
-        port=args.port,
-        # Fixed rather than random: a reused --dir then always gets the same controller port.
-        controller_port=args.controller_port or args.port + 1,
-    )
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        broker.start()
-        ready = True
-        print(
-            f"Kafka {broker.kafka_version} (KRaft, single node) listening on "
-            f"{broker.bootstrap_servers} — data in {broker.workdir}; Ctrl-C to stop",
-            flush=True,
-        )
-        while not stop_requested.wait(0.5):
-            if not broker.is_running():
-                raise DevBrokerError(f"Kafka exited unexpectedly\n{broker._failure_details()}")
-        print("stopping Kafka ...", file=sys.stderr, flush=True)
-        return 0
-    finally:
-        ready = True  # a second Ctrl-C must not interrupt the graceful stop below
-        broker.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
