@@ -1,8 +1,26 @@
 """KVLog: a dict whose source of truth is a compacted log.
 
-Reads come from the local LMDB cache; writes go to the log first and return
-once the replayer has applied them to the cache (read-your-writes). See
-``DESIGN.md`` for the data flow and the invariants.
+:class:`KVLog` is the front door; the pieces behind it are one module each:
+
+* the **log** (:mod:`kvlog.log`): the embedded log on local files
+  (:class:`~kvlog.log.local.LocalLog`, the default) or a compacted Kafka topic
+  (:class:`~kvlog.log.kafka.KafkaLog`); both behind one interface, and any
+  object implementing it can be passed as ``log=``;
+* the **cache** (:mod:`kvlog.cache`): an LMDB environment holding each key's
+  last value bytes and, in the same transaction, the checkpoint (the log
+  position those values reflect) and the identity of the log it mirrors;
+* **replay** (:mod:`kvlog.replay`): the only path from the log into the
+  cache, in log order, run by a background follower thread or by the caller;
+* the **codec** (:mod:`kvlog.codec`): values to bytes and back.
+
+A write encodes and checks the record, appends it to the log and returns once
+replay has applied it (read-your-writes); a read is one LMDB lookup and one
+decode, with no lock and no log access. Opening compares the cache's identity
+and checkpoint with the log: a cache that matches replays only what came after
+its checkpoint (a warm start), one that does not is rebuilt from the log start,
+never trusted. docs/design.md has the data flow, the invariants and the
+on-disk formats; the README's "Guarantees and failure modes" has what each
+failure does.
 """
 
 from __future__ import annotations
@@ -422,7 +440,7 @@ class KVLog(MutableMapping[Any, Any]):
         assert self._cache is not None
         return len(self._cache)
 
-    def update(self, other: Any = (), /, **kwargs: Any) -> None:  # type: ignore[override]
+    def update(self, other: Any = (), /, **kwargs: Any) -> None:
         """Write many keys: encoded and checked first, sent in batches, one wait per batch.
 
         Every key, value and record size is checked before anything is sent,

@@ -1,7 +1,7 @@
 """Check a live cache against its log: replay the log into a scratch cache and compare.
 
 The cache is supposed to equal "the log folded up to the checkpoint"
-(DESIGN.md, invariant 1). :func:`verify` tests exactly that statement, at one
+(docs/design.md, "Invariants", 1). :func:`verify` tests exactly that statement, at one
 position: the live cache's checkpoint ``C``. It replays the log from its start
 into a scratch LMDB cache in a temporary directory, applying only the records
 below ``C`` (so records appended meanwhile, by this or any other producer, do

@@ -1,4 +1,4 @@
-"""Replaying a compacted topic gives the same store as replaying it uncompacted (DESIGN invariant 3).
+"""Replaying a compacted topic gives the same store as replaying it uncompacted (docs/design.md, "Invariants", 3).
 
 These tests let the real broker's log cleaner compact a topic for real: they
 write a history full of overwrites and deletes, then lower ``segment.ms`` so

@@ -1,4 +1,4 @@
-"""Bad input at the API (issue 5, scenarios 13 and 14): any key, any value, through a real store.
+"""Bad input at the API: any key, any value, through a real store.
 
 Every call either does what a ``dict`` would do (and values come back exactly)
 or raises the documented error -- ``TypeError`` for a wrong key type or a
@@ -483,7 +483,7 @@ class TestKafka:
         assert dict(kv.items()) == items
 
 
-# -- scenario 14: a foreign producer's bytes are read with safe limits -------------------
+# -- a foreign producer's bytes are read with safe limits -------------------
 
 #: Crafted msgpack records (what any producer may write to the topic) and what reading them says.
 CRAFTED = {

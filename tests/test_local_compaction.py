@@ -1,4 +1,4 @@
-"""Compaction of the embedded log keeps what a replay gives (DESIGN invariant 3), and keeps offsets.
+"""Compaction of the embedded log keeps what a replay gives (docs/design.md, "Invariants", 3), and keeps offsets.
 
 The oracle is an uncompacted twin: every operation goes to a compacted log
 and to a plain one with the same settings, and to a dict model. A compacted

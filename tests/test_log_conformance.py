@@ -187,7 +187,7 @@ class TestIdentity:
         assert again.partitions == 2
 
     def test_another_log_has_another_identity(self, any_log: LogHarness) -> None:
-        """What lets a cache tell that it mirrors another log (DESIGN invariant 5)."""
+        """What lets a cache tell that it mirrors another log (docs/design.md, "Invariants", 5)."""
         assert any_log.open().identity() != any_log.open(name="other").identity()
 
     def test_describe_and_tombstone_retention(self, any_log: LogHarness) -> None:
