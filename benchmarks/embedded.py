@@ -22,7 +22,6 @@ too).
 from __future__ import annotations
 
 import gc
-import math
 import os
 import shutil
 import time
@@ -34,7 +33,7 @@ from typing import Any
 import msgpack
 
 from benchmarks.data import encoded_values
-from benchmarks.harness import Context, Row, repeat, value_of_size
+from benchmarks.harness import Context, Row, percentile, repeat, value_of_size
 from kvlog import KVLog
 
 __all__ = ["run"]
@@ -64,13 +63,6 @@ def _subject(policy: str) -> str:
 
 def _batches(ctx: Context) -> list[range]:
     return [range(start, min(ctx.keys, start + BATCH)) for start in range(0, ctx.keys, BATCH)]
-
-
-def _percentile(values: list[float], q: float) -> float:
-    """The ``q``-th percentile (0..100) of ``values``, nearest rank."""
-    ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))
-    return ordered[rank]
 
 
 def _progress(case: str, subject: str, samples: list[float], unit: str) -> None:
@@ -312,8 +304,8 @@ def run(ctx: Context) -> list[Row]:
 
         def p50() -> float:
             latencies = measure()
-            p99.append(_percentile(latencies, 99))
-            return _percentile(latencies, 50)
+            p99.append(percentile(latencies, 0.99))
+            return percentile(latencies, 0.50)
 
         samples = repeat(ctx.runs, p50)
         add(CASE_P50, subject, "µs", samples, False, baseline=baseline, note=note)

@@ -12,6 +12,7 @@ the unit is a rate (higher is better) or a time (lower is better).
 from __future__ import annotations
 
 import gc
+import math
 import os
 import platform
 import random
@@ -125,6 +126,13 @@ def repeat(runs: int, measure: Callable[[], float], *, warmup: int = 0) -> list[
         if i >= warmup:
             samples.append(value)
     return samples
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-quantile (0 to 1) of ``values`` by nearest rank: a value that was measured, never interpolated."""
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1))
+    return ordered[rank]
 
 
 def value_of_size(i: int, size: int) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from kafka import KafkaProducer
 
 from benchmarks import ktables_bench
 from benchmarks.data import create_topic
-from benchmarks.harness import Context, Row, Skipped, value_of_size
+from benchmarks.harness import Context, Row, Skipped, percentile, value_of_size
 from kvlog import KVLog
 
 __all__ = ["run"]
@@ -33,11 +33,6 @@ __all__ = ["run"]
 WORKLOAD = "writes"
 RAW = "raw kafka-python producer"
 BATCH = 1_000
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def _raw_producer(bootstrap: str) -> KafkaProducer:
@@ -58,8 +53,8 @@ def run(ctx: Context) -> list[Row]:
 
     def add_latency(subject: str, per_write: list[float]) -> None:
         entry = latencies.setdefault(subject, {"p50": [], "p99": []})
-        entry["p50"].append(_percentile(per_write, 0.50) * 1000)
-        entry["p99"].append(_percentile(per_write, 0.99) * 1000)
+        entry["p50"].append(percentile(per_write, 0.50) * 1000)
+        entry["p99"].append(percentile(per_write, 0.99) * 1000)
 
     for round_ in range(ctx.runs + 1):
         topic = create_topic(bs, "bench-writes")
