@@ -40,6 +40,9 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
+#: This folder: the child programs the crash and fault tests run live here.
+TESTS = Path(__file__).resolve().parent
+
 #: Broker settings for tests: the cleaner wakes up often, so compaction tests
 #: finish in seconds rather than minutes.
 TEST_BROKER_CONFIGS = {

@@ -26,7 +26,8 @@ from typing import Any
 import lmdb
 import pytest
 from _fault_child import digest, full_disk
-from test_local_crash import active_segments, cache_contents, fold_log, torn_tail
+from conftest import TESTS
+from ondisk import active_segments, cache_contents, fold_log, torn_tail
 
 from kvlog import ClosedError, KVLog
 from kvlog.cache import Cache
@@ -35,7 +36,7 @@ from kvlog.errors import CacheError
 from kvlog.log.local import LocalLog
 from kvlog.verify import verify
 
-CHILD = Path(__file__).with_name("_fault_child.py")
+CHILD = TESTS / "_fault_child.py"
 MSGPACK = get_codec("msgpack")
 
 
@@ -540,7 +541,7 @@ class TestProbe:
         with KVLog(path) as kv:
             kv["k"] = "v"
         holder = subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("_crash_child.py")), "hold", str(path)],
+            [sys.executable, str(TESTS / "_crash_child.py"), "hold", str(path)],
             stdout=subprocess.PIPE,
             text=True,
         )

@@ -29,7 +29,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from conftest import topic_records, wait_until
+from conftest import TESTS, topic_records, wait_until
 from kafka import KafkaProducer
 from kafka.admin import ConfigResource, ConfigResourceType
 from kafka.partitioner import murmur2
@@ -39,7 +39,7 @@ from kvlog import replay as replay_module
 from kvlog.cache import Cache
 from kvlog.verify import verify
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = TESTS.parent
 
 #: Topic settings under which the broker's cleaner removes a tombstone within seconds: segments
 #: roll on the next append after 100 ms, any dirt makes the log cleanable, and a tombstone is kept

@@ -35,12 +35,10 @@ import os
 import random
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -49,6 +47,8 @@ from typing import Any
 
 import pytest
 from _crash_child import MAX_BIG_RECORDS, TOMBSTONE, op_records
+from conftest import TESTS
+from ondisk import active_segments, cache_contents, expected_reason, fold_log, torn_tail
 
 from kvlog import KVLog, LogLockedError
 from kvlog.cache import Cache
@@ -56,8 +56,7 @@ from kvlog.codec import encode_key, get_codec
 from kvlog.log.local import LocalLog
 from kvlog.store import UPDATE_BATCH
 
-CHILD_SCRIPT = Path(__file__).with_name("_crash_child.py")
-MAGIC = b"KVLSEG1\n"
+CHILD_SCRIPT = TESTS / "_crash_child.py"
 MSGPACK = get_codec("msgpack")
 
 #: What the crash tests saw, for the summary printed at the end of the module.
@@ -184,117 +183,6 @@ def child_process(tmp: Path, mode: str, path: Path, *args: str) -> Iterator[Chil
         yield child
     finally:
         child.kill()
-
-
-# -- reading the log independently of kvlog ------------------------------------------
-
-
-def active_segments(log_dir: Path) -> dict[int, Path]:
-    """Per partition, the segment with the highest base offset (the active one)."""
-    result = {}
-    for directory in log_dir.iterdir():
-        if directory.is_dir() and directory.name.isdigit():
-            segments = sorted(f for f in directory.glob("*.log") if f.name[:-4].isdigit())
-            if segments:
-                result[int(directory.name)] = segments[-1]
-    return result
-
-
-@dataclass(frozen=True)
-class Tail:
-    """What a SIGKILL left at the end of an active segment, and what recovery must cut.
-
-    ``cut``: the bytes after the end of the last whole frame that ends an
-    ``append()`` batch (flag 2), which recovery cuts; ``last``: that frame's
-    offset (None if the segment has none); ``frames_end``: the file position
-    after the last whole frame; ``batch_records``: whole frames after the cut
-    point (records of a batch the kill tore, cut with it); ``torn_magic``: the
-    file is shorter than the magic.
-    """
-
-    cut: int
-    last: int | None
-    frames_end: int
-    batch_records: int
-    torn_magic: bool
-
-
-def torn_tail(segment: Path) -> Tail:
-    """Parse a segment as the module docstring of kvlog.log.local documents it.
-
-    A SIGKILL can leave an incomplete last frame, never a complete but bad
-    one: that fails the test here.
-    """
-    data = segment.read_bytes()
-    if len(data) < len(MAGIC):
-        assert MAGIC.startswith(data), f"{segment} starts with {data!r}, not a prefix of the magic"
-        return Tail(len(data), None, 0, 0, torn_magic=True)
-    assert data[: len(MAGIC)] == MAGIC, f"{segment} has a bad magic {data[:8]!r}"
-    pos = good = len(MAGIC)
-    last, pending = None, 0
-    while pos + 8 <= len(data):
-        length, crc = struct.unpack_from("<II", data, pos)
-        if pos + 8 + length > len(data):
-            break
-        body = data[pos + 8 : pos + 8 + length]
-        assert zlib.crc32(body) == crc, f"a whole frame with a bad CRC at {segment}:{pos} after a SIGKILL"
-        offset, _timestamp, flags = struct.unpack_from("<qqB", body, 0)
-        pos += 8 + length
-        pending += 1
-        if flags & 2:  # the last record of an append() batch: the batch is whole up to here
-            good, last, pending = pos, offset, 0
-    return Tail(len(data) - good, last, pos, pending, torn_magic=False)
-
-
-def expected_reason(tail: Tail) -> str:
-    """The ``reason`` of the recovery entry for a torn tail (see ``kvlog.log.local.recovery``)."""
-    if tail.torn_magic:
-        return "torn segment header"
-    reason = f"incomplete record at file position {tail.frames_end}"
-    if tail.batch_records:
-        reason += f"; {tail.batch_records} record(s) of an incomplete batch cut with it"
-    return reason
-
-
-def fold_log(
-    log_dir: Path, upto: dict[int, int] | None = None
-) -> tuple[dict[bytes, bytes], dict[int, int], dict[int, int]]:
-    """Read the whole log with a LocalReader and fold it.
-
-    Returns:
-        ``(key -> value bytes of the records below upto, end offsets,
-        per partition the number of records at or after upto)``.
-    """
-    local = LocalLog(log_dir, background_compaction=False)
-    try:
-        end = local.end_offsets()
-        reader = local.open_reader(local.begin_offsets())
-        state: dict[bytes, bytes] = {}
-        after: dict[int, int] = dict.fromkeys(end, 0)
-        deadline = time.monotonic() + 120
-        while any(reader.positions()[p] < end[p] for p in end):
-            assert time.monotonic() < deadline, "reading the log back did not finish"
-            for record in reader.poll(1.0, 100_000):
-                if upto is not None and record.offset >= upto.get(record.partition, 0):
-                    after[record.partition] += 1
-                    continue
-                assert record.key is not None
-                if record.value is None:
-                    state.pop(record.key, None)
-                else:
-                    state[record.key] = record.value
-        reader.close()
-    finally:
-        local.close()
-    return state, end, after
-
-
-def cache_contents(cache_dir: Path) -> tuple[dict[bytes, bytes], dict[int, int], dict[str, Any] | None]:
-    cache = Cache(cache_dir)
-    try:
-        return dict(cache.items()), cache.checkpoint(), cache.identity()
-    finally:
-        cache.close()
 
 
 # -- writers killed at many points ----------------------------------------------------
