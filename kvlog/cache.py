@@ -777,11 +777,6 @@ class Cache:
         """
         return self._env
 
-    @property
-    def probe_seconds(self) -> float | None:
-        """Former name of :attr:`structure_check_seconds`, kept while callers move to it."""
-        return self.structure_check_seconds
-
     def disk_bytes(self) -> int:
         """Bytes the cache files take on disk."""
         total = 0

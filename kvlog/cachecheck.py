@@ -120,7 +120,7 @@ def check_structure(path: Path, size: int, file_mode: int) -> str | None:
         done = subprocess.run(
             # By path, not -m: -m would import kvlog (and kafka-python) first. -P keeps
             # the child's directory out of sys.path, so no kvlog module shadows another.
-            [sys.executable, "-P", str(_CHILD), str(path), oct(file_mode)],
+            [sys.executable or "", "-P", str(_CHILD), str(path), oct(file_mode)],  # None: not runnable
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,

@@ -38,7 +38,7 @@ from ._files import DEFAULT_FILE_MODE, check_file_mode
 from .cache import DEFAULT_MAP_SIZE, Cache
 from .codec import MAX_KEY_SIZE, Codec, decode_key, encode_key, get_codec
 from .errors import CacheError, ClosedError, RecordTooLargeError
-from .log import Log, partitions_changed_error
+from .log import Log, oversize_record, partitions_changed_error
 from .replay import BAD_RECORD_POLICIES, Replayer
 
 __all__ = ["KVLog"]
@@ -472,13 +472,13 @@ class KVLog(MutableMapping[Any, Any]):
         limit = self._log.max_record_bytes
         if limit is None:
             return
-        for key, value in records:
-            size = len(key) + (0 if value is None else len(value))
-            if size > limit:
-                raise RecordTooLargeError(
-                    f"the record for key {reprlib.repr(key)} is {size} bytes; {self._log.describe()} "
-                    f"accepts at most {limit} bytes (key + value); nothing was written"
-                )
+        oversize = oversize_record(records, limit)
+        if oversize is not None:
+            key, size = oversize
+            raise RecordTooLargeError(
+                f"the record for key {reprlib.repr(key)} is {size} bytes; {self._log.describe()} "
+                f"accepts at most {limit} bytes (key + value); nothing was written"
+            )
 
     def clear(self) -> None:
         """Write a tombstone for every key in the cache (in batches)."""

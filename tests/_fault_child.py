@@ -232,7 +232,7 @@ def open_store(args: argparse.Namespace) -> None:
         "open_replay": kv.open_replay,
         "rebuilds": kv.rebuilds,
         "moved_to": None if cache.moved_to is None else str(cache.moved_to),
-        "probe_seconds": cache.probe_seconds,
+        "structure_check_seconds": cache.structure_check_seconds,
     }
     if args.read is not None:
         try:

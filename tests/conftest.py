@@ -12,6 +12,7 @@ there a missing broker fails the run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -157,19 +158,28 @@ def make_kv(tmp_path: Path, bootstrap: str, topic: str) -> Iterator[Callable[...
     ``make_kv()`` opens ``tmp_path/"a"`` on the test's topic; ``make_kv("b")``
     another cache on the same topic; any keyword goes to ``KVLog``.
     """
+    with stores(tmp_path, bootstrap_servers=bootstrap, topic=topic, timeout=20.0) as make:
+        yield make
+
+
+@contextlib.contextmanager
+def stores(parent: Path, **defaults: Any) -> Iterator[Callable[..., KVLog]]:
+    """``make(name="a", **kwargs)`` opens a KVLog at ``parent/name`` with ``defaults`` under ``kwargs``.
+
+    Every store it opened is closed on exit, also after a failed test.
+    """
     opened: list[KVLog] = []
 
     def make(name: str = "a", **kwargs: Any) -> KVLog:
-        kwargs.setdefault("bootstrap_servers", bootstrap)
-        kwargs.setdefault("topic", topic)
-        kwargs.setdefault("timeout", 20.0)
-        kv = KVLog(tmp_path / name, **kwargs)
+        kv = KVLog(parent / name, **{**defaults, **kwargs})
         opened.append(kv)
         return kv
 
-    yield make
-    for kv in opened:
-        kv.close()
+    try:
+        yield make
+    finally:
+        for kv in opened:
+            kv.close()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -9,6 +9,13 @@
 from __future__ import annotations
 
 from ..errors import PositionOutOfRangeError
-from .base import Log, LogReader, Record, partitions_changed_error
+from .base import Log, LogReader, Record, oversize_record, partitions_changed_error
 
-__all__ = ["Log", "LogReader", "PositionOutOfRangeError", "Record", "partitions_changed_error"]
+__all__ = [
+    "Log",
+    "LogReader",
+    "PositionOutOfRangeError",
+    "Record",
+    "oversize_record",
+    "partitions_changed_error",
+]

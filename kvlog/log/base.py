@@ -19,7 +19,20 @@ from typing import Any, NamedTuple
 
 from ..errors import TopicConfigError
 
-__all__ = ["Log", "LogReader", "Record", "partitions_changed_error"]
+__all__ = ["Log", "LogReader", "Record", "oversize_record", "partitions_changed_error"]
+
+
+def oversize_record(records: Sequence[tuple[bytes, bytes | None]], limit: int) -> tuple[bytes, int] | None:
+    """``(key, size)`` of the first record whose key + value is over ``limit`` bytes, or ``None``.
+
+    Each log, and the store before it sends anything, refuses such a batch
+    whole, with an error naming the limit in its own terms.
+    """
+    for key, value in records:
+        size = len(key) + (0 if value is None else len(value))
+        if size > limit:
+            return key, size
+    return None
 
 
 def partitions_changed_error(description: str, cached: int, now: int) -> TopicConfigError:

@@ -40,7 +40,7 @@ from ..errors import (
     TopicConfigError,
     WriteError,
 )
-from . import Log, LogReader, PositionOutOfRangeError
+from . import Log, LogReader, PositionOutOfRangeError, oversize_record
 
 __all__ = ["KafkaLog"]
 
@@ -560,13 +560,13 @@ class KafkaLog(Log):
     def append(self, records: Sequence[tuple[bytes, bytes | None]], timeout: float) -> list[tuple[int, int]]:
         self._check_open()
         limit = self.max_record_bytes
-        for key, value in records:
-            size = len(key) + (len(value) if value is not None else 0)
-            if size > limit:
-                raise RecordTooLargeError(
-                    f"record for key {key[:40]!r} is {size} bytes; topic {self.topic!r} accepts at most "
-                    f"{limit} (max.message.bytes={self._max_message_bytes})"
-                )
+        oversize = oversize_record(records, limit)
+        if oversize is not None:
+            key, size = oversize
+            raise RecordTooLargeError(
+                f"record for key {key[:40]!r} is {size} bytes; topic {self.topic!r} accepts at most "
+                f"{limit} (max.message.bytes={self._max_message_bytes})"
+            )
         started = time.monotonic()
         deadline = started + timeout
         producer, errors = self._producer_for_write(timeout)

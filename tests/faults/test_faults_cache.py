@@ -377,7 +377,10 @@ class TestDamagedCache:
         done = run_child("open", path)
         assert done.returncode == 0, f"exit {done.returncode}:\n{done.stderr}"
         report = json.loads(done.stdout)
-        assert report["probe_seconds"] is None and "data.mdb" in report["open_replay"]["rebuild_reason"]
+        assert (
+            report["structure_check_seconds"] is None
+            and "data.mdb" in report["open_replay"]["rebuild_reason"]
+        )
         assert report["digest"] == expected
 
     def test_a_flipped_value_byte_is_found_by_verify(
@@ -427,7 +430,9 @@ class TestDamagedCache:
             done = run_child("open", path, "--read", under[0], *(["--rewarm"] if then == "rewarm" else []))
             assert done.returncode == 0, done.stderr
             report = json.loads(done.stdout)
-            assert report["open_replay"]["rebuild_reason"] is None and report["probe_seconds"] is None
+            assert (
+                report["open_replay"]["rebuild_reason"] is None and report["structure_check_seconds"] is None
+            )
             assert report["read"].startswith("CacheError: ") and "kvlog rewarm" in report["read"]
             assert "MDB_PAGE_NOTFOUND" in report["read"], report["read"]
             if then == "rewarm":

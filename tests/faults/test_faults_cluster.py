@@ -25,7 +25,7 @@ from typing import Any
 import kafka.errors as kerr
 import msgpack
 import pytest
-from conftest import kafka_missing, topic_records, wait_until
+from conftest import kafka_missing, stores, topic_records, wait_until
 from kafka import KafkaConsumer, TopicPartition
 from kafka_cluster import KafkaCluster
 
@@ -75,18 +75,8 @@ def healthy(cluster: KafkaCluster) -> Iterator[KafkaCluster]:
 @pytest.fixture
 def open_kv(tmp_path: Path, healthy: KafkaCluster, topic: str) -> Iterator[Callable[..., KVLog]]:
     """``open_kv(name, **kwargs)``: a KVLog at ``tmp_path/name`` on the test's RF=3 topic; closed at teardown."""
-    opened: list[KVLog] = []
-
-    def make(name: str, **kwargs: Any) -> KVLog:
-        settings = {"bootstrap_servers": healthy.bootstrap_servers, "topic": topic, **TOPIC_SETTINGS}
-        settings.update(kwargs)
-        kv = KVLog(tmp_path / name, **settings)
-        opened.append(kv)
-        return kv
-
-    yield make
-    for kv in opened:
-        kv.close()
+    with stores(tmp_path, bootstrap_servers=healthy.bootstrap_servers, topic=topic, **TOPIC_SETTINGS) as make:
+        yield make
 
 
 def written(bootstrap: str, topic: str) -> list[tuple[int, bytes, Any]]:

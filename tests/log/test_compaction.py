@@ -11,13 +11,12 @@ so tombstones go on the cleaner's second pass.
 from __future__ import annotations
 
 import itertools
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import wait_until
+from conftest import topic_records, wait_until
 
 from kvlog import KVLog
 
@@ -25,7 +24,6 @@ from kvlog import KVLog
 # ``filterwarnings = error`` would turn into an error.
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
-    from kafka import KafkaConsumer, TopicPartition
     from kafka.admin import ConfigResource, ConfigResourceType
     from kafka.partitioner.default import murmur2
 
@@ -116,30 +114,6 @@ def contents(kv: KVLog) -> dict[str, Any]:
     return items
 
 
-def read_topic(bootstrap: str, topic: str) -> list[Any]:
-    """Every record physically left in ``topic``, read with a plain group-less consumer."""
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-    )
-    try:
-        tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        end = consumer.end_offsets(tps)
-        records: list[Any] = []
-        deadline = time.monotonic() + 30
-        while any(consumer.position(tp) < end[tp] for tp in tps):
-            assert time.monotonic() < deadline, f"could not read {topic} up to {end}"
-            for batch in consumer.poll(timeout_ms=500).values():
-                records.extend(batch)
-        return records
-    finally:
-        consumer.close(autocommit=False)
-
-
 def start_rolling_segments(admin: Any, topic: str) -> None:
     """Let every append roll a segment older than 200 ms, so the history becomes cleanable."""
     admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, configs={"segment.ms": "200"})])
@@ -155,7 +129,7 @@ def wait_until_compacted(
 
     def compacted() -> list[Any] | None:
         history.heartbeat()
-        records = read_topic(bootstrap, topic)
+        records = topic_records(bootstrap, topic)
         return records if len(records) < history.written and gone(records) else None
 
     return wait_until(
@@ -172,6 +146,13 @@ def live(make_kv: Callable[..., KVLog]) -> Iterator[KVLog]:
     yield make_kv("live", partitions=PARTITIONS, topic_config=CLEANER_READY)
 
 
+def close_an_old_cache(make_kv: Callable[..., KVLog], history: History) -> None:
+    """Build the cache "old" from the topic as it is now, check it, and close it: its checkpoint stays here."""
+    old = make_kv("old")
+    assert contents(old) == history.model
+    old.close()
+
+
 def test_replaying_the_compacted_topic_gives_the_same_store(
     live: KVLog, make_kv: Callable[..., KVLog], admin: Any, bootstrap: str, topic: str
 ) -> None:
@@ -179,12 +160,10 @@ def test_replaying_the_compacted_topic_gives_the_same_store(
     history = History(live)
     history.overwrite_and_delete()
     # An old cache whose checkpoint will end up inside the compacted region.
-    old = make_kv("old")
-    assert contents(old) == history.model
-    old.close()
+    close_an_old_cache(make_kv, history)
     # Only values after the old checkpoint: every record it misses is superseded by a survivor.
     history.update({k: {"final": k} for k in KEYS[::3]})
-    assert len(read_topic(bootstrap, topic)) == history.written  # nothing compacted yet
+    assert len(topic_records(bootstrap, topic)) == history.written  # nothing compacted yet
 
     before = make_kv("before")
     assert before.stats()["open_replay"]["records"] == history.written
@@ -221,9 +200,7 @@ def test_old_cache_does_not_resurrect_keys_whose_tombstones_were_compacted_away(
     """A cache closed before some deletes, reopened after the cleaner removed their tombstones, lacks those keys."""
     history = History(live)
     history.overwrite_and_delete()
-    old = make_kv("old")
-    assert contents(old) == history.model
-    old.close()
+    close_an_old_cache(make_kv, history)
     missed = [k for k in KEYS if k in history.model][:20]
     for k in missed:
         history.delete(k)

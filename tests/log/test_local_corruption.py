@@ -248,6 +248,20 @@ def pristine(tmp_path: Path) -> tuple[Path, list[Record]]:
 _COPY_NUMBERS = itertools.count()
 
 
+def last_batches(log_dir: Path) -> tuple[Path, list[Frame], int, int, list[int]]:
+    """The last segment, its frames, base offset and size, and the file positions worth damaging.
+
+    The positions: every byte of the magic, and every byte from inside the
+    last record of the third batch from the end to the end of the file.
+    """
+    last = segments(log_dir)[-1]
+    frames = read_frames(last)
+    ends = [f for f in frames if f.batch_end]
+    assert len(ends) >= 3
+    size = last.stat().st_size
+    return last, frames, base_of(last), size, [*range(0, len(MAGIC)), *range(ends[-3].position, size)]
+
+
 def copies(tmp_path: Path, pristine: Path) -> Iterator[Path]:
     """Fresh copies of the pristine log, one per damage (each removed when the next is made)."""
     while True:
@@ -314,13 +328,7 @@ class TestDamagedTail:
     ) -> None:
         """A torn tail is cut back to the end of the last whole batch: whole records of a torn batch go with it."""
         log_dir, records = pristine
-        last = segments(log_dir)[-1]
-        frames = read_frames(last)
-        ends = [f for f in frames if f.batch_end]
-        assert len(ends) >= 3
-        base, size = base_of(last), last.stat().st_size
-        # From inside the last record of the third batch from the end, to the end of the file.
-        cuts = [*range(0, len(MAGIC)), *range(ends[-3].position, size)]
+        last, frames, base, size, cuts = last_batches(log_dir)
         for length, copy in zip(cuts, copies(tmp_path, log_dir), strict=False):
             segment = copy / "0" / last.name
             os.truncate(segment, length)
@@ -356,12 +364,7 @@ class TestDamagedTail:
         kept whole or not at all, back to the end of the batch before it.
         """
         log_dir, records = pristine
-        last = segments(log_dir)[-1]
-        frames = read_frames(last)
-        ends = [f for f in frames if f.batch_end]
-        assert len(ends) >= 3
-        base, size = base_of(last), last.stat().st_size
-        positions = [*range(0, len(MAGIC)), *range(ends[-3].position, size)]
+        last, frames, base, size, positions = last_batches(log_dir)
         for i, (position, copy) in enumerate(zip(positions, copies(tmp_path, log_dir), strict=False)):
             mask = (0x01, 0x80, 0xFF)[i % 3]
             segment = copy / "0" / last.name

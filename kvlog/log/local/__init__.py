@@ -33,7 +33,7 @@ from ..._files import (
     write_file_atomically,
 )
 from ...errors import ClosedError, LogCorruptError, LogLockedError, RecordTooLargeError, WriteError
-from ..base import Log
+from ..base import Log, oversize_record
 from .cleaner import COMPACTOR_THREAD, Cleaner
 from .reader import LocalReader
 from .recovery import (
@@ -374,13 +374,12 @@ class LocalLog(Log):
         """
         self._check_open()
         limit = self._max_record_bytes
-        for key, value in records:
-            size = len(key) + (0 if value is None else len(value))
-            if size > limit:
-                raise RecordTooLargeError(
-                    f"a record of {size} bytes (key + value) is larger than the log accepts "
-                    f"({limit} bytes; LocalLog(max_record_bytes=...) raises it)"
-                )
+        oversize = oversize_record(records, limit)
+        if oversize is not None:
+            raise RecordTooLargeError(
+                f"a record of {oversize[1]} bytes (key + value) is larger than the log accepts "
+                f"({limit} bytes; LocalLog(max_record_bytes=...) raises it)"
+            )
         if not records:
             return []
         with self._append_lock:
