@@ -22,33 +22,11 @@ Built-in codecs, chosen by name:
 
 A user codec is two functions: ``Codec("name", encode, decode)``. Its name is
 part of the cache's identity, so a cache built with one codec is rebuilt, not
-misread, when opened with another.
+misread, when opened with another. Keys are ``str`` (stored as UTF-8) or
+``bytes``, non-empty and at most :data:`MAX_KEY_SIZE` bytes (LMDB's limit).
 
-Replay checks each value it copies with the codec's ``validate`` (a value that
-fails is quarantined, not stored: see :class:`~kvlog.KVLog`'s
-``on_bad_record``). The built-in checks are cheap: ``msgpack`` checks the
-structure (one complete msgpack object, nothing after it) without building it,
-so a malformed UTF-8 string or a map key of another type inside it is only
-noticed when it is read (as :class:`~kvlog.CodecError`);
-``str`` checks UTF-8; ``json`` parses; ``bytes`` accepts anything. A user
-codec is checked with its ``decode`` unless it passes a cheaper ``validate``.
-
-Keys are ``str`` (stored as UTF-8) or ``bytes``, non-empty and at most
-:data:`MAX_KEY_SIZE` bytes long (LMDB's limit).
-
-Limits. Everything is checked when a value is encoded, before any I/O: a
-value the codec cannot store exactly raises ``TypeError`` (an object it does
-not know, an int beyond 64 bits, a dict key of another type, a value nested
-too deeply or holding itself), and nothing is written. A record larger than
-the log accepts then raises :class:`~kvlog.RecordTooLargeError`, also before
-any I/O. Decoding is built for bytes from anyone (a foreign producer's record):
-msgpack is read with ``strict_map_key`` (only ``str``/``bytes`` map keys, so
-a record cannot make a dict of crafted colliding int keys), no ext hook (an
-extension type stays a :class:`msgpack.ExtType`, never reaches pickle or a
-constructor), at most 1024 nested containers, and lengths bounded by the size
-of the record itself (msgpack's ``max_*_len`` defaults, which follow the size
-of the buffer, so a header claiming 4 GiB allocates nothing). A record the
-codec cannot decode raises :class:`~kvlog.CodecError`, never anything else.
+What replay checks per value, what encoding refuses before any I/O, and the
+limits decoding keeps for bytes from any producer: docs/design.md, "The codec".
 """
 
 from __future__ import annotations

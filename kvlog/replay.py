@@ -3,39 +3,16 @@
 The :class:`Replayer` reads the log from the cache's checkpoint and applies
 what it read in large batches, each batch together with the positions that
 follow it in one LMDB transaction. It runs either as a background follower
-thread (records from any producer appear without anyone asking) or on demand
-in the caller's thread (``follow=False``); both go through :meth:`Replayer.step`.
+thread or on demand in the caller's thread (``follow=False``); both go
+through :meth:`Replayer.step`. A writer waits until the applied position of
+its record's partition is past its offset; ``sync()`` waits until every
+partition reaches an end-offset snapshot.
 
-Waiting is by position: a writer whose record landed at offset ``o`` of
-partition ``p`` waits until the applied position of ``p`` is past ``o``
-(read-your-writes); ``sync()`` waits until every partition's position reaches
-an end-offset snapshot. Positions step over compacted gaps and transaction
-markers, so neither ever waits for a record that does not exist.
-
-Missed deletes. Compaction removes a tombstone once the log has kept it for
-its retention (Kafka's ``delete.retention.ms``), and with it the only trace of
-the delete. A reader cannot miss one as long as, between two moments it stood
-at the log end, no more than the retention passed: a tombstone it had not
-read yet at the first moment was written after it, so it is still there at
-the second. The replayer therefore notes when the cache was last *current*
-(its positions reached an end-offset snapshot; the time is that of the
-snapshot) and checks before committing each batch that the retention has not
-passed since. If it has (a store with ``follow=False`` not synced for that
-long, a follower that could not reach the log or fell that far behind), it
-rebuilds the cache from the log start instead (unless the log can say exactly
-that it dropped no tombstone, as the embedded log can). A rebuild counts as
-current from the moment it starts; if the full replay itself takes longer
-than the retention, rebuilding again could never finish, so the replayer
-warns (raise the retention) and carries on. The follower takes end-offset
-snapshots every ``min(CURRENT_MARK_SECONDS, retention / 4)`` seconds, so a
-follower that keeps up never comes near the limit.
-
-Bad records. A record from a foreign producer may have a key the cache cannot
-hold or a value the codec rejects (:meth:`kvlog.codec.Codec.value_check`).
-By default it is quarantined: skipped (the key keeps its previous value, as
-Kafka Streams' ``LogAndContinueExceptionHandler`` does), counted and logged
-with its partition, offset and reason. With ``on_bad_record="raise"`` the
-replay stops at it with :class:`~kvlog.errors.BadRecordError` instead.
+It also keeps the cache honest while it runs: it rebuilds from the log start
+rather than apply records after the cache was away from the log end for longer
+than the log keeps tombstones, or after the log changed under it (a recreated
+topic), and it quarantines (or stops at) records the cache cannot take.
+docs/design.md, "Replay", has the reasoning of each.
 """
 
 from __future__ import annotations
