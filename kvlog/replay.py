@@ -115,7 +115,7 @@ class Replayer:
         self.records_quarantined = 0
         #: The last few of them, as ``(partition, offset, reason)``.
         self.quarantined: collections.deque[tuple[int, int, str]] = collections.deque(maxlen=QUARANTINE_KEPT)
-        #: The last few warnings about guarantees replay could not keep (see the module docstring).
+        #: The last few warnings about guarantees replay could not keep (docs/design.md, "Missed deletes").
         self.warnings: collections.deque[str] = collections.deque(maxlen=QUARANTINE_KEPT)
         self.batches = 0
         #: When replay last moved forward: applied records, stepped over a gap,
@@ -126,7 +126,7 @@ class Replayer:
         self.last_error: tuple[float, str] | None = None
         # When the cache last stood at the log end (the time of the end-offset
         # snapshot it reached), and whether that moment is a rebuild's start
-        # rather than an arrival at the end. See "Missed deletes" above.
+        # rather than an arrival at the end. See docs/design.md, "Missed deletes".
         self._current_at = cache.current_at()
         self._from_start = not cache.checkpoint()
         self._slow_rebuild_warned = False
@@ -506,8 +506,8 @@ class Replayer:
     ) -> None:
         """Return once the cache holds everything the log held when this was called.
 
-        If replay has to rebuild the cache meanwhile (see the module
-        docstring), this returns only after the rebuild caught up.
+        If replay has to rebuild the cache meanwhile (docs/design.md,
+        "Rebuilds"), this returns only after the rebuild caught up.
 
         Raises:
             SyncTimeoutError: ``timeout`` seconds passed first.
