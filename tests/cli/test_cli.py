@@ -385,44 +385,6 @@ class TestMaintenance:
 
 
 class TestUsage:
-    @pytest.mark.parametrize(
-        ("argv", "message"),
-        [
-            ([], "the following arguments are required: COMMAND"),
-            (["no-such-command"], "invalid choice"),
-            (["--data", "D", "--topic", "t", "stats"], "--data (the embedded log) cannot be combined"),
-            (["--data", "D", "--bootstrap-servers", "h:1", "stats"], "cannot be combined"),
-            (["--data", "D", "--cache", "C", "stats"], "--cache is for a Kafka topic"),
-            (["--topic", "t", "stats"], "needs both --bootstrap-servers and --topic"),
-            (["--bootstrap-servers", "h:1", "stats"], "needs both --bootstrap-servers and --topic"),
-            (["--cache", "C", "stats"], "--cache needs --bootstrap-servers and --topic"),
-            (["--codec", "nope", "get", "k"], "unknown codec 'nope'"),
-            (["get"], "the following arguments are required: key"),
-            (["put", "k"], "put needs KEY and VALUE"),
-            (["put", "k", "{not json"], "VALUE is not valid JSON"),
-            (["put", "--raw", "k", "v"], "with --raw the value is read from stdin"),
-            (["scan", "--limit", "-1"], "invalid non-negative integer value"),
-            (["demo", "--records", "0"], "invalid positive integer value"),
-            (["--data", "D", "demo"], "demo runs on its own embedded data directory"),
-            (["--timeout", "soon", "stats"], "invalid positive number of seconds value"),
-        ],
-    )
-    def test_usage_errors_are_one_line_with_exit_2(
-        self,
-        argv: list[str],
-        message: str,
-        tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str],
-    ) -> None:
-        monkeypatch.chdir(tmp_path)
-        assert main(argv) == 2
-        captured = capsys.readouterr()
-        line = one_error_line(captured.err)
-        assert line.startswith("kvlog: error: ") and message in line, line
-        assert captured.out == ""
-        assert not (tmp_path / "data").exists() and not (tmp_path / "D").exists()
-
     def test_kafka_settings_from_the_environment_must_come_in_pairs(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
     ) -> None:
