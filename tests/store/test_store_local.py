@@ -171,10 +171,10 @@ class TestResume:
         from kvlog.cache import Cache
         from kvlog.replay import Replayer
 
-        with KVLog(path, follow=False) as kv:
-            identity = kv._identity()
         lg = LocalLog(path / "log", background_compaction=False)
         cache = Cache(cache_dir)
+        identity = cache.identity()  # what the store bound the cache to
+        assert identity is not None
         try:
             replayer = Replayer(lg, cache)
             replayer.reset(identity)
