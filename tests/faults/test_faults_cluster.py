@@ -181,13 +181,14 @@ class TestLeaderKilled:
             killed.append((point, leader))
 
         def kill_from_progress(point: str) -> Callable[[dict[int, int], dict[int, int]], None]:
+            kills_before = len(killed)  # one kill per replay: at its first report below the targets
+
             def progress(applied: dict[int, int], targets: dict[int, int]) -> None:
                 # In the replaying thread, so the kill lands exactly here: before the
                 # fetches that reach the targets, which then meet the failover.
                 if len(killed) == kills_before and applied.get(0, 0) < targets.get(0, 0):
                     kill_leader(point)
 
-            kills_before = len(killed)
             return progress
 
         write_thread = threading.Thread(target=write_stream, name="writer", daemon=True)
