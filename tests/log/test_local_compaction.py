@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _head import simulate_os_crash
 from conftest import wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -540,8 +541,8 @@ def build_and_compact_a_copy(tmp_path: Path) -> tuple[Path, Path, list[Row]]:
     (overwriting and deleting keys of every third round), so the copy's
     compaction both removes records from the early segments and merges them.
     Returns the original's path, the copy's path, and every record ever
-    appended. Both logs are closed, the original as a crashed process leaves
-    it: without a clean-shutdown marker.
+    appended. Both logs are closed, the original as an OS crash leaves it:
+    with a head the next open cannot trust.
     """
     original, copy = tmp_path / "original", tmp_path / "copy"
     log = open_log(original)
@@ -559,7 +560,7 @@ def build_and_compact_a_copy(tmp_path: Path) -> tuple[Path, Path, list[Row]]:
         written += append_rows(log, batch)
     log.close()
     shutil.copytree(original, copy)
-    (original / "clean-shutdown.json").unlink()
+    simulate_os_crash(original)
     log = open_log(copy)
     log.compact()
     log.close()
@@ -567,13 +568,13 @@ def build_and_compact_a_copy(tmp_path: Path) -> tuple[Path, Path, list[Row]]:
 
 
 def contents(path: Path) -> list[Row]:
-    """Every record of the closed log at ``path``; it is left closed as a crash leaves it (no clean-shutdown marker)."""
+    """Every record of the closed log at ``path``; it is left closed as an OS crash leaves it."""
     log = open_log(path)
     try:
         return read_all(log)
     finally:
         log.close()
-        (path / "clean-shutdown.json").unlink(missing_ok=True)
+        simulate_os_crash(path)
 
 
 def test_a_cleaned_file_left_by_a_crash_is_deleted_on_open_and_the_data_is_intact(tmp_path: Path) -> None:
@@ -788,7 +789,7 @@ def test_the_dirty_ratio_survives_a_reopen(tmp_path: Path, sample: str) -> None:
     log.close()
     if sample in ("stale", "before a compaction"):
         (path / "cleaner-sample.json").write_bytes(saved)
-        (path / "clean-shutdown.json").unlink()
+        simulate_os_crash(path)
     elif sample == "missing":
         (path / "cleaner-sample.json").unlink()
     elif sample == "garbage":
@@ -797,6 +798,46 @@ def test_the_dirty_ratio_survives_a_reopen(tmp_path: Path, sample: str) -> None:
     try:
         assert log.dirty_ratio(0) == pytest.approx(expected, abs=1e-9)
         assert fold(read_all(log)) == fold(written)
+    finally:
+        log.close()
+
+
+@pytest.mark.parametrize("partitions", [1, 2])
+def test_a_sample_that_lacks_another_instances_records_counts_each_of_them_once(
+    tmp_path: Path, partitions: int
+) -> None:
+    """Another instance's appends interleaved with this one's, across many segments, leave many pending ranges.
+
+    ``dirty_ratio`` counts them (and only them: each read once, whatever the
+    number of ranges) and is then exact; an instance that takes up the sample
+    it saved counts nothing, and one without a saved sample counts everything.
+    """
+    path = tmp_path / "log"
+    mine, theirs = open_log(path, partitions=partitions), open_log(path, partitions=partitions)
+    try:
+        for i in range(300):
+            for log, name in ((mine, b"a"), (theirs, b"b")):
+                key = b"%s%d" % (name, i % 25)  # overwritten: dirty
+                log.append([(key, b"%d:" % i + b"v" * (i % 40))])
+        mine.end_offsets()  # (takes up what the other instance appended: pending ranges)
+        assert sum(len(mine._cleaner.samples[p].pending) for p in range(partitions)) > 50
+        ratios = [mine.dirty_ratio(p) for p in range(partitions)]
+        assert mine.stats()["cleaner"]["records_counted"] == 300
+        for p in range(partitions):
+            assert ratios[p] == pytest.approx(exact_dirty_ratio(mine, p), abs=1e-9)
+            assert not mine._cleaner.samples[p].pending
+        theirs.end_offsets()
+        assert [theirs.dirty_ratio(p) for p in range(partitions)] == pytest.approx(ratios, abs=1e-9)
+        assert theirs.stats()["cleaner"]["records_counted"] == 0
+        assert theirs.stats()["cleaner"]["samples_adopted"] == partitions
+    finally:
+        mine.close()
+        theirs.close()
+    (path / "cleaner-sample.json").unlink()
+    log = open_log(path)
+    try:
+        assert [log.dirty_ratio(p) for p in range(partitions)] == pytest.approx(ratios, abs=1e-9)
+        assert log.stats()["cleaner"]["records_counted"] == 600
     finally:
         log.close()
 

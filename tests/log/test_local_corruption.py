@@ -6,8 +6,11 @@ states what opening it must do. The segments are read here with this module's
 own parser of the format documented in :mod:`kvlog.log.local`, so the
 expectations do not come from the code under test.
 
-A crash is simulated by removing ``clean-shutdown.json``: that is what a
-killed writer leaves (no marker), and only then does an open scan the tail.
+A crash whose damage an open must look for is simulated by leaving the
+``head`` as an OS crash leaves it (written in an earlier boot, not marked
+clean): only then, or when the active segment's size is not the one the head
+published, does an open scan the tail. (A killed process loses nothing the
+head does not describe: that is tests/log/test_local_processes.py.)
 
 A repaired tail ends at the last whole record that ends an ``append()`` batch
 (flag 2): the records of a batch that was torn or damaged part-way are cut
@@ -33,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _head import read_head, set_entry, simulate_os_crash, to_old_layout
+from ondisk import cache_env_dir
 
 from kvlog import KVLog, LogCorruptError
 from kvlog.codec import get_codec
@@ -138,8 +143,8 @@ def base_of(segment: Path) -> int:
 
 
 def simulate_crash(log_dir: Path) -> None:
-    """Leave the log as a killed writer would: without a clean-shutdown marker."""
-    (log_dir / "clean-shutdown.json").unlink()
+    """Leave the log as an OS crash would: a head the next open cannot trust, so it scans."""
+    simulate_os_crash(log_dir)
 
 
 def flip(path: Path, position: int, mask: int = 0xFF) -> None:
@@ -238,7 +243,7 @@ def check_recovered(
 
 @pytest.fixture
 def pristine(tmp_path: Path) -> tuple[Path, list[Record]]:
-    """A good log closed as after a crash (no clean-shutdown marker), and the records it holds."""
+    """A good log closed as after an OS crash (a head that is not trusted), and the records it holds."""
     log_dir = tmp_path / "pristine"
     records = build_log(log_dir)
     simulate_crash(log_dir)
@@ -437,11 +442,26 @@ class TestDamagedTail:
         finally:
             kv.close()
 
-    def test_clean_shutdown_marker_with_a_wrong_size_falls_back_to_a_scan(self, tmp_path: Path) -> None:
-        """A marker that does not describe the file is not believed (its end offset neither)."""
+    def test_head_with_a_wrong_size_falls_back_to_a_scan(self, tmp_path: Path) -> None:
+        """A head whose size does not describe the file is not believed (its end offset neither)."""
         log_dir = tmp_path / "log"
         records = build_log(log_dir)
         last = segments(log_dir)[-1]
+        end, _, size = read_head(log_dir).entries[0]
+        for lie, copy in zip(
+            [{"size": size + 1, "end": end + 100}, {"size": size - 1, "end": end - 3}],
+            copies(tmp_path, log_dir),
+            strict=False,
+        ):
+            set_entry(copy, 0, **lie)
+            check_recovered(copy, records, copy / "0" / last.name, len(records), None, f"head lies: {lie}")
+
+    def test_old_layout_marker_with_a_wrong_size_falls_back_to_a_scan(self, tmp_path: Path) -> None:
+        """A log of the layout before the head: a marker that does not describe the file is not believed."""
+        log_dir = tmp_path / "log"
+        records = build_log(log_dir)
+        last = segments(log_dir)[-1]
+        to_old_layout(log_dir)
         marker_path = log_dir / "clean-shutdown.json"
         good = json.loads(marker_path.read_text())
         lies = [
@@ -458,7 +478,7 @@ class TestDamagedTail:
             check_recovered(copy, records, copy / "0" / last.name, len(records), None, f"marker {garbage!r}")
 
     def test_clean_shutdown_marker_with_a_torn_tail_appended(self, tmp_path: Path) -> None:
-        """Closed cleanly, then a torn frame or garbage appended: the sizes differ, so the tail is scanned and cut."""
+        """Closed cleanly, then a torn frame or garbage appended: the size is not the head's, so the tail is scanned and cut."""
         log_dir = tmp_path / "log"
         records = build_log(log_dir)
         last = segments(log_dir)[-1]
@@ -476,7 +496,7 @@ class TestDamagedTail:
             (first_of_two, 1, ("incomplete",)),
         ]
         for (tail, batch_records, reason), copy in zip(tails, copies(tmp_path, log_dir), strict=False):
-            assert (copy / "clean-shutdown.json").exists()
+            assert read_head(copy).clean
             segment = copy / "0" / last.name
             with open(segment, "ab") as f:
                 f.write(tail)
@@ -490,7 +510,7 @@ class TestDamagedTail:
             assert segment.stat().st_size > size  # the repaired segment took the new record
 
     def test_whole_batch_appended_after_a_clean_close_is_kept(self, tmp_path: Path) -> None:
-        """A marker that does not describe the file is not believed; whole batches found by the scan are kept."""
+        """A head that does not describe the file is not believed; whole batches found by the scan are kept."""
         log_dir = tmp_path / "log"
         records = build_log(log_dir)
         segment = segments(log_dir)[-1]
@@ -508,8 +528,8 @@ class TestDamagedTail:
         """A byte rots after a clean close (sizes still match, so the open does not scan).
 
         Reading the record raises LogCorruptError, never returns a wrong value,
-        and cuts nothing yet. The failed open leaves no clean-shutdown marker
-        for the partition, so the next open scans its active segment, cuts it
+        and cuts nothing yet. The head marks the partition suspect, so the
+        next open (with no other instance open) scans its active segment, cuts it
         back to the end of the last whole batch before the damage, reports the
         cut, and the store opens with the records before it.
         """
@@ -539,8 +559,7 @@ class TestDamagedTail:
         assert str(segment) in message and f"position {damaged.position}" in message, message
         assert "next open" in message, f"the error does not say that the next open repairs it: {message}"
         assert segment.stat().st_size == size, "the failed open cut the segment"
-        marker = json.loads((path / "log" / "clean-shutdown.json").read_text())
-        assert "0" not in marker["partitions"], f"the failed open vouched for the damaged segment: {marker}"
+        assert read_head(path / "log").suspect == [True], "the failed open did not mark the partition"
         # The lock was released by the failed open. The next open repairs the tail.
         kv = KVLog(path, ready_timeout=30)
         try:
@@ -572,13 +591,12 @@ class TestDamagedTail:
         flip(segment, damaged.position + 20)  # the timestamp
         local = LocalLog(log_dir, background_compaction=False)
         try:
-            assert local.recovery == {0: []}  # the marker matched: no scan
+            assert local.recovery == {0: []}  # the head matched: no scan
             with pytest.raises(LogCorruptError, match=f"position {damaged.position}"):
                 read_all(local)
         finally:
             local.close()
-        marker = json.loads((log_dir / "clean-shutdown.json").read_text())
-        assert "0" not in marker["partitions"], marker
+        assert read_head(log_dir).suspect == [True]
         entry = {
             "truncated_bytes": segment.stat().st_size - frames[8].position,
             "last_good_offset": 95,
@@ -667,9 +685,8 @@ class TestDamagedClosedSegment:
             assert read_all(local, after) == [r for r in records if r[0] >= after]
         finally:
             local.close()
-        # A bad record in a closed segment is not cut: the marker still vouches for the active one.
-        marker = json.loads((log_dir / "clean-shutdown.json").read_text())
-        assert "0" in marker["partitions"], marker
+        # A bad record in a closed segment is not cut: the active one is not suspect.
+        assert read_head(log_dir).suspect == [False]
 
     def test_kvlog_open_and_rewarm_surface_the_damage(self, tmp_path: Path) -> None:
         """KVLog raises LogCorruptError naming the file: no hang, no wrong value."""
@@ -843,7 +860,7 @@ class TestDamagedDirectory:
         log_dir = tmp_path / "log"
         LocalLog(log_dir, partitions=3, background_compaction=False).close()
         (log_dir / "log.json").unlink()
-        (log_dir / "clean-shutdown.json").unlink()
+        (log_dir / "head").unlink()
         for p in range(made, 3):
             shutil.rmtree(log_dir / str(p))
         local = LocalLog(log_dir, partitions=3, background_compaction=False)
@@ -890,17 +907,21 @@ class TestDamagedDirectory:
         with pytest.raises(LogCorruptError, match=r"log\.json"):
             LocalLog(path / "log", partitions=4)
 
-    def test_leftover_lock_file_of_a_dead_process(self, tmp_path: Path) -> None:
+    def test_leftover_lock_files_of_a_dead_process(self, tmp_path: Path) -> None:
+        """Lock files a dead process left (with its pid, as the layout before the head wrote) lock nothing."""
         path = tmp_path / "data"
         with KVLog(path) as kv:
             kv["k"] = "v"
         dead = subprocess.run(
             [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
         )
-        (path / "log" / "LOCK").write_text(dead.stdout)
+        for name in ("LOCK", "OPEN", "COMPACT"):
+            (path / "log" / name).write_text(dead.stdout)
         with KVLog(path) as kv:
             assert kv["k"] == "v"
-            assert (path / "log" / "LOCK").read_text().strip() == str(os.getpid())
+            kv["k2"] = "v2"
+        with KVLog(path) as kv:
+            assert kv["k2"] == "v2"
 
 
 # -- the LMDB cache ----------------------------------------------------------------------------
@@ -947,7 +968,7 @@ def test_damaged_cache_is_set_aside_and_rebuilt(tmp_path: Path, damage: str) -> 
     expected = {f"k{i:05d}": "v" * (i % 60) for i in range(20_000)}
     with KVLog(path) as kv:
         kv.update(expected)
-    data_file = path / "cache" / "data.mdb"
+    data_file = cache_env_dir(path / "cache") / "data.mdb"
     damaged = CACHE_DAMAGE[damage](data_file.read_bytes())
     data_file.write_bytes(damaged)
     probe = subprocess.run(

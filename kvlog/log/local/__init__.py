@@ -1,16 +1,17 @@
 """The embedded compacted log, Kafka's log layout on local files: :class:`LocalLog` (open, append, close).
 
 It behaves like a compacted Kafka topic behind :class:`~kvlog.log.Log`. The rest of the package:
-``format`` (segment files), ``reader``, ``recovery`` (crash recovery at open), ``cleaner``
-(compaction) and ``sample`` (the dirty-ratio estimate). The underscored attributes of
-:class:`LocalLog` are shared by those modules and private to the package. Layout, durability,
-recovery and compaction: see docs/design.md, "The embedded log".
+``segments`` (segment files), ``head`` (the published state every process maps), ``reader``,
+``recovery`` (crash recovery), ``cleaner`` (compaction) and ``sample`` (the dirty-ratio
+estimate). The underscored attributes of :class:`LocalLog` are shared by those modules and
+private to the package. Any number of processes (and of instances in one process) open the same
+directory at once, like SQLite in WAL mode. Layout, locks, durability, recovery and compaction:
+see docs/design.md, "The embedded log".
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import logging
@@ -32,12 +33,13 @@ from ..._files import (
     open_file,
     write_file_atomically,
 )
-from ...errors import ClosedError, LogCorruptError, LogLockedError, RecordTooLargeError, WriteError
+from ...errors import ClosedError, LogCorruptError, RecordTooLargeError, WriteError
 from ..base import Log, oversize_record
 from .cleaner import COMPACTOR_THREAD, Cleaner
+from .head import W_CLEAN, W_VERSION, W_WRITING, Entry, Head, Snapshot, current_boot_id
 from .reader import LocalReader
 from .recovery import (
-    CLEAN_SHUTDOWN_MARKER,
+    cut_unpublished,
     finish_interrupted_swaps,
     recover_active_segment,
     take_clean_shutdown,
@@ -46,6 +48,7 @@ from .sample import HASH_MASK, HASH_MIX, SeenRecord
 from .segments import (
     FORMAT_VERSION,
     FRAME_OVERHEAD,
+    INDEX_INTERVAL,
     MAGIC,
     MAX_FRAME,
     BadFrame,
@@ -66,6 +69,16 @@ FSYNC_POLICIES = ("always", "interval", "never")
 #: fdatasync where the OS has it (Linux); macOS has only fsync.
 _datasync = getattr(os, "fdatasync", os.fsync)
 
+#: The write lock: flock()ed exclusively for one append (or roll, swap, reload), never longer.
+LOCK_FILE = "LOCK"
+#: flock()ed shared by every open instance: the close that can take it exclusively is the last user.
+OPEN_FILE = "OPEN"
+#: flock()ed exclusively for a compaction pass: one pass at a time, over every process.
+COMPACT_FILE = "COMPACT"
+
+_flock = fcntl.flock
+_LOCK_EX, _LOCK_UN = fcntl.LOCK_EX, fcntl.LOCK_UN
+
 
 def _write_json_atomically(path: Path, data: Mapping[str, Any]) -> None:
     write_file_atomically(path, json.dumps(data, sort_keys=True).encode(), sync=True)
@@ -74,8 +87,11 @@ def _write_json_atomically(path: Path, data: Mapping[str, Any]) -> None:
 class LocalLog(Log):
     """A compacted log in a local directory (the embedded default of :class:`~kvlog.KVLog`).
 
-    One process writes a log directory at a time (an exclusive ``flock`` on
-    ``LOCK``); readers of the cache it feeds are not affected by that lock.
+    Any number of instances, in any number of processes, may have one
+    directory open at once, each reading and writing. Appends serialise on
+    an ``flock`` of ``LOCK`` held only for the append; the published end of
+    every partition is in the shared, memory-mapped ``head`` file, so every
+    instance sees every other's records.
 
     Args:
         path: the log directory (created if missing).
@@ -101,7 +117,6 @@ class LocalLog(Log):
             applied whatever the umask. Existing files keep their modes.
 
     Raises:
-        LogLockedError: another process (or another open log) writes this directory.
         LogCorruptError: ``log.json`` is unreadable or from another format version.
     """
 
@@ -141,19 +156,23 @@ class LocalLog(Log):
         self.min_cleanable_dirty_ratio = min_cleanable_dirty_ratio
         self._closed = True  # until fully open
         self._forked = False
-        self._lock_fd: int | None = None
+        self._lock_fd: int | None = None  # LOCK: the write lock
+        self._open_fd: int | None = None  # OPEN: shared while open
+        self._compact_fd: int | None = None  # COMPACT: the compaction lock
+        self._head: Head | None = None
+        #: The head version and generation this instance's view of the segments reflects.
+        self._version = -1
+        self._generation = -1
         self._cond = threading.Condition()  # guards segments, end offsets, closed; readers wait on it
-        self._append_lock = threading.Lock()  # one appender at a time
+        # Readers waiting on _cond for appends (an append notifies only if there are any).
+        self._readers_waiting = 0
+        self._append_lock = threading.Lock()  # one thread of this instance at the write lock at a time
         self._segments: dict[int, list[Segment]] = {}
         self._end: dict[int, int] = {}
         self._active_fd: dict[int, int] = {}
         self._unsynced = False
         self._cleaner = Cleaner(self)
         self._threads: list[threading.Thread] = []
-        # Partitions whose active segment showed a bad record this session:
-        # close() leaves no clean-shutdown marker for them, so the next open
-        # scans that segment and cuts it back to the last good record.
-        self._suspect: set[int] = set()
         #: What the last open found and repaired: per partition, a list of
         #: ``{"segment", "truncated_bytes", "reason", "last_good_offset"}``.
         self.recovery: dict[int, list[dict[str, Any]]] = {}
@@ -161,14 +180,23 @@ class LocalLog(Log):
         self.last_compaction: dict[str, Any] | None = None
         try:
             make_dirs(self.path, self.file_mode)
-            self._take_lock()
-            meta = self._load_meta(partitions)
-            self.log_id: str = meta["log_id"]
-            self._partitions: int = meta["partitions"]
-            self._cleaner.load_checkpoint(created=float(meta.get("created", 0.0)))
-            clean_shutdown = take_clean_shutdown(self.path)
-            for p in range(self._partitions):
-                self._open_partition(p, clean_shutdown)
+            alone = self._take_open_lock()
+            self._lock_fd = open_file(self.path / LOCK_FILE, os.O_RDWR, self.file_mode)
+            self._compact_fd = open_file(self.path / COMPACT_FILE, os.O_RDWR, self.file_mode)
+            with self._append_lock:
+                _flock(self._lock_fd, _LOCK_EX)
+                try:
+                    meta = self._load_meta(partitions)
+                    self.log_id: str = meta["log_id"]
+                    self._partitions: int = meta["partitions"]
+                    self._cleaner.load_checkpoint(created=float(meta.get("created", 0.0)))
+                    self._open_partitions(alone)
+                finally:
+                    _flock(self._lock_fd, _LOCK_UN)
+            if alone:
+                assert self._open_fd is not None
+                _flock(self._open_fd, fcntl.LOCK_SH)  # let other instances open now
+            self._cleaner.remove_leftovers_if_idle()
             self._cleaner.load_samples()
         except BaseException:
             self._release()
@@ -179,28 +207,27 @@ class LocalLog(Log):
             self._spawn(self._flush_loop, "kvlog-log-flusher")
         if background_compaction:
             self._spawn(self._cleaner.run, COMPACTOR_THREAD)
-            # A log reopened dirty is looked at once; one that is not, only after a roll.
+            # A log that its saved samples say is dirty is looked at once; any other only
+            # after a roll. What the samples have not counted is not a reason: the process
+            # that compacts counts it, once for every process (see Cleaner.is_due).
             if self._cleaner.is_due():
                 self._cleaner.wake()
 
     # -- opening --------------------------------------------------------------
 
-    def _take_lock(self) -> None:
-        fd = open_file(self.path / "LOCK", os.O_RDWR, self.file_mode)
+    def _take_open_lock(self) -> bool:
+        """Hold ``OPEN`` shared for the life of this instance; return whether no other instance is open.
+
+        Then it is held exclusively until the open is done (the caller
+        converts it), so that a second instance waits for this open to finish.
+        """
+        fd = self._open_fd = open_file(self.path / OPEN_FILE, os.O_RDWR, self.file_mode)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise LogLockedError(
-                    f"the log at {self.path} is open for writing by process {holder} "
-                    "(one process writes a kvlog data directory at a time; close it there first)"
-                ) from None
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+            _flock(fd, _LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _flock(fd, fcntl.LOCK_SH)  # waits while the last user of the log closes it
+            return False
+        return True
 
     def _load_meta(self, partitions: int) -> dict[str, Any]:
         meta_path = self.path / "log.json"
@@ -272,25 +299,84 @@ class LocalLog(Log):
         if self.file_mode != DEFAULT_FILE_MODE:
             os.chmod(path, self.file_mode)
 
-    def _open_partition(self, p: int, clean_shutdown: Mapping[str, Any]) -> None:
+    def _list_segments(self, p: int) -> list[Segment]:
+        """The segments of partition ``p`` in its directory, with their file sizes (callers hold the write lock)."""
         directory = self.path / str(p)
-        finish_interrupted_swaps(directory)
-        bases = sorted(int(f.name[:-4]) for f in directory.glob("*.log") if f.name[:-4].isdigit())
+        bases = sorted(int(f[:-4]) for f in os.listdir(directory) if f.endswith(".log") and f[:-4].isdigit())
         segments = []
         for base in bases:
             path = directory / segment_name(base)
-            segments.append(Segment(path, base, path.stat().st_size))
-        active = segments[-1]
-        clean = clean_shutdown.get(str(p), {})
-        if clean.get("base") == active.base and clean.get("size") == active.size:
-            # Closed cleanly: the segment ends at a whole record. Skip the scan
-            # (this is what makes a restart take milliseconds); index lazily.
-            self.recovery[p] = []
-            self._end[p] = int(clean["end"])
+            st = os.stat(path)
+            segments.append(Segment(path, base, st.st_size).identify(st))
+        return segments
+
+    def _open_partitions(self, alone: bool) -> None:
+        """Recover and take up every partition (under the write lock; see "Opening" in docs/design.md).
+
+        The head's sizes are trusted if it was written in this boot (a killed
+        process loses nothing the page cache holds) or if the last close
+        marked it clean; an active segment whose size is not the published one
+        is scanned. Without a head (the old layout), the clean-shutdown marker
+        is read instead, and the head is created.
+        """
+        head = Head.open(self.path, self._partitions)
+        marker: Mapping[str, Any] = {}
+        snap: Snapshot | None = None
+        trusted = False
+        if head is None:
+            marker = take_clean_shutdown(self.path)
         else:
-            self.recovery[p], self._end[p] = recover_active_segment(self.path, p, active)
-        self._segments[p] = segments
-        self._active_fd[p] = os.open(active.path, os.O_WRONLY)
+            self._head = head
+            snap = head.snapshot()
+            boot = current_boot_id()
+            trusted = head.clean or (head.boot_id == boot and any(boot))
+            if head.writing and trusted:
+                # A writer died mid-append (or mid-roll): cut what it never published.
+                for p, entry in enumerate(snap.entries):
+                    cut = cut_unpublished(self.path, p, entry.base, entry.size)
+                    if cut is not None:
+                        cut["last_good_offset"] = entry.end - 1 if entry.end > entry.base else None
+                        self.recovery.setdefault(p, []).append(cut)
+            head.writing = False
+        entries: list[Entry] = []
+        for p in range(self._partitions):
+            finish_interrupted_swaps(self.path / str(p))
+            segments = self._list_segments(p)
+            active = segments[-1]
+            report = self.recovery.setdefault(p, [])
+            end = -1
+            if snap is not None and head is not None:
+                entry = snap.entries[p]
+                if (
+                    trusted
+                    and entry.base == active.base
+                    and entry.size == active.size
+                    and entry.end >= active.base
+                    and not (alone and head.suspect(p))
+                ):
+                    end = entry.end  # no scan: what makes an open take milliseconds
+            else:
+                clean = marker.get(str(p), {})
+                if clean.get("base") == active.base and clean.get("size") == active.size:
+                    end = int(clean["end"])
+            if end < 0:
+                found, end = recover_active_segment(self.path, p, active)
+                report.extend(found)
+                active.identify(os.stat(active.path))
+                if head is not None:
+                    head.set_suspect(p, False)
+            self._segments[p] = segments
+            self._end[p] = end
+            self._active_fd[p] = os.open(active.path, os.O_WRONLY)
+            entries.append(Entry(end, active.base, active.size))
+        if head is None:
+            self._head = head = Head.create(self.path, entries, self.file_mode)
+        elif snap is None or entries != snap.entries or head.boot_id != current_boot_id():
+            head.publish(dict(enumerate(entries)), generation_step=1)
+            head.stamp_boot()
+            head.writing = False
+        snap = head.snapshot()
+        self._version, self._generation = snap.version, snap.generation
 
     def _create_segment_file(self, path: Path) -> None:
         """Create a segment holding only the magic; on failure (a full disk) remove what was created."""
@@ -353,8 +439,21 @@ class LocalLog(Log):
         """In a forked child: refuse every use, and let close() leave the parent's files alone."""
         self._forked = True
         self._closed = True
+        # The lock files' descriptors share their open file descriptions (and so their flocks)
+        # with the parent: closed here, without unlocking (that would unlock the parent's), so
+        # that a parent that dies holding the write lock does not leave it held by this child.
+        for name in ("_lock_fd", "_open_fd", "_compact_fd"):
+            fd = getattr(self, name)
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                setattr(self, name, None)
+        if self._head is not None:
+            self._head.abandon()
+            self._head = None
         # Locks another thread of the parent held at the fork stay held forever in the child.
         self._cond = threading.Condition()
+        self._readers_waiting = 0
         self._append_lock = threading.Lock()
         self._cleaner.lock = threading.Lock()
         self._threads = []
@@ -363,15 +462,184 @@ class LocalLog(Log):
         """The partition a key's records go to (stable across processes and versions)."""
         return zlib.crc32(key) % self._partitions if self._partitions > 1 else 0
 
+    # -- the shared state: the write lock and the head ---------------------------------
+
+    @contextlib.contextmanager
+    def _write_locked(self, force_reload: bool = False) -> Iterator[None]:
+        """Hold the write lock (this instance's threads, then every process), with the view synced."""
+        with self._append_lock:
+            fd = self._lock_fd
+            if fd is None:
+                raise ClosedError(f"{self.describe()} is closed")
+            _flock(fd, _LOCK_EX)
+            try:
+                self._sync_locked(force_reload)
+                yield
+            finally:
+                _flock(fd, _LOCK_UN)
+
+    def _sync_locked(self, force_reload: bool = False) -> None:
+        """Bring this instance's view up to the head (callers hold the write lock).
+
+        Cuts what a writer that died mid-append left; reloads the segment lists
+        if the generation moved (under the write lock the directory is never
+        half-way through a swap).
+        """
+        head = self._head
+        assert head is not None
+        if head.writing:
+            self._cut_unpublished_locked()
+        if head.version == self._version and not force_reload:
+            return
+        snap = head.snapshot()
+        if force_reload or snap.generation != self._generation:
+            self._reload(snap)
+        else:
+            self._adopt(snap)
+
+    def _cut_unpublished_locked(self) -> None:
+        head = self._head
+        assert head is not None
+        head.forget_last()
+        for p, entry in enumerate(head.snapshot().entries):
+            cut_unpublished(self.path, p, entry.base, entry.size)
+        head.writing = False
+
+    def _refresh(self) -> None:
+        """See what other processes published (readers call this; one word read when nothing changed)."""
+        head = self._head
+        if head is None or head.words[W_VERSION] == self._version:
+            return
+        snap = head.snapshot()
+        if snap.generation != self._generation:
+            self._reload_now()
+        else:
+            self._adopt(snap)
+
+    def _reload_now(self, force: bool = False) -> None:
+        """Reload the segment lists under the write lock (a reader found the directory changed)."""
+        self._check_open()
+        with self._write_locked(force_reload=force):
+            pass
+
+    def _adopt(self, snap: Snapshot) -> None:
+        """Take up the ends another process published (the segment lists did not change)."""
+        samples = self._cleaner.samples
+        with self._cond:
+            if snap.version <= self._version:
+                return
+            moved = False
+            for p, entry in enumerate(snap.entries):
+                old = self._end[p]
+                if entry.end > old:
+                    segment = self._segments[p][-1]
+                    if segment.base == entry.base:
+                        segment.size = max(segment.size, entry.size)
+                    self._end[p] = entry.end
+                    sample = samples.get(p)
+                    if sample is not None:
+                        sample.add_pending(old, entry.end)  # records this sample has not seen
+                    moved = True
+            self._version = snap.version
+            if moved:
+                self._cond.notify_all()
+
+    def _reload(self, snap: Snapshot) -> None:
+        """Reload every partition's segment list from the directory (callers hold the write lock).
+
+        Segments whose file is still the one this instance knew keep their
+        objects (and sparse indexes); the others are marked ``replaced``, so
+        that a reader on one finds its position again in the new list. A
+        ``.swap`` found now was left by a swapper that died: it is finished.
+        """
+        for p in range(self._partitions):
+            finish_interrupted_swaps(self.path / str(p))
+            entry = snap.entries[p]
+            old_list = self._segments[p]
+            old_active = old_list[-1]
+            known = {s.base: s for s in old_list}
+            new_list: list[Segment] = []
+            for found in self._list_segments(p):
+                segment = known.get(found.base)
+                # The file this instance knew as active is held open by it: its inode cannot
+                # be reused. A closed one is the same file only if nothing rewrote it.
+                same = segment is not None and (
+                    segment.ino == found.ino and (segment is old_active or segment.mtime_ns == found.mtime_ns)
+                )
+                if segment is None or not same:
+                    segment = found
+                elif segment is old_active:
+                    segment.identify(os.stat(segment.path))
+                segment.size = entry.size if found.base == entry.base else found.size
+                new_list.append(segment)
+            kept = {id(s) for s in new_list}
+            replaced = [s for s in old_list if id(s) not in kept]
+            fresh = self._cleaner.fresh_sample(p, new_list, entry.end) if replaced else None
+            with self._cond:
+                for segment in replaced:
+                    segment.replaced = True
+                self._segments[p] = new_list
+                old_end = self._end[p]
+                self._end[p] = entry.end
+                if fresh is not None:
+                    # Another process compacted: this sample's counts describe files that are gone.
+                    self._cleaner.samples[p] = fresh
+                elif entry.end > old_end and p in self._cleaner.samples:
+                    self._cleaner.samples[p].add_pending(old_end, entry.end)
+            if new_list[-1] is not old_active:
+                self._switch_active_fd(p, new_list[-1])
+        with self._cond:
+            self._version, self._generation = snap.version, snap.generation
+            self._cond.notify_all()
+
+    def _switch_active_fd(self, p: int, active: Segment) -> None:
+        """Write to ``active`` from now on (another process rolled, or compaction renamed)."""
+        old = self._active_fd.get(p)
+        new = os.open(active.path, os.O_WRONLY)
+        with self._cond:
+            self._active_fd[p] = new
+        if old is not None:
+            try:
+                if self._unsynced and self.fsync != "never":
+                    _datasync(old)  # what this instance wrote there with fsync="interval"
+            finally:
+                os.close(old)
+
+    def _publish_generation(self) -> None:
+        """Tell every process that a segment list changed (callers hold the write lock)."""
+        head = self._head
+        assert head is not None
+        with self._cond:
+            self._version = head.publish((), generation_step=1)
+            self._generation = head.snapshot().generation
+
+    # -- appending --------------------------------------------------------------------------
+
     def append(
-        self, records: Sequence[tuple[bytes, bytes | None]], timeout: float = 30.0
+        self,
+        records: Sequence[tuple[bytes, bytes | None]],
+        timeout: float = 30.0,
+        *,
+        on_appended: Callable[[dict[int, int], list[tuple[int, int]], dict[int, int]], object] | None = None,
     ) -> list[tuple[int, int]]:
         """Append records; return after they are written (and synced, per the fsync policy).
+
+        ``on_appended(before, positions, after)``, if given, is called while
+        the write lock is still held, once the records are written, synced and
+        published: ``before`` and ``after`` are the end offsets of every
+        partition just before and just after this append, ``positions`` what
+        this returns. No other append, in any process, comes in between. If it
+        raises, the records stay appended and the exception propagates. It is
+        not called for an empty ``records``.
 
         Raises:
             RecordTooLargeError: a key + value is larger than ``max_record_bytes`` (nothing written).
             WriteError: the disk refused the write (nothing of the failed partition's batch stays).
         """
+        if len(records) == 1 and not self._closed:
+            key, value = records[0]
+            if len(key) + (0 if value is None else len(value)) <= self._max_record_bytes:
+                return self._append_one(key, value, on_appended)
         self._check_open()
         limit = self._max_record_bytes
         oversize = oversize_record(records, limit)
@@ -384,21 +652,128 @@ class LocalLog(Log):
             return []
         with self._append_lock:
             self._check_open()
-            timestamp = time.time_ns() // 1_000_000
-            by_partition: dict[int, list[int]] = {}
-            for i, (key, _value) in enumerate(records):
-                by_partition.setdefault(self.partition_for(key), []).append(i)
-            result: list[tuple[int, int]] = [(0, 0)] * len(records)
-            for p, indexes in by_partition.items():
-                self._append_partition(p, [records[i] for i in indexes], timestamp, indexes, result)
-            return result
+            fd = self._lock_fd
+            assert fd is not None
+            _flock(fd, _LOCK_EX)
+            try:
+                head = self._head
+                assert head is not None
+                words = head.words
+                if words[W_WRITING] or words[W_VERSION] != self._version:
+                    self._sync_locked()
+                if words[W_CLEAN]:
+                    # From the first write on, a crash must not find the log vouched for.
+                    head.clean = False
+                    head.sync()
+                before = dict(self._end) if on_appended is not None else None
+                timestamp = time.time_ns() // 1_000_000
+                result: list[tuple[int, int]] = [(0, 0)] * len(records)
+                words[W_WRITING] = 1  # bytes past the published ends from here on: see _sync_locked
+                if self._partitions == 1:
+                    self._append_partition(0, records, timestamp, range(len(records)), result)
+                else:
+                    by_partition: dict[int, list[int]] = {}
+                    for i, (key, _value) in enumerate(records):
+                        by_partition.setdefault(self.partition_for(key), []).append(i)
+                    for p, indexes in by_partition.items():
+                        self._append_partition(p, [records[i] for i in indexes], timestamp, indexes, result)
+                words[W_WRITING] = 0
+                if on_appended is not None:
+                    assert before is not None
+                    on_appended(before, result, dict(self._end))
+                return result
+            finally:
+                _flock(fd, _LOCK_UN)
+
+    def _append_one(
+        self,
+        key: bytes,
+        value: bytes | None,
+        on_appended: Callable[[dict[int, int], list[tuple[int, int]], dict[int, int]], object] | None,
+    ) -> list[tuple[int, int]]:
+        """:meth:`append` of one record that fits (the caller checked its size).
+
+        The single write is the common call and its latency is mostly Python,
+        so this is :meth:`append` and :meth:`_append_partition` for one record
+        with the lists, the loops and the general cases left out; the steps
+        and their order are the same.
+        """
+        with self._append_lock:
+            if self._closed:
+                self._check_open()
+            lock_fd = self._lock_fd
+            assert lock_fd is not None
+            _flock(lock_fd, _LOCK_EX)
+            try:
+                head = self._head
+                assert head is not None
+                words = head.words
+                if words[W_WRITING] or words[W_VERSION] != self._version:
+                    self._sync_locked()
+                if words[W_CLEAN]:
+                    # From the first write on, a crash must not find the log vouched for.
+                    head.clean = False
+                    head.sync()
+                p = 0 if self._partitions == 1 else self.partition_for(key)
+                segment = self._segments[p][-1]
+                fd = self._active_fd[p]
+                start_size = segment.size
+                offset = self._end[p]
+                timestamp = time.time_ns() // 1_000_000
+                frame = encode_frame(offset, timestamp, key, value)
+                size = len(frame)
+                words[W_WRITING] = 1  # bytes past the published ends from here on: see _sync_locked
+                try:
+                    written = os.pwrite(fd, frame, start_size)
+                    while written < size:
+                        written += os.pwrite(fd, frame[written:], start_size + written)
+                    if self.fsync == "always":
+                        _datasync(fd)
+                    else:
+                        self._unsynced = True
+                except OSError as exc:
+                    try:
+                        os.ftruncate(fd, start_size)
+                    except OSError:
+                        pass
+                    else:
+                        head.writing = False
+                    raise WriteError(f"cannot append to {segment.path}: {exc}") from exc
+                sample = self._cleaner.samples[p]
+                h = (zlib.crc32(key) * HASH_MIX) & HASH_MASK
+                end = start_size + size
+                indexed = segment.index_positions
+                with self._cond:
+                    if not indexed or start_size - indexed[-1] >= INDEX_INTERVAL:
+                        segment.index_appended_frame(offset, start_size)
+                    segment.size = end
+                    self._end[p] = offset + 1
+                    if h < sample.threshold:
+                        tombstone = -1 if value is not None else timestamp
+                        sample.observe([SeenRecord(key, h, offset, size, tombstone)], self._segments[p])
+                    self._version = head.publish_one(p, offset + 1, segment.base, end)
+                    if self._readers_waiting:
+                        self._cond.notify_all()
+                words[W_WRITING] = 0
+                if end >= self.segment_bytes:
+                    self._roll_after_append(p)
+                positions = [(p, offset)]
+                if on_appended is not None:
+                    if self._partitions == 1:
+                        on_appended({0: offset}, positions, {0: offset + 1})
+                    else:
+                        after = dict(self._end)
+                        on_appended({**after, p: offset}, positions, after)
+                return positions
+            finally:
+                _flock(lock_fd, _LOCK_UN)
 
     def _append_partition(
         self,
         p: int,
-        records: list[tuple[bytes, bytes | None]],
+        records: Sequence[tuple[bytes, bytes | None]],
         timestamp: int,
-        indexes: list[int],
+        indexes: Sequence[int],
         result: list[tuple[int, int]],
     ) -> None:
         segment = self._segments[p][-1]
@@ -436,10 +811,21 @@ class LocalLog(Log):
                 self._unsynced = True
         except OSError as exc:
             # Leave nothing half-written: cut the file back to the last published record.
-            with contextlib.suppress(OSError):
+            # (If even that fails, the head's writing flag stays set: the next holder of
+            # the write lock cuts it.)
+            try:
                 os.ftruncate(fd, start_size)
+            except OSError:
+                pass
+            else:
+                assert self._head is not None
+                self._head.writing = False
             raise WriteError(f"cannot append to {segment.path}: {exc}") from exc
-        # Published only after the write succeeded: no reader sees the records of a write cut back above.
+        # Published only after the write succeeded: no reader sees the records of a write cut
+        # back above. In this instance first, then in the head, under the condition: a reader
+        # thread taking up the head can then never count these records twice.
+        head = self._head
+        assert head is not None
         with self._cond:
             for entry in index_entries:
                 segment.index_appended_frame(*entry)
@@ -447,51 +833,63 @@ class LocalLog(Log):
             self._end[p] = offset
             if seen:
                 sample.observe(seen, self._segments[p])
+            self._version = head.publish_one(p, offset, segment.base, position)
             self._cond.notify_all()
         if segment.size >= self.segment_bytes:
-            try:
-                self._roll(p)
-            except OSError as exc:
-                # The records are written and published: this write succeeded.
-                # The segment grows past its size until a later append rolls it.
-                log.warning(
-                    "cannot start a new segment of partition %d of the log at %s (%s); retried after "
-                    "the next append",
-                    p,
-                    self.path,
-                    exc,
-                )
+            self._roll_after_append(p)
+
+    def _roll_after_append(self, p: int) -> None:
+        try:
+            self._roll(p)
+        except OSError as exc:
+            # The records are written and published: this write succeeded.
+            # The segment grows past its size until a later append rolls it.
+            log.warning(
+                "cannot start a new segment of partition %d of the log at %s (%s); retried after "
+                "the next append",
+                p,
+                self.path,
+                exc,
+            )
 
     def _roll(self, p: int) -> None:
-        """Close the active segment (synced) and start a new one at the end offset."""
+        """Close the active segment (synced) and start a new one at the end offset (under the write lock)."""
         fd = self._active_fd[p]
         if self.fsync != "never":
             _datasync(fd)  # closed segments are never scanned on open: they must be whole
+        old = self._segments[p][-1]
+        old.identify(os.fstat(fd))
         base = self._end[p]
         path = self.path / str(p) / segment_name(base)
         self._create_segment_file(path)
-        new = Segment(path, base, len(MAGIC))
         try:
             new_fd = os.open(path, os.O_WRONLY)
+            new = Segment(path, base, len(MAGIC)).identify(os.fstat(new_fd))
         except OSError:
             # Appends keep going to the old segment: this one must not look active to the next open.
             path.unlink()
             raise
+        head = self._head
+        assert head is not None
         with self._cond:
             self._segments[p].append(new)
             self._active_fd[p] = new_fd
+            self._version = head.publish({p: Entry(base, base, len(MAGIC))}, generation_step=1)
+            self._generation = head.snapshot().generation
         os.close(fd)
         self._cleaner.wake()
 
     def begin_offsets(self) -> dict[int, int]:
         """Return the first offset of every partition (the base of its first segment)."""
         self._check_open()
+        self._refresh()
         with self._cond:
             return {p: segments[0].base for p, segments in self._segments.items()}
 
     def end_offsets(self, timeout: float | None = None) -> dict[int, int]:
-        """Return the end offset (one past the last record) of every partition."""
+        """Return the end offset (one past the last record) of every partition, as every process published it."""
         self._check_open()
+        self._refresh()
         with self._cond:
             return dict(self._end)
 
@@ -515,8 +913,8 @@ class LocalLog(Log):
         """The error for a bad frame found while reading; marks an active segment for repair."""
         with self._cond:
             active = self._segments[p][-1] is segment
-            if active:
-                self._suspect.add(p)
+            if active and self._head is not None:
+                self._head.set_suspect(p)  # the next open that is alone scans it
         if active:
             advice = "the next open of the log cuts the segment back to the last good record before it"
         else:
@@ -593,6 +991,7 @@ class LocalLog(Log):
     def stats(self) -> dict[str, Any]:
         """Per partition: segments, bytes, begin and end offsets, dirty ratio; and the fsync policy."""
         self._check_open()
+        self._refresh()
         cleaner = self._cleaner
         partitions: dict[int, dict[str, Any]] = {}
         for p in range(self._partitions):
@@ -619,11 +1018,16 @@ class LocalLog(Log):
                 "background": any(t.name == COMPACTOR_THREAD for t in self._threads),
                 "wakeups": cleaner.wakeups,
                 "handled": cleaner.wakeups_handled,
+                "records_counted": cleaner.records_counted,
+                "samples_adopted": cleaner.samples_adopted,
             },
         }
 
     def close(self) -> None:
-        """Sync (unless ``fsync="never"``), stop the background threads, release the lock. Idempotent."""
+        """Sync (unless ``fsync="never"``), stop the background threads, release the files. Idempotent.
+
+        The last instance to close, over every process, marks the head clean.
+        """
         if self._closed:
             return
         with self._append_lock:
@@ -648,20 +1052,47 @@ class LocalLog(Log):
                 synced = False
             with contextlib.suppress(OSError):
                 os.close(fd)
-        if clean and synced and self._active_fd and self.fsync != "never":
-            # The next open trusts these sizes instead of scanning the active
-            # segments. Written only after the data is synced: a marker that
-            # describes unsynced data could hide a torn tail after an OS crash.
-            marker = {
-                str(p): {"base": segments[-1].base, "size": segments[-1].size, "end": self._end[p]}
-                for p, segments in self._segments.items()
-                if p not in self._suspect
-            }
-            with contextlib.suppress(OSError):
-                self._save_json(
-                    self.path / CLEAN_SHUTDOWN_MARKER, {"format": FORMAT_VERSION, "partitions": marker}
-                )
         self._active_fd = {}
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing the descriptor drops the flock
-            self._lock_fd = None
+        if clean and synced and self.fsync != "never":
+            try:
+                self._close_clean()
+            except OSError as exc:
+                log.warning("could not mark %s closed cleanly (%s); the next open scans it", self.path, exc)
+        if self._head is not None:
+            self._head.close()
+            self._head = None
+        for name in ("_lock_fd", "_compact_fd", "_open_fd"):
+            fd = getattr(self, name)
+            if fd is not None:
+                os.close(fd)  # closing the descriptor drops its flock
+                setattr(self, name, None)
+
+    def _close_clean(self) -> None:
+        """If this is the last open instance: sync the active segments, then mark the head clean.
+
+        The next open, even after an OS crash, then trusts the head's sizes.
+        Only ``OPEN`` held exclusively tells that no other instance is open.
+        """
+        head, open_fd, lock_fd = self._head, self._open_fd, self._lock_fd
+        if head is None or open_fd is None or lock_fd is None:
+            return
+        try:
+            _flock(open_fd, _LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # another instance is open: the last one to close does this
+        with self._append_lock:
+            _flock(lock_fd, _LOCK_EX)
+            try:
+                if head.writing:
+                    self._cut_unpublished_locked()
+                for p, entry in enumerate(head.snapshot().entries):
+                    fd = os.open(self.path / str(p) / segment_name(entry.base), os.O_RDONLY)
+                    try:
+                        _datasync(fd)
+                    finally:
+                        os.close(fd)
+                head.sync()  # the sizes first, then the flag that vouches for them
+                head.clean = True
+                head.sync()
+            finally:
+                _flock(lock_fd, _LOCK_UN)

@@ -3,7 +3,9 @@
 A reader entering a segment at or before its first record starts right after
 the magic; one positioned inside a segment starts at the nearest entry of the
 segment's sparse index and skips the frames before its position (outside the
-log's lock), indexing what it passed.
+log's lock), indexing what it passed. Records other processes append are seen
+through the log's shared head, which a waiting poll looks at every few
+milliseconds.
 """
 
 from __future__ import annotations
@@ -25,6 +27,26 @@ __all__ = ["LocalReader"]
 
 #: Bytes read from a segment per system call when replaying.
 _READ_CHUNK = 4 * 1024 * 1024
+#: Seconds a waiting poll sleeps between looks at the head (for other processes' appends).
+_HEAD_POLL = 0.005
+#: Times a reader reloads the segment lists for one file that is not what it expected.
+_RELOADS = 5
+
+
+def _open_segment(segment: Segment) -> int | None:
+    """Open ``segment``'s file; None if the file there is not that segment any more.
+
+    Another process's compaction may have deleted or replaced it since this
+    process last reloaded the directory.
+    """
+    try:
+        fd = os.open(segment.path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    if segment.ino and os.fstat(fd).st_ino != segment.ino:
+        os.close(fd)
+        return None
+    return fd
 
 
 class LocalReader(LogReader):
@@ -42,6 +64,7 @@ class LocalReader(LogReader):
         self._next_partition = 0
         self._closed = False
         self._woken = False
+        local_log._refresh()
         with local_log._cond:
             for p, position in self._positions.items():
                 self._check_position(p, position)
@@ -54,8 +77,11 @@ class LocalReader(LogReader):
         """Return up to ``max_records`` records, waiting at most ``timeout`` seconds for the first."""
         lg = self._log
         deadline = time.monotonic() + timeout
-        with lg._cond:
-            while True:
+        while True:
+            if self._closed or lg._closed:
+                raise ClosedError(f"{lg.describe()} is closed")
+            lg._refresh()  # what other processes published
+            with lg._cond:
                 if self._closed or lg._closed:
                     raise ClosedError(f"{lg.describe()} is closed")
                 if any(self._positions[p] < lg._end[p] for p in self._positions):
@@ -64,7 +90,12 @@ class LocalReader(LogReader):
                 if remaining <= 0 or self._woken:
                     self._woken = False
                     return []
-                lg._cond.wait(remaining)
+                # Appends of this process notify; those of others are seen in the head.
+                lg._readers_waiting += 1  # appends notify only while someone waits
+                try:
+                    lg._cond.wait(min(remaining, _HEAD_POLL))
+                finally:
+                    lg._readers_waiting -= 1
         records: list[Record] = []
         n = lg.partitions
         for i in range(n):
@@ -123,22 +154,39 @@ class LocalReader(LogReader):
 
     def _read_partition(self, p: int, out: list[Record], max_records: int) -> None:
         lg = self._log
+        reloads = 0
         while len(out) < max_records:
             with lg._cond:
                 end = lg._end[p]
                 if self._positions[p] >= end:
                     return
                 cursor = self._cursors[p]
+                stale = None
                 if cursor is None or cursor[0].replaced:
                     # First read, or compaction replaced the segment under us:
                     # find the position again. The descriptor is opened under
-                    # the lock, so it is the file the segment object describes.
+                    # the lock, and checked to be the file the segment object
+                    # describes (another process may have compacted since).
                     self._close_cursor(p)
                     segment, file_pos = self._locate(p, self._positions[p])
-                    cursor = (segment, os.open(segment.path, os.O_RDONLY), file_pos)
-                    self._cursors[p] = cursor
+                    fd = _open_segment(segment)
+                    if fd is None:
+                        stale = segment
+                    else:
+                        cursor = (segment, fd, file_pos)
+                        self._cursors[p] = cursor
+            if stale is not None:
+                reloads += 1
+                if reloads > _RELOADS:
+                    raise LogCorruptError(f"{stale.path} keeps changing under a reader of {lg.describe()}")
+                lg._reload_now(force=True)
+                continue
+            with lg._cond:
+                assert cursor is not None
                 segment, fd, file_pos = cursor
                 visible = segment.size
+                if segment.replaced:
+                    continue
                 following = self._following_base(p, segment)
             if file_pos >= visible:
                 if following is None:

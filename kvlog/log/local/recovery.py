@@ -1,13 +1,16 @@
-"""Open-time crash recovery of the embedded log.
+"""Crash recovery of the embedded log.
 
-Reads the clean-shutdown marker, finishes a compaction swap a crash committed
-(``.swap``) or drops one it did not (``.cleaned``), and cuts a torn or corrupt
-tail of an active segment back to the last whole ``append()`` batch. What a
-crash at each step leaves is in docs/design.md, "The embedded log".
+Reads the clean-shutdown marker of the old layout (a log without a head),
+finishes a compaction swap a crash committed (``.swap``) or drops one it did
+not (``.cleaned``), cuts what a writer killed mid-append left past the
+published end, and scans a torn or corrupt tail of an active segment back to
+the last whole ``append()`` batch. What a crash at each step leaves is in
+docs/design.md, "The embedded log".
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,16 +22,23 @@ from .segments import FORMAT_VERSION, MAGIC, MAX_FRAME, BadFrame, Frame, Segment
 
 __all__ = [
     "CLEAN_SHUTDOWN_MARKER",
+    "UNPUBLISHED_REASON",
+    "cut_unpublished",
     "finish_interrupted_swaps",
     "recover_active_segment",
+    "remove_cleaned",
     "take_clean_shutdown",
 ]
 
 # The embedded log logs under one name, whichever of its modules speaks.
 log = logging.getLogger(__package__)
 
-#: The file ``close()`` leaves in the log directory: per partition, the active segment and its size.
+#: The file the old layout's ``close()`` left in the log directory: per partition, the active
+#: segment and its size. Read (and removed) only when a log without a head is opened.
 CLEAN_SHUTDOWN_MARKER = "clean-shutdown.json"
+
+#: The reason of a recovery entry for the bytes a writer killed mid-append left past the published end.
+UNPUBLISHED_REASON = "bytes of an append that was never published (its writer died)"
 
 
 def take_clean_shutdown(log_path: Path) -> dict[str, Any]:
@@ -50,10 +60,23 @@ def take_clean_shutdown(log_path: Path) -> dict[str, Any]:
     return dict(marker.get("partitions", {}))
 
 
-def finish_interrupted_swaps(directory: Path) -> None:
-    """Complete or undo the compaction swaps a crash interrupted in a partition directory."""
+def remove_cleaned(directory: Path) -> None:
+    """Remove the uncommitted compaction outputs of a partition directory.
+
+    Only a holder of the compaction lock calls this: a live compactor's
+    ``.cleaned`` is its work in progress.
+    """
     for cleaned in directory.glob("*.cleaned"):
-        cleaned.unlink()  # never committed: the segments it would replace are intact
+        with contextlib.suppress(FileNotFoundError):
+            cleaned.unlink()  # never committed: the segments it would replace are intact
+
+
+def finish_interrupted_swaps(directory: Path) -> None:
+    """Complete the compaction swaps a crash interrupted in a partition directory.
+
+    Callers hold the write lock, under which every swap is done whole: a
+    ``.swap`` found then was left by a swapper that died.
+    """
     for swap in sorted(directory.glob("*.swap")):
         base_text, _, end_text = swap.name[: -len(".swap")].partition("-")
         base, end = int(base_text), int(end_text)
@@ -144,3 +167,45 @@ def _last_whole_batch(data: bytes, segment: Segment) -> tuple[int, int, str | No
         what = f"a batch without its last record at file position {tail}" if reason is None else reason
         reason = f"{what}; {len(pending)} record(s) of an incomplete batch cut with it"
     return good, last, reason
+
+
+def cut_unpublished(
+    log_path: Path, p: int, base: int, published: int, *, sync: bool = True
+) -> dict[str, Any] | None:
+    """Cut what a writer killed mid-append left past the published size of partition ``p``.
+
+    ``base`` and ``published``: the active segment and its size in the head.
+    A segment created past it by a roll the writer did not publish is removed.
+    The cut is synced before the caller clears the head's writing flag, so that
+    no later scan, even after an OS crash, can take those bytes for records.
+
+    Returns:
+        The recovery entry, or None if there was nothing to cut.
+    """
+    directory = log_path / str(p)
+    for found in directory.glob("*.log"):
+        if found.name[:-4].isdigit() and int(found.name[:-4]) > base:
+            found.unlink()
+            log.warning("removed %s, a segment a writer that died created but never published", found)
+            if sync:
+                fsync_dir(directory)
+    path = directory / segment_name(base)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        if size <= published:
+            return None
+        os.ftruncate(fd, published)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    log.warning(
+        "cut %d byte(s) at the end of %s (partition %d of the log at %s): %s",
+        size - published,
+        path.name,
+        p,
+        log_path,
+        UNPUBLISHED_REASON,
+    )
+    return {"segment": str(path), "truncated_bytes": size - published, "reason": UNPUBLISHED_REASON}

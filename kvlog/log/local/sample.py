@@ -58,8 +58,9 @@ class DirtSample:
 
     Records may be shown in any order (a scan of old records while appends go
     on): offsets decide which record of a key is the newest. Each record must
-    be shown exactly once; ``pending`` lists the offset ranges not shown yet.
-    Callers hold the log's lock.
+    be shown exactly once; ``pending`` lists the offset ranges not shown yet,
+    in offset order (records another process appended are added to it as this
+    one sees them). Callers hold the log's lock.
     """
 
     __slots__ = ("dead", "latest", "level", "pending")
@@ -73,6 +74,29 @@ class DirtSample:
         self.dead: dict[int, list[int]] = {}
         #: Offset ranges ``[low, high)`` whose records the sample has not been shown yet.
         self.pending = pending
+
+    def add_pending(self, low: int, high: int) -> None:
+        """Records ``[low, high)`` were published without being shown (another process appended them)."""
+        if high <= low:
+            return
+        if self.pending and self.pending[-1][1] == low:
+            self.pending[-1] = (self.pending[-1][0], high)
+        else:
+            self.pending.append((low, high))
+
+    def counted_below(self, upto: int) -> None:
+        """Every pending record below offset ``upto`` was shown (the ranges are in offset order)."""
+        pending = self.pending
+        while pending and pending[0][0] < upto:
+            high = pending[0][1]
+            if high > upto:
+                pending[0] = (upto, high)
+                return
+            pending.pop(0)
+
+    def uncounted(self) -> int:
+        """How many offsets the sample has not been shown (the records of ``pending``, gaps included)."""
+        return sum(high - low for low, high in self.pending)
 
     @property
     def threshold(self) -> int:

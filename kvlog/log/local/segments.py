@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import operator
+import os
 import struct
 import zlib
 from collections.abc import Iterator, Sequence
@@ -155,6 +156,15 @@ class Segment:
         self.index_positions: list[int] = []
         #: Set when compaction replaced this segment's file: a reader on it finds its position again.
         self.replaced = False
+        #: The file's inode and modification time when this object was made: a reload of the
+        #: directory (another process may have compacted) keeps the object only if they match.
+        self.ino = 0
+        self.mtime_ns = 0
+
+    def identify(self, st: os.stat_result) -> Segment:
+        """Record which file this is (``st``: its stat); return the segment."""
+        self.ino, self.mtime_ns = st.st_ino, st.st_mtime_ns
+        return self
 
     def index_appended_frame(self, offset: int, position: int) -> None:
         """Index a frame (sparsely) as it is appended or written, past every frame indexed so far."""
