@@ -1,22 +1,34 @@
-"""The LMDB cache: the log folded up to a checkpoint.
+"""The LMDB cache: the log folded up to a checkpoint, shared by every process on the machine.
 
 :class:`Cache` keeps key and value bytes, as the log holds them, in an LMDB
 table ``data``, and in a table ``meta`` the checkpoint they reach and the
 identity of the log they mirror. A batch and its checkpoint commit in one
-transaction, so the cache is always the log folded up to its checkpoint. A
-damaged cache is found before LMDB opens it (:mod:`kvlog.cachecheck`) and set
-aside. See docs/design.md, "The cache".
+transaction, so the cache is always the log folded up to its checkpoint. Any
+number of processes open one cache directory at once: a write transaction
+commits a batch only if the checkpoint is still the one its records follow
+(:class:`CheckpointMoved` otherwise), so replay stays in log order whoever
+runs it. The LMDB environment lives in a *generation* directory named by the
+``HEAD`` file; a rebuild beside the live cache (:meth:`Cache.new_generation`,
+:meth:`Cache.switch_to`) flips ``HEAD`` and every process follows it at its
+next read. A damaged cache is found before LMDB opens it
+(:mod:`kvlog.cachecheck`) and set aside. See docs/design.md, "The cache".
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import logging
+import mmap
 import os
+import shutil
+import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +36,12 @@ import lmdb
 import msgpack
 
 from . import _fork
-from ._files import DEFAULT_FILE_MODE, check_file_mode, fsync_dir, make_dirs, write_file_atomically
+from ._files import DEFAULT_FILE_MODE, check_file_mode, fsync_dir, make_dirs, open_file, write_file_atomically
 from .cachecheck import check_meta_pages, check_structure, file_signature
 from .errors import BadRecordError, CacheError, ClosedError, CodecError
+from .log.base import Record
 
-__all__ = ["DEFAULT_MAP_SIZE", "Cache"]
+__all__ = ["DEFAULT_MAP_SIZE", "MAX_READERS", "Cache", "CheckpointMoved"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +54,22 @@ _META_FORMAT = b"format"
 _META_IDENTITY = b"identity"
 _META_CHECKPOINT = b"checkpoint"
 _META_CURRENT_AT = b"current_at"
+#: Set in a generation's meta table when HEAD moved past it: nothing may be applied to it any more.
+_META_SUPERSEDED = b"superseded"
+
+#: Reader slots of the LMDB environment: one per read transaction open at a
+#: time, over all the processes sharing the cache (kvlog's reads are short).
+MAX_READERS = 2048
+
+#: The cache directory's files (see docs/design.md, "The cache"): HEAD names
+#: the live generation; LOCK is held while the directory changes (an open, a
+#: switch, a close); every process with the cache open holds USERS shared.
+_HEAD = "HEAD"
+_HEAD_MAGIC = b"KVLCACH1"
+_HEAD_LAYOUT = struct.Struct("<8sQ")
+_ADMIN_LOCK = "LOCK"
+_USERS_LOCK = "USERS"
+_GENERATION_PREFIX = "gen-"
 
 #: Present while the cache is written without fsync: the boot it is written in.
 _UNSYNCED = "UNSYNCED"
@@ -70,6 +99,10 @@ def _boot_id() -> str | None:
     except OSError:
         return None
 
+
+#: apply_appended checks the map's headroom once every this many commits
+#: (small batches; a batch that does not fit is written again after growing).
+_HEADROOM_CHECK_EVERY = 64
 
 #: Keys read per read transaction while iterating, so that a slow consumer of
 #: an iterator never pins an old snapshot (nor blocks a map resize) for long.
@@ -102,14 +135,44 @@ def _bad_record(record: Any, reason: str) -> BadRecordError:
     )
 
 
+class CheckpointMoved(Exception):
+    """:meth:`Cache.apply` found another checkpoint than the one its records follow (nothing was written).
+
+    Another process (or thread) applied records meanwhile, or the cache was
+    rebuilt or replaced by a new generation: the caller reads the checkpoint
+    again and replays from there.
+    """
+
+
+#: Cache._head_words before HEAD is mapped and after close: generation -1 is nobody's.
+_NO_HEAD = (0, -1)
+
+
+def generation_name(generation: int) -> str:
+    """The directory name of a cache generation."""
+    return f"{_GENERATION_PREFIX}{generation:06d}"
+
+
+def _generations(path: Path) -> list[int]:
+    found = []
+    for entry in path.glob(_GENERATION_PREFIX + "*"):
+        suffix = entry.name[len(_GENERATION_PREFIX) :]
+        if suffix.isdigit() and entry.is_dir():
+            found.append(int(suffix))
+    return sorted(found)
+
+
 def _is_checkpoint(value: Any) -> bool:
     return isinstance(value, dict) and all(
         type(p) is int and type(o) is int and p >= 0 and o >= 0 for p, o in value.items()
     )
 
 
+packb = msgpack.packb
+
+
 def _pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+    return packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
 
 
 def _unpack(data: bytes) -> Any:
@@ -117,13 +180,17 @@ def _unpack(data: bytes) -> Any:
 
 
 class Cache:
-    """An LMDB environment holding the folded log and its checkpoint.
+    """The LMDB cache of a data directory, shared by every process that opens it.
 
-    One thread at a time writes (the replayer); any number of threads read.
+    Any number of threads read; writes (replay) are serialised by LMDB's
+    writer lock across processes and keep log order through the checkpoint
+    check of :meth:`apply`.
 
     Args:
-        path: directory of the LMDB environment; created if missing.
-        map_size: initial LMDB map size in bytes; it grows on demand.
+        path: the cache directory; created if missing. The LMDB environment
+            is in its live generation directory (:attr:`env_path`).
+        map_size: initial LMDB map size in bytes; it grows on demand (and a
+            process adopts the size another process grew it to).
         sync: fsync every commit. ``False`` suits a log that is not synced
             on every write either: a killed process loses nothing, and a cache
             an OS crash may have torn is deleted at the next open
@@ -147,6 +214,7 @@ class Cache:
         sync: bool = True,
         file_mode: int = DEFAULT_FILE_MODE,
         move_damaged: bool = False,
+        _builds: int | None = None,
     ) -> None:
         self.path = Path(path)
         self.file_mode = check_file_mode(file_mode)
@@ -155,57 +223,202 @@ class Cache:
         #: Where a damaged cache was set aside (``move_damaged=True``), if one was.
         self.moved_to: Path | None = None
         #: Seconds the structure check (:func:`~kvlog.cachecheck.check_structure`) took
-        #: at open; ``None`` when none was needed (a new cache, or one closed cleanly
-        #: and unchanged since).
+        #: at open; ``None`` when none was needed (a new cache, one closed cleanly
+        #: and unchanged since, or one other processes have open).
         self.structure_check_seconds: float | None = None
+        #: Whether this open found no other process using the cache (it checked the files).
+        self.first_user = False
         self._map_size = map_size
+        self._move_damaged = move_damaged
         # Why LMDB said the files are damaged at run time (see _damaged).
         self._damage: str | None = None
         self._forked = False
         boot = _boot_id()
+        self._boot = boot
         #: Whether every commit is synced to disk (``False`` only where the boot can be identified).
         self.sync = sync or boot is None
-        # Growing the map (mdb_env_set_mapsize) needs every read transaction of
-        # this process closed. Readers register without a lock, on the hot path:
-        # a reader appends to _active_readers and then checks _readers_blocked; a
-        # resizer (or close) sets _readers_blocked and then checks _active_readers.
-        # Both list operations and attribute accesses are atomic and ordered under
-        # the GIL, so at least one side sees the other (Dekker): the reader backs
-        # off and waits at _readers_gate, or the resizer waits there for it.
-        # Unregistering readers wake a waiting resizer.
+        # Growing or replacing the map (mdb_env_set_mapsize, a generation
+        # switch) needs every read transaction of this process closed. Readers
+        # register without a lock, on the hot path: a reader appends to
+        # _active_readers and then checks _readers_blocked; a resizer (or
+        # close) sets _readers_blocked and then checks _active_readers. Both
+        # list operations and attribute accesses are atomic and ordered under
+        # the GIL, so at least one side sees the other (Dekker): the reader
+        # backs off and waits at _readers_gate, or the resizer waits there for
+        # it. Unregistering readers wake a waiting resizer.
         self._readers_gate = threading.Condition(threading.Lock())
         self._active_readers: list[None] = []
         self._readers_blocked = False
         self._resize_lock = threading.Lock()
+        # One write transaction of this process at a time (LMDB allows one per
+        # thread, but a resize or switch must not run under another thread's).
+        self._write_lock = threading.RLock()
+        self._admin_mutex = threading.RLock()
+        self._admin_depth = 0
+        # The writers' fast path checks the map's headroom every so many commits.
+        self._appended_commits = 0
+        self._pages_at_last_check = 0
+        self._last_appended: tuple[Mapping[int, int] | None, bytes] = (None, b"")
         self._closed = False
+        self._admin_fd: int | None = None
+        self._users_fd: int | None = None
+        self._head_map: mmap.mmap | None = None
+        # HEAD's words once mapped; until then (and after close) a stand-in
+        # whose generation matches none, so that get() takes its slow path.
+        self._head_words: memoryview | tuple[int, int] = _NO_HEAD
+        #: A builder (see new_generation) writes its own generation and never follows HEAD.
+        self._detached = _builds is not None
+        self._generation = 0
         try:
             make_dirs(self.path, self.file_mode)
-            self._discard_if_torn(boot)
-            created = [name for name in _LMDB_FILES if not (self.path / name).exists()]
-            damage = self._inspect()
-            if damage is not None:
-                created = self._set_aside(damage, move_damaged)
-            if not self.sync:
-                self._mark_unsynced(boot)
-            try:
-                self._open_env(created)
-            except _DAMAGE_ERRORS as exc:
-                # LMDB refused what the checks let through (or the files changed meanwhile).
-                created = self._set_aside(f"LMDB cannot open it: {exc}", move_damaged)
+            self._admin_fd = open_file(self.path / _ADMIN_LOCK, os.O_RDWR, self.file_mode)
+            self._users_fd = open_file(self.path / _USERS_LOCK, os.O_RDWR, self.file_mode)
+            with self._admin():
+                # The first process to open the cache checks its files; the
+                # others found it in use, checked by whoever opened it first.
+                self.first_user = self._try_lock(self._users_fd, fcntl.LOCK_EX)
+                fcntl.flock(self._users_fd, fcntl.LOCK_SH)
+                self._open_head()
+                if _builds is not None:
+                    self._generation = _builds
+                    make_dirs(self.env_path, self.file_mode)
+                    created = list(_LMDB_FILES)
+                else:
+                    if self.first_user:
+                        self._remove_stale_generations()
+                    self._generation = self._head_generation()
+                    created = self._prepare_live_generation(boot)
                 if not self.sync:
                     self._mark_unsynced(boot)
-                self._open_env(created)
-        except CacheError:
+                try:
+                    self._open_env(created)
+                except _DAMAGE_ERRORS as exc:
+                    # LMDB refused what the checks let through (or the files changed meanwhile).
+                    created = self._set_aside(f"LMDB cannot open it: {exc}", move_damaged)
+                    if not self.sync:
+                        self._mark_unsynced(boot)
+                    self._open_env(created)
+        except BaseException as exc:
+            self._release_files()
+            if isinstance(exc, CacheError):
+                raise
+            if isinstance(exc, lmdb.Error | OSError):
+                raise CacheError(f"cannot open the cache at {self.path}: {exc}") from exc
             raise
-        except lmdb.Error as exc:
-            raise CacheError(f"cannot open the cache at {self.path}: {exc}") from exc
-        except OSError as exc:
-            raise CacheError(f"cannot open the cache at {self.path}: {exc}") from exc
         _fork.register(self)
+        self._suspended = False
+        _open_caches.add(self)
+
+    # -- the cache directory -------------------------------------------------
+
+    @property
+    def env_path(self) -> Path:
+        """The directory of the LMDB environment this process reads (the live generation)."""
+        return self.path / generation_name(self._generation)
+
+    @property
+    def generation(self) -> int:
+        """The generation this process reads (see :meth:`new_generation`)."""
+        return self._generation
+
+    @contextlib.contextmanager
+    def _admin(self) -> Iterator[None]:
+        """Hold the cache directory's LOCK: one process at a time opens, switches or closes.
+
+        Re-entrant within this process. Taken before _write_lock and before
+        any LMDB write transaction, never after (one lock order for all).
+        """
+        with self._admin_mutex:
+            if self._admin_depth == 0:
+                if self._admin_fd is None:
+                    raise self._closed_error()
+                fcntl.flock(self._admin_fd, fcntl.LOCK_EX)
+            self._admin_depth += 1
+            try:
+                yield
+            finally:
+                self._admin_depth -= 1
+                if self._admin_depth == 0 and self._admin_fd is not None:
+                    fcntl.flock(self._admin_fd, fcntl.LOCK_UN)
+
+    def directory_lock(self) -> contextlib.AbstractContextManager[None]:
+        """Hold the cache directory's lock: no other process opens, switches or closes the cache meanwhile.
+
+        For a decision that must not race another process's, such as
+        whether to rebuild a stale cache at open.
+        """
+        return self._admin()
+
+    @staticmethod
+    def _try_lock(fd: int, kind: int) -> bool:
+        try:
+            fcntl.flock(fd, kind | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        return True
+
+    def _open_head(self) -> None:
+        """Map HEAD (creating it, or moving a cache of the one-directory layout into generation 1)."""
+        head = self.path / _HEAD
+        if not head.exists():
+            if (self.path / "data.mdb").exists() and self.first_user:
+                # A cache written before generations: its environment becomes generation 1.
+                target = self.path / generation_name(1)
+                make_dirs(target, self.file_mode)
+                for name in (*_LMDB_FILES, _UNSYNCED, _CLOSED, _DAMAGED):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.rename(self.path / name, target / name)
+                fsync_dir(self.path)
+            self._write_head(1)
+        fd = os.open(head, os.O_RDWR)
+        try:
+            self._head_map = mmap.mmap(fd, _HEAD_LAYOUT.size)
+        finally:
+            os.close(fd)
+        magic, _ = _HEAD_LAYOUT.unpack_from(self._head_map, 0)
+        if magic != _HEAD_MAGIC:
+            raise CacheError(f"{head} is not a kvlog cache head (delete the cache directory: it is rebuilt)")
+        # Word 1 is the generation: a read compares it with its own, a memory read, no system call.
+        self._head_words = memoryview(self._head_map).cast("Q")
+
+    def _write_head(self, generation: int) -> None:
+        """Point HEAD at ``generation`` (callers hold LOCK); durable before it returns."""
+        data = _HEAD_LAYOUT.pack(_HEAD_MAGIC, generation)
+        if self._head_map is None:
+            write_file_atomically(self.path / _HEAD, data, sync=True, file_mode=self.file_mode)
+            return
+        # Rewritten in place (not renamed): every process has this file mapped.
+        self._head_map[:] = data
+        self._head_map.flush()
+
+    def _head_generation(self) -> int:
+        return int(self._head_words[1])
+
+    def _remove_stale_generations(self) -> None:
+        """Delete generations other than HEAD's: rebuilds a process died in, or ones a switch left."""
+        live = self._head_generation()
+        for generation in _generations(self.path):
+            if generation != live:
+                shutil.rmtree(self.path / generation_name(generation), ignore_errors=True)
+
+    def _prepare_live_generation(self, boot: str | None) -> list[str]:
+        """Check HEAD's generation before LMDB opens it (first user only); return the files LMDB creates."""
+        make_dirs(self.env_path, self.file_mode)
+        created = [name for name in _LMDB_FILES if not (self.env_path / name).exists()]
+        if not self.first_user:
+            return created
+        self._discard_if_torn(boot)
+        created = [name for name in _LMDB_FILES if not (self.env_path / name).exists()]
+        damage = self._inspect()
+        if damage is not None:
+            created = self._set_aside(damage, self._move_damaged)
+        return created
 
     def _open_env(self, created: list[str]) -> None:
         self._env = lmdb.open(
-            str(self.path),
+            str(self.env_path),
             map_size=self._map_size,
             max_dbs=4,
             # A cache is rebuildable, so it trades the last transaction's
@@ -216,35 +429,37 @@ class Cache:
             # have torn is found by its UNSYNCED file and rebuilt, never read.
             sync=self.sync,
             readahead=False,
-            max_readers=512,
+            max_readers=MAX_READERS,
             mode=self.file_mode,
         )
         try:
             for name in created:
-                os.chmod(self.path / name, self.file_mode)  # LMDB created them through the umask
+                with contextlib.suppress(FileNotFoundError):
+                    os.chmod(self.env_path / name, self.file_mode)  # LMDB created them through the umask
             # A reader process killed by SIGKILL leaves its slot in lock.mdb taken.
             self._env.reader_check()
             self._page_size = int(self._env.stat()["psize"])
             self._data = self._env.open_db(b"data")
             self._meta = self._env.open_db(b"meta")
+            self._begin = self._env.begin
         except BaseException:
             self._env.close()
             raise
 
     def _inspect(self) -> str | None:
-        """Why the files at ``path`` must not be opened, or ``None``.
+        """Why the files of the live generation must not be opened, or ``None``.
 
         In order: LMDB reported damage before (a ``DAMAGED`` file); the meta
         pages (always, plain reads); unless ``data.mdb`` is exactly as a clean
         close left it, the structure check in a child process.
         """
         try:
-            reason = (self.path / _DAMAGED).read_text(errors="replace").strip()
+            reason = (self.env_path / _DAMAGED).read_text(errors="replace").strip()
         except FileNotFoundError:
             reason = None
         if reason is not None:
             return reason or "LMDB reported damage"
-        data_file = self.path / "data.mdb"
+        data_file = self.env_path / "data.mdb"
         try:
             size = data_file.stat().st_size
         except FileNotFoundError:
@@ -255,23 +470,22 @@ class Cache:
         if reason is not None or self._unchanged_since_closed(data_file):
             return reason
         started = time.monotonic()
-        reason = check_structure(self.path, size, self.file_mode)
+        reason = check_structure(self.env_path, size, self.file_mode)
         self.structure_check_seconds = round(time.monotonic() - started, 3)
         return reason
 
     def _unchanged_since_closed(self, data_file: Path) -> bool:
         """Whether data.mdb is exactly as the last clean close left it."""
         try:
-            closed = json.loads((self.path / _CLOSED).read_bytes())
+            closed = json.loads((self.env_path / _CLOSED).read_bytes())
             return bool(closed == file_signature(data_file))
         except (OSError, ValueError):
             return False
 
     def _set_aside(self, reason: str, move: bool) -> list[str]:
-        """Move the damaged cache out of the way and make an empty directory in its place.
+        """Move the damaged generation out of the way; the next generation, empty, becomes HEAD's.
 
-        Returns:
-            The LMDB files the next open creates (all of them).
+        Callers hold LOCK. Returns the LMDB files the next open creates (all of them).
 
         Raises:
             CacheError: ``move`` is false, or the directory cannot be moved.
@@ -288,8 +502,12 @@ class Cache:
             n += 1
             target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
         try:
-            os.rename(self.path, target)
-            make_dirs(self.path, self.file_mode)
+            os.rename(self.env_path, target)
+            generation = max([self._generation, *_generations(self.path)]) + 1
+            make_dirs(self.path / generation_name(generation), self.file_mode)
+            self._write_head(generation)
+            self._generation = generation
+            fsync_dir(self.path)
             fsync_dir(self.path.parent)
         except OSError as exc:
             raise CacheError(
@@ -301,7 +519,7 @@ class Cache:
         return list(_LMDB_FILES)
 
     def _discard_if_torn(self, boot: str | None) -> None:
-        marker = self.path / _UNSYNCED
+        marker = self.env_path / _UNSYNCED
         try:
             written_in = marker.read_text().strip()
         except FileNotFoundError:
@@ -313,10 +531,10 @@ class Cache:
             "(an OS crash can tear unsynced LMDB pages)"
         )
         for name in ("data.mdb", "lock.mdb", _UNSYNCED, _CLOSED):
-            (self.path / name).unlink(missing_ok=True)
+            (self.env_path / name).unlink(missing_ok=True)
 
     def _mark_unsynced(self, boot: str | None) -> None:
-        marker = self.path / _UNSYNCED
+        marker = self.env_path / _UNSYNCED
         if marker.exists():
             return
         write_file_atomically(marker, f"{boot}\n".encode(), sync=True, file_mode=self.file_mode)
@@ -338,8 +556,10 @@ class Cache:
         log.error("the cache at %s is damaged: %s", self.path, reason)
         try:
             # Without CLOSED the next open checks the structure even if DAMAGED cannot be written.
-            (self.path / _CLOSED).unlink(missing_ok=True)
-            write_file_atomically(self.path / _DAMAGED, reason.encode(), sync=True, file_mode=self.file_mode)
+            (self.env_path / _CLOSED).unlink(missing_ok=True)
+            write_file_atomically(
+                self.env_path / _DAMAGED, reason.encode(), sync=True, file_mode=self.file_mode
+            )
         except OSError as exc:
             log.warning("cannot mark the cache at %s as damaged: %s", self.path, exc)
 
@@ -353,18 +573,93 @@ class Cache:
             return ClosedError(_fork.after_fork_message(f"the cache at {self.path}"))
         return ClosedError(f"the cache at {self.path} is closed")
 
+    def _suspend_for_fork(self) -> None:
+        """Before fork(): hold off this process's writer and readers, and close the environment."""
+        self._write_lock.acquire()
+        self._resize_lock.acquire()
+        with self._readers_gate:
+            self._suspended = not self._closed
+            self._readers_blocked = True
+            while self._active_readers:
+                self._readers_gate.wait()
+        if self._suspended:
+            self._env.close()
+
+    def _resume_after_fork(self) -> None:
+        """After fork(), in the parent: open the environment again and let readers and the writer in."""
+        try:
+            if self._suspended:
+                self._suspended = False
+                try:
+                    self._open_env([])
+                except lmdb.Error as exc:
+                    log.error("cannot open the cache at %s again after fork(): %s", self.path, exc)
+                    self._closed = True
+        finally:
+            with self._readers_gate:
+                self._readers_blocked = self._closed
+                self._readers_gate.notify_all()
+            self._resize_lock.release()
+            self._write_lock.release()
+
     def _abandon_after_fork(self) -> None:
-        """In a forked child: refuse every use; close() leaves the parent's environment alone."""
+        """In a forked child: refuse every use; close() leaves the parent's files alone."""
         self._forked = True
         self._closed = True
         self._readers_blocked = True
         # Locks another thread of the parent held at the fork stay held forever in the child.
         self._readers_gate = threading.Condition(threading.Lock())
         self._resize_lock = threading.Lock()
+        self._write_lock = threading.RLock()
+        self._admin_mutex = threading.RLock()
+        self._admin_depth = 0
         self._active_readers = []
+        # The lock files' descriptors share their flock with the parent's: kept
+        # open here, they would keep a lock of a parent that died holding it.
+        # Closing them does not unlock the parent's.
+        for fd in (self._admin_fd, self._users_fd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._admin_fd = self._users_fd = None
+
+    # -- following HEAD -----------------------------------------------------
+
+    def _follow_head(self) -> None:
+        """Switch to the generation HEAD names now (another process rebuilt the cache beside it).
+
+        Readers of this process are shut out meanwhile; the old environment's
+        files stay readable until every process has let go of them.
+        """
+        with self._write_lock, self._readers_shut_out():
+            while not self._closed:
+                generation = self._head_generation()
+                if generation == self._generation:
+                    return
+                old = self._env
+                self._generation = generation
+                try:
+                    self._open_env([])
+                except lmdb.Error as exc:
+                    if not (self.env_path / "data.mdb").exists():
+                        continue  # replaced again meanwhile: HEAD names a newer one
+                    self._env = old
+                    raise CacheError(
+                        f"cannot open generation {generation} of the cache at {self.path}: {exc}"
+                    ) from exc
+                old.close()
+                log.info("the cache at %s moved to generation %d", self.path, generation)
+
+    def _adopt_map_size(self) -> None:
+        """Another process grew the map: map the larger size here too."""
+        with self._write_lock, self._readers_shut_out():
+            self._env.set_mapsize(0)
 
     def _begin_read(self, **kwargs: Any) -> lmdb.Transaction[Any]:
-        """Begin a read transaction; if the reader table is full, clear dead readers' slots and retry once."""
+        """Begin a read transaction (callers registered as readers).
+
+        If the reader table is full, clear dead readers' slots and retry once.
+        """
         try:
             return self._env.begin(**kwargs)
         except lmdb.ReadersFullError:
@@ -376,6 +671,36 @@ class Cache:
                     f"every reader slot of the cache at {self.path} is taken by a live reader "
                     f"({self._env.max_readers()} slots: read transactions of all processes using it): {exc}"
                 ) from exc
+
+    @contextlib.contextmanager
+    def _reading(self, table: str | None = None, **kwargs: Any) -> Iterator[lmdb.Transaction[Any]]:
+        """A registered read transaction on the live generation, at the map size of the data.
+
+        ``table`` (``"data"`` or ``"meta"``) is the transaction's default
+        table, looked up once the generation is settled: following HEAD
+        replaces the environment and its table handles.
+        """
+        if self._closed:
+            raise self._closed_error()
+        for _ in range(3):
+            if not self._detached and self._head_generation() != self._generation:
+                self._follow_head()
+            self._register_reader()
+            try:
+                if table is not None:
+                    kwargs["db"] = self._data if table == "data" else self._meta
+                try:
+                    txn = self._begin_read(**kwargs)
+                except lmdb.MapResizedError:
+                    txn = None
+                if txn is not None:
+                    with txn:
+                        yield txn
+                    return
+            finally:
+                self._unregister_reader()
+            self._adopt_map_size()
+        raise CacheError(f"the cache at {self.path} keeps being resized under this process")
 
     # -- reading ------------------------------------------------------------
 
@@ -416,7 +741,10 @@ class Cache:
 
     def get(self, key: bytes) -> bytes | None:
         """Return the stored value bytes of ``key``, or ``None`` if absent."""
-        # _register_reader and _unregister_reader inlined: this is the point-read hot path.
+        # The point-read hot path: one comparison with HEAD (a memory read of
+        # a mapped file) and _register_reader / _unregister_reader inlined.
+        if self._head_words[1] != self._generation:
+            return self._get_slowly(key)
         active = self._active_readers
         active.append(None)
         if self._readers_blocked:
@@ -426,12 +754,12 @@ class Cache:
             # begin/get/abort without the context manager and with a positional
             # db: half the cost of the idiomatic form; a read transaction that
             # raised is aborted when it is collected.
-            txn = self._env.begin(self._data)
+            txn = self._begin(self._data)
             value: bytes | None = txn.get(key)
             txn.abort()
             return value
-        except lmdb.ReadersFullError:
-            return self._get_after_reader_check(key)
+        except (lmdb.ReadersFullError, lmdb.MapResizedError):
+            pass
         except lmdb.Error as exc:
             raise self._damaged(exc) from exc
         finally:
@@ -439,24 +767,25 @@ class Cache:
             if self._readers_blocked:
                 with self._readers_gate:
                     self._readers_gate.notify_all()
+        return self._get_slowly(key)
 
-    def _get_after_reader_check(self, key: bytes) -> bytes | None:
+    def _get_slowly(self, key: bytes) -> bytes | None:
+        """:meth:`get` after HEAD moved, the map grew elsewhere, or the reader table was full."""
+        if self._closed:
+            raise self._closed_error()
         try:
-            with self._begin_read(db=self._data) as txn:
+            with self._reading("data") as txn:
                 value: bytes | None = txn.get(key)
                 return value
         except lmdb.Error as exc:
             raise self._damaged(exc) from exc
 
     def __len__(self) -> int:
-        self._register_reader()
         try:
-            with self._begin_read() as txn:
+            with self._reading() as txn:
                 return int(txn.stat(self._data)["entries"])
         except lmdb.Error as exc:
             raise self._damaged(exc) from exc
-        finally:
-            self._unregister_reader()
 
     def items(
         self, *, start: bytes | None = None, stop: bytes | None = None, prefix: bytes | None = None
@@ -473,9 +802,8 @@ class Cache:
         inclusive = True
         while True:
             chunk: list[tuple[bytes, bytes]] = []
-            self._register_reader()
             try:
-                with self._begin_read(db=self._data, buffers=False) as txn:
+                with self._reading("data", buffers=False) as txn:
                     cursor = txn.cursor()
                     positioned = cursor.set_range(lower) if lower is not None else cursor.first()
                     if positioned and not inclusive and cursor.key() == lower:
@@ -485,8 +813,6 @@ class Cache:
                         positioned = cursor.next()
             except lmdb.Error as exc:
                 raise self._damaged(exc) from exc
-            finally:
-                self._unregister_reader()
             for key, value in chunk:
                 if stop is not None and key >= stop:
                     return
@@ -502,17 +828,27 @@ class Cache:
         for key, _ in self.items():
             yield key
 
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[tuple[dict[int, int], Iterator[tuple[bytes, bytes]]]]:
+        """The checkpoint and an iterator of every entry, read in ONE transaction (a context manager).
+
+        For a consistent view of a cache others keep writing (``kvlog verify``):
+        the entries are exactly the log folded up to that checkpoint. The
+        transaction stays open while the caller iterates; keep it short.
+        """
+        with self._reading(buffers=False) as txn:
+            raw = txn.get(_META_CHECKPOINT, db=self._meta)
+            checkpoint = dict(_unpack(raw)) if raw is not None else {}
+            yield checkpoint, iter(txn.cursor(db=self._data))
+
     # -- meta ---------------------------------------------------------------
 
     def _meta_get(self, name: bytes, valid: Callable[[Any], bool]) -> Any:
-        self._register_reader()
         try:
-            with self._begin_read(db=self._meta) as txn:
+            with self._reading("meta") as txn:
                 raw = txn.get(name)
         except lmdb.Error as exc:
             raise self._damaged(exc) from exc
-        finally:
-            self._unregister_reader()
         if raw is None:
             return None
         try:
@@ -547,20 +883,51 @@ class Cache:
         value = self._meta_get(_META_CURRENT_AT, lambda v: isinstance(v, int | float))
         return None if value is None else float(value)
 
-    # -- writing (the replayer only) ----------------------------------------
+    # -- writing (replay only) ----------------------------------------------
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[lmdb.Transaction[Any]]:
+        """A write transaction on the live generation, which the caller may abort by raising.
+
+        Raises :class:`CheckpointMoved` (nothing written) if the generation
+        was superseded: this process then follows HEAD.
+        """
+        if self._closed:
+            raise self._closed_error()
+        with self._write_lock:
+            if not self._detached and self._head_generation() != self._generation:
+                self._follow_head()
+            for _ in range(3):
+                try:
+                    txn = self._env.begin(write=True)
+                    break
+                except lmdb.MapResizedError:
+                    self._adopt_map_size()
+            else:
+                raise CacheError(f"the cache at {self.path} keeps being resized under this process")
+            try:
+                if txn.get(_META_SUPERSEDED, db=self._meta) is not None:
+                    raise CheckpointMoved("the cache moved to a new generation")
+                yield txn
+            except BaseException:
+                txn.abort()
+                raise
+            txn.commit()
 
     def mark_current(self, when: float) -> None:
-        """Record that at ``when`` the checkpoint was at the end of the log.
+        """Record that at ``when`` the checkpoint was at the end of the log (never moves it back).
 
         A reopened cache that is behind asks the log whether compaction dropped
         tombstones past its checkpoint since then (or, where the log cannot
         tell, compares the time away with the tombstone retention).
         """
-        if self._closed:
-            raise self._closed_error()
         try:
-            with self._env.begin(write=True, db=self._meta) as txn:
-                txn.put(_META_CURRENT_AT, _pack(when))
+            with self._writing() as txn:
+                raw = txn.get(_META_CURRENT_AT, db=self._meta)
+                if raw is None or float(_unpack(raw)) < when:
+                    txn.put(_META_CURRENT_AT, _pack(when), db=self._meta)
+        except CheckpointMoved:
+            return  # the next generation keeps its own mark
         except lmdb.Error as exc:
             raise self._damaged(exc, "write to") from exc
 
@@ -569,6 +936,7 @@ class Cache:
         records: Iterable[Any],
         checkpoint: Mapping[int, int],
         *,
+        expect: Mapping[int, int] | None = None,
         check: Callable[[bytes], object] | None = None,
         on_bad: Callable[[Any, str], object] | None = None,
         strict: bool = False,
@@ -585,6 +953,8 @@ class Cache:
         Args:
             records: the records, in log order.
             checkpoint: the positions that follow them, stored with them.
+            expect: the positions the records follow: the batch is written
+                only if the stored checkpoint is still exactly this.
             check: run on every value; an exception means the value is bad.
             on_bad: called as ``on_bad(record, reason)`` for each skipped
                 record, after the transaction committed.
@@ -594,39 +964,138 @@ class Cache:
             ``(applied, skipped)`` record counts.
 
         Raises:
+            CheckpointMoved: the stored checkpoint is not ``expect``, or the
+                cache moved to a new generation; nothing was written.
             BadRecordError: ``strict`` and a record is bad; nothing of this
                 batch was written.
             CacheError: LMDB failed (e.g. the disk is full); nothing of this
                 batch was written.
             ClosedError: the cache is closed.
         """
-        if self._closed:
-            raise ClosedError(f"the cache at {self.path} is closed")
         records = records if isinstance(records, list) else list(records)
         packed_checkpoint = _pack(dict(checkpoint))
-        # The writer does not pass the reader gate: only the writer ever
-        # resizes, and only between its own transactions, so readers are the
-        # only transactions a resize must wait for. (Passing the gate here
-        # would let busy readers starve replay of the gate's lock.)
-        pages_before = self._env.info()["last_pgno"]
-        while True:
-            bad: list[tuple[Any, str]] = []  # of the attempt that commits: a retry starts again
-            try:
-                applied = self._apply_once(records, packed_checkpoint, check, bad, strict)
-                break
-            except lmdb.MapFullError:
-                pass  # grow, then write the whole batch again: the failed txn was aborted
-            except lmdb.Error as exc:
-                raise CacheError(f"cannot write to the cache at {self.path}: {exc}") from exc
-            self._grow()
-        self._keep_headroom(pages_before)
+        packed_expect = None if expect is None else _pack(dict(expect))
+        # The writer does not pass the reader gate: resizes happen only
+        # between this process's write transactions (under _write_lock), so
+        # readers are the only transactions a resize must wait for. (Passing
+        # the gate here would let busy readers starve replay of the gate's lock.)
+        with self._write_lock:
+            pages_before = self._env.info()["last_pgno"]
+            while True:
+                bad: list[tuple[Any, str]] = []  # of the attempt that commits: a retry starts again
+                try:
+                    with self._writing() as txn:
+                        if packed_expect is not None:
+                            self._check_expected(txn, packed_expect, expect)
+                        applied = self._apply_in(txn, records, packed_checkpoint, check, bad, strict)
+                    break
+                except lmdb.MapFullError:
+                    pass  # grow, then write the whole batch again: the failed txn was aborted
+                except lmdb.Error as exc:
+                    raise CacheError(f"cannot write to the cache at {self.path}: {exc}") from exc
+                self._grow()
+            self._keep_headroom(pages_before)
         if on_bad is not None:
             for record, reason in bad:
                 on_bad(record, reason)
         return applied, len(bad)
 
-    def _apply_once(
+    def apply_appended(
         self,
+        records: Sequence[tuple[bytes, bytes | None]],
+        before: Mapping[int, int],
+        after: Mapping[int, int],
+    ) -> bool:
+        """A writer's own ``(key, value)`` records, just appended: apply them if the checkpoint is ``before``.
+
+        The write path of the embedded log (see docs/design.md, "The store"):
+        the same transaction :meth:`apply` writes (the records, then
+        ``after`` as the checkpoint, only if the stored checkpoint is
+        ``before``), without the value checks (the store's own codec encoded
+        the values) and with less bookkeeping per call.
+
+        Returns:
+            Whether the records were applied. ``False`` (nothing written) if
+            the checkpoint is elsewhere, or the cache moved to a new generation.
+        """
+        if self._closed:
+            raise self._closed_error()
+        # Writes of one process follow each other: its last checkpoint is
+        # usually this one's "before", already packed.
+        last = self._last_appended
+        packed_before = last[1] if last[0] == before else _pack(before)
+        packed_after = packb(after, use_bin_type=True)
+        with self._write_lock:
+            words = self._head_words
+            if words[1] != self._generation and not self._detached:
+                self._follow_head()
+            try:
+                txn = self._env.begin(write=True)
+            except lmdb.MapResizedError:
+                return self._apply_appended_slowly(records, before, after)
+            try:
+                # Begun after any switch committed, so HEAD already names the
+                # next generation if this one was superseded (switch_to writes
+                # HEAD inside its transaction).
+                if words[1] != self._generation and not self._detached:
+                    txn.abort()
+                    return False
+                # The checkpoint is swapped for the new one in one call; the
+                # old one decides whether the transaction commits at all.
+                stored = txn.replace(_META_CHECKPOINT, packed_after, db=self._meta)
+                if stored != packed_before and (stored is None or _unpack(stored) != dict(before)):
+                    txn.abort()
+                    return False
+                data = self._data
+                for key, value in records:
+                    if value is None:
+                        txn.delete(key, db=data)
+                    else:
+                        txn.put(key, value, db=data)
+                txn.commit()
+                self._last_appended = (after, packed_after)
+            except lmdb.MapFullError:
+                txn.abort()
+                return self._apply_appended_slowly(records, before, after)
+            except BaseException as exc:
+                txn.abort()
+                if isinstance(exc, lmdb.Error):
+                    raise CacheError(f"cannot write to the cache at {self.path}: {exc}") from exc
+                raise
+            self._appended_commits += 1
+            if self._appended_commits % _HEADROOM_CHECK_EVERY == 0:
+                self._keep_headroom(self._pages_at_last_check)
+                self._pages_at_last_check = self._env.info()["last_pgno"]
+        return True
+
+    def _apply_appended_slowly(
+        self,
+        records: Sequence[tuple[bytes, bytes | None]],
+        before: Mapping[int, int],
+        after: Mapping[int, int],
+    ) -> bool:
+        # apply() wants record objects; their partitions and offsets do not matter here.
+        batch = [Record(0, 0, key, value) for key, value in records]
+        try:
+            self.apply(batch, after, expect=before)
+        except CheckpointMoved:
+            return False
+        return True
+
+    def _check_expected(
+        self, txn: lmdb.Transaction[Any], packed_expect: bytes, expect: Mapping[int, int] | None
+    ) -> None:
+        stored = txn.get(_META_CHECKPOINT, db=self._meta)
+        if stored == packed_expect:
+            return
+        # The same positions may be packed in another key order.
+        if stored is not None and expect is not None and _unpack(stored) == dict(expect):
+            return
+        raise CheckpointMoved("the checkpoint moved")
+
+    def _apply_in(
+        self,
+        txn: lmdb.Transaction[Any],
         records: list[Any],
         packed_checkpoint: bytes,
         check: Callable[[bytes], object] | None,
@@ -636,41 +1105,42 @@ class Cache:
         # The one pass over the batch: the key check and the value check sit
         # in it, rather than in a pass of their own, because replay speed is
         # this loop's speed (a try block costs nothing until it catches).
-        with self._env.begin(write=True) as txn:
-            cursor = txn.cursor(self._data)
-            put = cursor.put
-            delete = txn.delete
-            data = self._data
-            for record in records:
-                key = record.key
-                if not key or len(key) > 511:
-                    bad.append((record, _key_problem(key)))
+        cursor = txn.cursor(self._data)
+        put = cursor.put
+        delete = txn.delete
+        data = self._data
+        for record in records:
+            key = record.key
+            if not key or len(key) > 511:
+                bad.append((record, _key_problem(key)))
+                if strict:
+                    raise _bad_record(record, bad[-1][1])  # aborts the transaction
+                continue
+            value = record.value
+            if value is None:
+                delete(key, db=data)
+                continue
+            if check is not None:
+                try:
+                    check(value)
+                except Exception as exc:  # any failure of a user codec means a bad value
+                    bad.append((record, _value_problem(exc)))
                     if strict:
-                        raise _bad_record(record, bad[-1][1])  # aborts the transaction
+                        raise _bad_record(record, bad[-1][1]) from exc
                     continue
-                value = record.value
-                if value is None:
-                    delete(key, db=data)
-                    continue
-                if check is not None:
-                    try:
-                        check(value)
-                    except Exception as exc:  # any failure of a user codec means a bad value
-                        bad.append((record, _value_problem(exc)))
-                        if strict:
-                            raise _bad_record(record, bad[-1][1]) from exc
-                        continue
-                put(key, value)
-            txn.put(_META_CHECKPOINT, packed_checkpoint, db=self._meta)
+            put(key, value)
+        txn.put(_META_CHECKPOINT, packed_checkpoint, db=self._meta)
         return len(records) - len(bad)
 
     def reset(self, identity: Mapping[str, Any], checkpoint: Mapping[int, int] | None = None) -> None:
         """Drop every entry and bind the cache to ``identity``, in one transaction.
 
-        A crash during a reset leaves either the old cache or an empty cache
+        Every process sees the empty cache fill again as replay proceeds
+        (:meth:`new_generation` rebuilds beside the live cache instead). A
+        crash during a reset leaves either the old cache or an empty cache
         bound to the new identity; both are consistent. A cache LMDB reported
         damaged (:attr:`damaged`) is first set aside and replaced by an empty
-        environment: dropping the entries of a damaged tree walks its bad pages.
+        generation: dropping the entries of a damaged tree walks its bad pages.
 
         Raises:
             CacheError: LMDB failed, or a damaged cache cannot be set aside.
@@ -681,15 +1151,12 @@ class Cache:
             if self._damage is not None:
                 self._replace_damaged()
             try:
-                with self._env.begin(write=True) as txn:
-                    txn.drop(self._data, delete=False)
-                    txn.put(_META_FORMAT, _pack(_FORMAT), db=self._meta)
-                    txn.put(_META_IDENTITY, _pack(dict(identity)), db=self._meta)
-                    txn.put(_META_CHECKPOINT, _pack(dict(checkpoint or {})), db=self._meta)
-                    # A replay from the log start that begins now misses no delete
-                    # unless the log drops tombstones before the replay reaches
-                    # them: the same bound as a cache that was current now.
-                    txn.put(_META_CURRENT_AT, _pack(time.time()), db=self._meta)
+                with self._write_lock:
+                    try:
+                        with self._writing() as txn:
+                            self._reset_in(txn, identity, checkpoint)
+                    except CheckpointMoved:
+                        continue  # a new generation: reset that one
                 return
             except lmdb.Error as exc:
                 fresh = self.moved_to is not None and self._damage is None
@@ -698,10 +1165,22 @@ class Cache:
                     raise error from exc
                 # The drop found the damage: set the cache aside and reset the new one (once).
 
+    def _reset_in(
+        self, txn: lmdb.Transaction[Any], identity: Mapping[str, Any], checkpoint: Mapping[int, int] | None
+    ) -> None:
+        txn.drop(self._data, delete=False)
+        txn.put(_META_FORMAT, _pack(_FORMAT), db=self._meta)
+        txn.put(_META_IDENTITY, _pack(dict(identity)), db=self._meta)
+        txn.put(_META_CHECKPOINT, _pack(dict(checkpoint or {})), db=self._meta)
+        # A replay from the log start that begins now misses no delete
+        # unless the log drops tombstones before the replay reaches
+        # them: the same bound as a cache that was current now.
+        txn.put(_META_CURRENT_AT, _pack(time.time()), db=self._meta)
+
     def _replace_damaged(self) -> None:
-        """Close the environment, set its damaged files aside and open an empty one in their place."""
+        """Set the damaged generation aside and open an empty one in its place (HEAD follows)."""
         assert self._damage is not None
-        with self._readers_shut_out():
+        with self._admin(), self._write_lock, self._readers_shut_out():
             self._env.close()
             try:
                 created = self._set_aside(self._damage, move=True)
@@ -715,6 +1194,119 @@ class Cache:
                 raise
             self._damage = None
         log.warning("%s; it is rebuilt from the log", self.discarded)
+
+    # -- rebuilding beside the live cache -------------------------------------
+
+    def new_generation(self, identity: Mapping[str, Any]) -> Cache:
+        """Start a new, empty generation bound to ``identity``, beside the live one.
+
+        Replay fills it (it is a :class:`Cache` of its own, which never
+        follows HEAD) while every process keeps reading the live generation;
+        :meth:`switch_to` then makes it the live one for all of them. A
+        process that dies meanwhile leaves a directory the next first user
+        deletes.
+        """
+        if self._closed:
+            raise self._closed_error()
+        with self._admin():
+            generation = max([self._head_generation(), *_generations(self.path)]) + 1
+            make_dirs(self.path / generation_name(generation), self.file_mode)
+        builder = Cache(
+            self.path,
+            map_size=self._map_size,
+            sync=self.sync,
+            file_mode=self.file_mode,
+            _builds=generation,
+        )
+        try:
+            builder.reset(identity)
+        except BaseException:
+            builder.discard()
+            raise
+        return builder
+
+    def switch_to(self, builder: Cache) -> bool:
+        """Make ``builder``'s generation the live one, if it holds at least what the live one holds.
+
+        In one write transaction of the live generation (so no replay can
+        move it meanwhile): if ``builder``'s checkpoint is at or past the live
+        checkpoint in every partition, HEAD is pointed at the builder's
+        generation and the live one is marked superseded. Every process reads
+        the new one from its next read on; none sees an older value than it
+        saw before. This process takes over the builder's environment (the
+        builder is closed).
+
+        Returns:
+            ``False`` (nothing changed) if the live generation is ahead of the
+            builder in some partition: replay the builder further and try again.
+        """
+        if self._closed:
+            raise self._closed_error()
+        if self._damage is not None or (self.env_path / _DAMAGED).exists():
+            # Nothing of a damaged generation can be trusted, so nothing of it
+            # is compared or written: it is set aside, and the builder's
+            # generation, complete as of now, becomes the live one.
+            self._switch_from_damaged(builder)
+            return True
+        built = builder.checkpoint()
+        with self._admin(), self._write_lock:
+            try:
+                with self._writing() as txn:
+                    raw = txn.get(_META_CHECKPOINT, db=self._meta)
+                    live = dict(_unpack(raw)) if raw is not None else {}
+                    if any(built.get(p, 0) < offset for p, offset in live.items()):
+                        raise _NotReady
+                    txn.put(_META_SUPERSEDED, _pack(builder.generation), db=self._meta)
+                    self._write_head(builder.generation)
+            except _NotReady:
+                return False
+            except CheckpointMoved:
+                return False  # another process switched first: this process now reads its generation
+            old_path = self.env_path
+            # The builder's handle closes before this process opens the
+            # generation again: LMDB forbids two handles on one environment
+            # in a process (closing one drops the other's file locks).
+            builder.close()
+            self._follow_head()
+        shutil.rmtree(old_path, ignore_errors=True)  # other processes keep their open files until they switch
+        return True
+
+    def _switch_from_damaged(self, builder: Cache) -> None:
+        with self._admin(), self._write_lock, self._readers_shut_out():
+            self._env.close()
+            reason = self._damage or (self.env_path / _DAMAGED).read_text(errors="replace").strip()
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+            n = 1
+            while target.exists():
+                n += 1
+                target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
+            self._write_head(builder.generation)
+            builder.close()
+            try:
+                os.rename(self.env_path, target)
+                fsync_dir(self.path.parent)
+            except OSError as exc:
+                log.warning("cannot move the damaged cache %s aside (%s); deleting it", self.env_path, exc)
+                shutil.rmtree(self.env_path, ignore_errors=True)
+            else:
+                self.moved_to = target
+                self.discarded = f"the cache was damaged ({reason}); it was moved aside to {target}"
+            self._generation = builder.generation
+            self._open_env([])
+            self._damage = None
+        log.warning(
+            "%s; the cache rebuilt from the log replaces it",
+            self.discarded or "the damaged cache was deleted",
+        )
+
+    def discard(self) -> None:
+        """Close a builder that will not be switched to, and delete its generation."""
+        path = self.env_path
+        self.close()
+        shutil.rmtree(path, ignore_errors=True)
+
+    # -- growing the map ---------------------------------------------------------
 
     def _keep_headroom(self, pages_before: int) -> None:
         """Grow the map after a batch if the next one like it might not fit twice over.
@@ -735,7 +1327,7 @@ class Cache:
             self._grow()
 
     def _grow(self) -> None:
-        with self._readers_shut_out():
+        with self._write_lock, self._readers_shut_out():
             new_size = self._env.info()["map_size"] * 2
             try:
                 self._env.set_mapsize(new_size)
@@ -778,17 +1370,22 @@ class Cache:
         return self._env
 
     def disk_bytes(self) -> int:
-        """Bytes the cache files take on disk."""
+        """Bytes the live generation's files take on disk."""
         total = 0
-        for name in ("data.mdb", "lock.mdb"):
+        for name in _LMDB_FILES:
             try:
-                total += (self.path / name).stat().st_blocks * 512
+                total += (self.env_path / name).stat().st_blocks * 512
             except OSError:
                 pass
         return total
 
     def close(self) -> None:
-        """Close the environment once no reader is inside. Idempotent."""
+        """Close the environment once no reader is inside. Idempotent.
+
+        The last process to close the cache syncs it (if it was written
+        without fsync) and records what its file looks like, so that the next
+        first open skips the structure check.
+        """
         with self._readers_gate:
             if self._closed:
                 return
@@ -797,23 +1394,56 @@ class Cache:
             while self._active_readers:
                 self._readers_gate.wait()
         _fork.unregister(self)
+        _open_caches.discard(self)
+        if self._detached:
+            # A builder: never the last user of the directory (its opener still
+            # holds the cache), and closed by switch_to under the directory lock.
+            try:
+                with self._write_lock:
+                    self._env.close()
+            finally:
+                self._release_files()
+            return
         try:
-            marker = self.path / _UNSYNCED
-            if marker.exists():
-                # Everything is on disk now: the cache survives a reboot.
-                self._env.sync(True)
-                marker.unlink()
-                fsync_dir(self.path)
+            with self._admin(), self._write_lock:
+                last = self._users_fd is not None and self._try_lock(self._users_fd, fcntl.LOCK_EX)
+                try:
+                    if last:
+                        self._close_last()
+                finally:
+                    self._env.close()
+                    if last and self._damage is None:
+                        self._note_clean_close()
         finally:
-            self._env.close()
-        if self._damage is None:
-            self._note_clean_close()
+            self._release_files()
+
+    def _close_last(self) -> None:
+        marker = self.env_path / _UNSYNCED
+        if marker.exists():
+            # Everything is on disk now: the cache survives a reboot.
+            self._env.sync(True)
+            marker.unlink()
+            fsync_dir(self.env_path)
+
+    def _release_files(self) -> None:
+        if isinstance(self._head_words, memoryview):
+            self._head_words.release()
+        self._head_words = _NO_HEAD
+        if self._head_map is not None:
+            with contextlib.suppress(BufferError, ValueError):
+                self._head_map.close()
+            self._head_map = None
+        for fd in (self._users_fd, self._admin_fd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)  # drops this process's flocks
+        self._users_fd = self._admin_fd = None
 
     def _note_clean_close(self) -> None:
         """Record what data.mdb looks like now, so that the next open can skip the structure check."""
         try:
-            data = json.dumps(file_signature(self.path / "data.mdb")).encode()
-            write_file_atomically(self.path / _CLOSED, data, sync=False, file_mode=self.file_mode)
+            data = json.dumps(file_signature(self.env_path / "data.mdb")).encode()
+            write_file_atomically(self.env_path / _CLOSED, data, sync=False, file_mode=self.file_mode)
         except OSError as exc:  # a full disk: the next open checks the structure instead
             log.debug("cannot record the clean close of the cache at %s: %s", self.path, exc)
 
@@ -825,3 +1455,39 @@ class Cache:
     def __repr__(self) -> str:
         state = " (unusable after fork)" if self._forked else " closed" if self._closed else ""
         return f"<Cache {str(self.path)!r}{state}>"
+
+
+class _NotReady(Exception):
+    """switch_to: the builder is behind the live generation."""
+
+
+# -- fork() -------------------------------------------------------------------------
+#
+# A child cannot use an LMDB environment its parent opened, nor close it (that
+# would abort the parent's transactions it inherited, freeing their slots in the
+# shared reader table), and py-lmdb refuses to open the same files again while
+# the inherited handle is open. So around a fork every open cache of the process
+# closes its environment, with its readers and writer held off, and the parent
+# opens it again right after: the child starts with no handle, free to open the
+# cache anew (a KVLog reopens itself there at its first use).
+
+_open_caches: weakref.WeakSet[Cache] = weakref.WeakSet()
+
+
+def _before_fork() -> None:
+    for cache in list(_open_caches):
+        cache._suspend_for_fork()
+
+
+def _after_fork_in_parent() -> None:
+    for cache in list(_open_caches):
+        cache._resume_after_fork()
+
+
+def _after_fork_in_child() -> None:
+    _open_caches.clear()
+
+
+os.register_at_fork(
+    before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
+)

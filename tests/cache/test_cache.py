@@ -235,8 +235,10 @@ def test_an_unsynced_cache_outlives_a_killed_process(tmp_path: Path, boot: Path)
     cache = Cache(tmp_path / "cache")
     assert cache.discarded is None
     assert len(cache) == 500 and cache.checkpoint() == {0: 500}
+    env_path = cache.env_path
+    assert (env_path / "UNSYNCED").exists()  # the killed writer's marker, still there while open
     cache.close()
-    assert not (tmp_path / "cache" / "UNSYNCED").exists()  # synced and closed: now it survives a reboot too
+    assert not (env_path / "UNSYNCED").exists()  # synced and closed: now it survives a reboot too
 
 
 def test_an_unsynced_cache_left_open_across_a_reboot_is_discarded(tmp_path: Path, boot: Path) -> None:
@@ -250,7 +252,7 @@ def test_an_unsynced_cache_left_open_across_a_reboot_is_discarded(tmp_path: Path
 
 def test_an_unsynced_cache_closed_cleanly_survives_a_reboot(tmp_path: Path, boot: Path) -> None:
     cache = Cache(tmp_path / "cache", sync=False)
-    assert not cache.sync and (tmp_path / "cache" / "UNSYNCED").read_text() == "boot-1\n"
+    assert not cache.sync and (cache.env_path / "UNSYNCED").read_text() == "boot-1\n"
     cache.apply([rec(b"k", b"v")], {0: 1})
     cache.close()
     boot.write_text("boot-2\n")
@@ -263,7 +265,7 @@ def test_a_synced_cache_has_no_marker_and_without_a_boot_id_nothing_is_unsynced(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cache = Cache(tmp_path / "a")
-    assert cache.sync and not (tmp_path / "a" / "UNSYNCED").exists()
+    assert cache.sync and cache.env_path.is_dir() and not (cache.env_path / "UNSYNCED").exists()
     cache.close()
     monkeypatch.setattr("kvlog.cache._BOOT_ID", tmp_path / "missing")
     cache = Cache(tmp_path / "b", sync=False)
