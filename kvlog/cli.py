@@ -307,7 +307,6 @@ def _open(args: argparse.Namespace, target: Target, *, progress: Any = None, **k
             # `kvlog get` wait for a pass at close. `kvlog compact` runs one.
             log = LocalLog(target.path / "log", background_compaction=False)
             try:
-                # Read under the log's lock: no other writer can rebind the cache meanwhile.
                 codec = _codec(args, target)
             except BaseException:
                 log.close()
@@ -355,7 +354,7 @@ def _recorded_codec(cache_dir: Path) -> str | None:
     """
     from .cache import Cache
 
-    if not (cache_dir / "data.mdb").is_file():
+    if not (cache_dir / "HEAD").is_file() and not (cache_dir / "data.mdb").is_file():
         return None
     try:
         cache = Cache(cache_dir)
@@ -782,6 +781,7 @@ def _cmd_rewarm(args: argparse.Namespace, target: Target) -> int:
     bar = ReplayBar("rewarm")
     kv = None
     resumed = ""
+    beside = False  # a rebuild beside the live cache, which an interrupt abandons
     try:
         if args.resume:
             # An interrupted rewarm left a consistent partial cache: opening the
@@ -816,6 +816,7 @@ def _cmd_rewarm(args: argparse.Namespace, target: Target) -> int:
                 bar.finish()
                 records, seconds = kv.open_replay["records"], time.monotonic() - started
             else:
+                beside = True
                 result = kv.rewarm(progress=bar)
                 bar.finish()
                 records, seconds = result["records"], result["seconds"]
@@ -830,11 +831,21 @@ def _cmd_rewarm(args: argparse.Namespace, target: Target) -> int:
             # the cache on disk is the log folded up to this checkpoint.
             checkpoint = _committed_checkpoint(target.cache_dir)
             where = offsets(checkpoint, bar.target or None) if checkpoint else "the log start"
-            print(
-                f"kvlog: interrupted; the cache is consistent at {where}; "
-                f"kvlog {target.argv()} rewarm --resume continues from there",
-                file=sys.stderr,
-            )
+            if beside:
+                # The new cache was being built beside the live one, which no
+                # process stopped reading: it is as it was, and the partial
+                # one is deleted.
+                print(
+                    f"kvlog: interrupted; the rewarm was abandoned and the live cache is unchanged "
+                    f"(consistent at {where}); kvlog {target.argv()} rewarm starts it again",
+                    file=sys.stderr,
+                )
+            else:
+                print(
+                    f"kvlog: interrupted; the cache is consistent at {where}; "
+                    f"kvlog {target.argv()} rewarm --resume continues from there",
+                    file=sys.stderr,
+                )
         return EXIT_INTERRUPTED
     finally:
         bar.close()

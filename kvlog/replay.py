@@ -8,6 +8,18 @@ through :meth:`Replayer.step`. A writer waits until the applied position of
 its record's partition is past its offset; ``sync()`` waits until every
 partition reaches an end-offset snapshot.
 
+The cache is shared by every process that opens the data directory, and
+any of them may replay into it: a batch commits only if the cache's
+checkpoint is still the one the batch follows (see
+:class:`~kvlog.cache.CheckpointMoved`), so whoever replays, the cache moves
+forward in log order. On a Kafka log one process per cache directory
+follows the topic: the one whose follower thread holds the replay lock
+(``REPLAY`` in the cache directory); when it dies another takes over. On the
+embedded log every writer puts its own records into the cache before it
+returns (see :meth:`kvlog.KVLog.__setitem__`), and the follower only picks
+up records nobody applied (a writer killed between its append and its
+apply, another program appending to the log).
+
 It also keeps the cache honest while it runs: it rebuilds from the log start
 rather than apply records after the cache was away from the log end for longer
 than the log keeps tombstones, or after the log changed under it (a recreated
@@ -18,13 +30,18 @@ docs/design.md, "Replay", has the reasoning of each.
 from __future__ import annotations
 
 import collections
+import contextlib
+import errno
+import fcntl
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .cache import Cache
+from ._files import open_file
+from .cache import Cache, CheckpointMoved
 from .errors import BadRecordError, ClosedError, KVLogError, SyncTimeoutError
 from .log import Log, LogReader, PositionOutOfRangeError, partitions_changed_error
 
@@ -53,6 +70,18 @@ MIN_GUARDED_RETENTION_SECONDS = 1.0
 RETRY_PAUSE_SECONDS = 0.1
 #: The shortest attempt to read them (a deadline about to pass still gets one try).
 END_OFFSETS_MIN_SECONDS = 0.05
+#: How often a process whose follower is not the replayer tries to become it
+#: (the replayer's process died: another takes over within about this long).
+TAKEOVER_POLL_SECONDS = 0.25
+#: On the embedded log: how often the follower checks for records nobody applied.
+ORPHAN_CHECK_SECONDS = 0.05
+#: The longest pause between two looks at the shared checkpoint while another
+#: process replays what a caller waits for (the pause starts shorter).
+SHARED_WAIT_MAX_SECONDS = 0.005
+#: The longest poll of a step that holds the replay lock for itself only (Kafka).
+LOCKED_POLL_SECONDS = 0.05
+#: The replay lock's file in the cache directory.
+REPLAY_LOCK = "REPLAY"
 #: How many of the last quarantined records ``quarantined`` keeps.
 QUARANTINE_KEPT = 10
 #: Quarantined records logged one by one per batch; the rest are summed up.
@@ -75,6 +104,11 @@ class Replayer:
         check: run on every value replayed (the codec's ``value_check``); a
             value it raises on is a bad record.
         on_bad_record: ``"quarantine"`` (skip, count, log) or ``"raise"``.
+        single_replayer: one process per cache directory replays (a Kafka
+            topic: the follower that holds the replay lock); otherwise any
+            process replays what it waits for (the embedded log).
+        lock: take the replay lock at all (a rebuild beside the live cache
+            replays into its own generation and does not).
     """
 
     def __init__(
@@ -86,6 +120,8 @@ class Replayer:
         on_rebuild: Callable[[str], None] | None = None,
         check: Callable[[bytes], object] | None = None,
         on_bad_record: str = "quarantine",
+        single_replayer: bool = False,
+        lock: bool = True,
     ) -> None:
         if on_bad_record not in BAD_RECORD_POLICIES:
             raise ValueError(f"on_bad_record must be one of {', '.join(map(repr, BAD_RECORD_POLICIES))}")
@@ -95,6 +131,17 @@ class Replayer:
         self._on_rebuild = on_rebuild
         self._check = check
         self._strict = on_bad_record == "raise"
+        self._on_bad_record = on_bad_record
+        self._single = single_replayer
+        # The replay lock: an flock, so it dies with its process. Held by the
+        # follower for as long as it follows (single replayer), or for one
+        # step. flock belongs to the open file, shared by this process's
+        # threads: _pull_lock keeps them apart, and _role_held says whether
+        # this process's follower is the replayer.
+        self._lock_fd: int | None = (
+            open_file(cache.path / REPLAY_LOCK, os.O_RDWR, cache.file_mode) if lock else None
+        )
+        self._role_held = False
         self._cond = threading.Condition()
         # Held by whoever reads from the reader and writes the cache: the
         # follower, or a caller driving replay itself. KafkaConsumer is not
@@ -143,16 +190,59 @@ class Replayer:
         # A "current" mark decided while the follower held the pull lock; it
         # writes it after its step (see _note_current).
         self._current_pending = False
-        self._open_reader()
+        # The checkpoint the reader's positions follow (empty: the log start).
+        self._stored: dict[int, int] = {}
+        try:
+            self._open_reader()
+        except BaseException:
+            self._release_files()
+            raise
 
-    def _open_reader(self) -> None:
-        checkpoint = self._cache.checkpoint()
-        begin = self._log.begin_offsets()
-        positions = {p: checkpoint.get(p, begin[p]) for p in range(self._log.partitions)}
+    def _open_reader(self, stored: Mapping[int, int] | None = None) -> None:
+        """Open a reader at the shared checkpoint (``stored``, read now if not given)."""
+        checkpoint = self._cache.checkpoint() if stored is None else dict(stored)
+        positions = self._start_positions(checkpoint)
         self._reader = self._log.open_reader(positions)
+        self._stored = checkpoint
         with self._cond:
             self._positions = positions
             self._cond.notify_all()
+
+    def _start_positions(self, checkpoint: Mapping[int, int]) -> dict[int, int]:
+        partitions = range(self._log.partitions)
+        if all(p in checkpoint for p in partitions):
+            return {p: checkpoint[p] for p in partitions}
+        begin = self._log.begin_offsets()
+        return {p: checkpoint.get(p, begin[p]) for p in partitions}
+
+    # -- the replay lock ----------------------------------------------------
+
+    def _try_lock(self, blocking: bool) -> bool:
+        if self._lock_fd is None:
+            return True
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        return True
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    @property
+    def replaying_here(self) -> bool:
+        """Whether this process's follower is the replayer of the cache directory (single replayer)."""
+        return self._role_held
+
+    def _release_files(self) -> None:
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)  # also releases the replay lock
+            self._lock_fd = None
+            self._role_held = False
 
     def _drop_reader(self) -> None:
         # The next step opens a new reader at the cache's checkpoint: after a
@@ -165,9 +255,18 @@ class Replayer:
 
     @property
     def positions(self) -> dict[int, int]:
-        """The applied position of every partition (equals the cache's checkpoint)."""
+        """The applied position of every partition: the shared cache's checkpoint, read now."""
+        return self._refresh_positions()
+
+    def _refresh_positions(self) -> dict[int, int]:
+        """Read the shared checkpoint (any process may have moved it) into ``_positions``."""
+        checkpoint = self._cache.checkpoint()
         with self._cond:
-            return dict(self._positions)
+            positions = dict(self._positions)
+            if checkpoint:
+                positions.update(checkpoint)
+            self._positions = positions
+            return dict(positions)
 
     @property
     def following(self) -> bool:
@@ -184,7 +283,10 @@ class Replayer:
             ``current_at`` (the time of the last end-offset snapshot the cache
             reached), ``last_error`` and ``last_error_at`` (the last error met
             while reading, applying or asking for the end offsets, retried or
-            not; ``None`` if none since open).
+            not; ``None`` if none since open), ``replaying_here`` (on a Kafka
+            log: whether this process is the one that follows the topic for
+            every process sharing the cache; ``None`` on the embedded log,
+            where every writer replays its own records).
         """
         error = self.last_error
         return {
@@ -193,6 +295,7 @@ class Replayer:
             "current_at": self._current_at,
             "last_error": None if error is None else error[1],
             "last_error_at": None if error is None else error[0],
+            "replaying_here": self._role_held if self._single else None,
         }
 
     def check_usable(self) -> None:
@@ -203,13 +306,19 @@ class Replayer:
 
     # -- pulling ------------------------------------------------------------
 
-    def step(self, timeout: float, *, max_records: int | None = None) -> int:
+    def step(
+        self, timeout: float, *, max_records: int | None = None, wait_for_lock: bool = True
+    ) -> int | None:
         """Read one batch (waiting up to ``timeout`` for its first record) and apply it.
 
-        ``max_records`` defaults to :data:`BATCH_RECORDS`.
+        ``max_records`` defaults to :data:`BATCH_RECORDS`. The step runs under
+        the replay lock (held already by this process's follower, if it is the
+        replayer). With a single replayer, another process's follower holds
+        it for good: then, or with ``wait_for_lock=False`` whenever another
+        process holds it, nothing is read and this returns ``None``.
 
         Returns:
-            The number of records read.
+            The number of records read, or ``None`` if another process replays.
 
         Raises:
             BadRecordError: ``on_bad_record="raise"`` and the batch holds a bad record.
@@ -218,6 +327,16 @@ class Replayer:
         with self._pull_lock:
             if self._closed:
                 raise ClosedError("the replayer is closed")
+            locked = False
+            if not self._role_held:
+                if not self._try_lock(wait_for_lock and not self._single):
+                    return None
+                locked = True
+                # A step that took the lock for itself is a catch-up: what it
+                # waits for is in the log already (the embedded log), or about
+                # to be fetched (Kafka). It must not hold the lock through an
+                # idle poll while other processes queue for it.
+                timeout = min(timeout, LOCKED_POLL_SECONDS if self._single else 0.0)
             try:
                 return self._step_locked(timeout, BATCH_RECORDS if max_records is None else max_records)
             except Exception as exc:
@@ -228,11 +347,21 @@ class Replayer:
                 if self._current_pending:
                     self._current_pending = False
                     self._write_current()
+                if locked:
+                    self._unlock()
 
     def _step_locked(self, timeout: float, max_records: int) -> int:
         self.check_usable()
+        stored = self._cache.checkpoint()
+        if self._reader is not None and stored != self._stored:
+            # Another process (or a writer of this one) applied records: read on from there.
+            self._drop_reader()
         if self._reader is None:
-            self._open_reader()
+            try:
+                self._open_reader(stored)
+            except PositionOutOfRangeError as exc:
+                self._rebuild_locked(str(exc))
+                return 0
         reader = self._reader
         assert reader is not None
         try:
@@ -264,7 +393,11 @@ class Replayer:
                 self._rebuild_locked(problem)
                 return 0
         if records or not unchanged:
-            self._apply(records, positions)
+            try:
+                self._apply(records, positions)
+            except CheckpointMoved:
+                self._drop_reader()  # someone else applied first: read again from where they left it
+                return 0
         self._track_current(positions)
         return len(records)
 
@@ -274,10 +407,13 @@ class Replayer:
             applied, skipped = self._cache.apply(
                 records,
                 positions,
+                expect=self._stored,
                 check=self._check,
                 on_bad=lambda r, why: bad.append((r, why)),
                 strict=self._strict,
             )
+        except CheckpointMoved:
+            raise
         except BadRecordError as exc:
             self._drop_reader()
             fatal = BadRecordError(
@@ -293,6 +429,7 @@ class Replayer:
         except BaseException:
             self._drop_reader()  # nothing of the batch was applied: read it again next time
             raise
+        self._stored = dict(positions)
         with self._cond:
             self._positions = positions
             self.last_progress_at = time.time()
@@ -329,11 +466,12 @@ class Replayer:
         self._reset_locked(identity)
         if self._on_rebuild is not None:
             self._on_rebuild(reason)
-        self._open_reader()
+        self._open_reader({})
 
     def _reset_locked(self, identity: Mapping[str, Any]) -> None:
         self._drop_reader()
         self._cache.reset(identity)
+        self._stored = {}
         with self._cond:
             # Reset marks the cache current as of now: a replay from the log
             # start misses no delete that is still in the log when it starts.
@@ -348,7 +486,7 @@ class Replayer:
         """Empty the cache, bind it to ``identity`` and replay again from the log start."""
         with self._pull_lock:
             self._reset_locked(identity)
-            self._open_reader()
+            self._open_reader({})
 
     # -- staying current ----------------------------------------------------
 
@@ -566,6 +704,7 @@ class Replayer:
     # -- waiting ------------------------------------------------------------
 
     def _reached(self, targets: Mapping[int, int]) -> bool:
+        # With self._cond held: what this process last read of the shared checkpoint.
         positions = self._positions
         return all(positions.get(p, 0) >= offset for p, offset in targets.items())
 
@@ -596,6 +735,7 @@ class Replayer:
         timeout: float | None,
         progress: Callable[[dict[int, int], dict[int, int]], None] | None,
     ) -> None:
+        pause = SHARED_WAIT_MAX_SECONDS / 8
         while True:
             with self._cond:
                 if self._closed:
@@ -604,8 +744,8 @@ class Replayer:
                 if self._error is not None:
                     error, self._error = self._error, None
                     raise error
-                reached = self._reached(targets)
-                positions = dict(self._positions)
+            positions = self._refresh_positions()
+            reached = all(positions.get(p, 0) >= offset for p, offset in targets.items())
             if progress is not None:
                 progress(positions, dict(targets))
             if reached:
@@ -617,27 +757,31 @@ class Replayer:
                     f"(applied {positions}, waiting for {dict(targets)}); "
                     "a write that timed out here is nevertheless in the log"
                 )
-            if self.following:
+            if self._role_held and self.following:
+                # This process's follower replays for everyone: it wakes us after each batch.
                 with self._cond:
-                    if (
-                        not self._reached(targets)
-                        and not self._closed
-                        and self._error is None
-                        and self._fatal is None
-                    ):
+                    if not self._reached(targets) and not self._closed and self._error is None:
                         self._cond.wait(timeout=min(remaining or 1.0, 1.0))
-            else:
-                try:
-                    self.step(min(remaining if remaining is not None else 1.0, 1.0))
-                except KVLogError as exc:
-                    # The log is out of reach for now (a leader failing over):
-                    # the reader resumes from the checkpoint, as the follower
-                    # would. A deadline bounds the retries; without one, the
-                    # caller decides.
-                    if not exc.retriable or exc is self._fatal or remaining is None:
-                        raise
-                    log.debug("replay paused while waiting: %s", exc)
-                    self._pause_before_retry(exc)
+                continue
+            try:
+                read = self.step(min(remaining if remaining is not None else 1.0, 1.0))
+            except KVLogError as exc:
+                # The log is out of reach for now (a leader failing over):
+                # the reader resumes from the checkpoint, as the follower
+                # would. A deadline bounds the retries; without one, the
+                # caller decides.
+                if not exc.retriable or exc is self._fatal or remaining is None:
+                    raise
+                log.debug("replay paused while waiting: %s", exc)
+                self._pause_before_retry(exc)
+                continue
+            if read is None:
+                # Another process replays (its follower holds the replay lock):
+                # look at the shared checkpoint again shortly.
+                with self._cond:
+                    if not self._closed:
+                        self._cond.wait(timeout=pause)
+                pause = min(pause * 2, SHARED_WAIT_MAX_SECONDS)
 
     # -- the follower -------------------------------------------------------
 
@@ -646,10 +790,32 @@ class Replayer:
         if self.following:
             return
         self._stop.clear()
-        self._follower = threading.Thread(target=self._follow, name="kvlog-follower", daemon=True)
+        target = self._follow if self._single else self._pick_up_orphans
+        self._follower = threading.Thread(target=target, name="kvlog-follower", daemon=True)
         self._follower.start()
 
     def _follow(self) -> None:
+        """The follower of a single-replayer cache: become the replayer, then follow the log."""
+        try:
+            while not self._stop.is_set():
+                if not self._role_held:
+                    with self._pull_lock:
+                        if self._closed:
+                            return
+                        self._role_held = self._try_lock(False)
+                    if not self._role_held:
+                        # Another process replays; take over when it is gone.
+                        self._stop.wait(TAKEOVER_POLL_SECONDS)
+                        continue
+                    log.info("this process now replays %s into %s", self._log.describe(), self._cache.path)
+                self._follow_steps()
+        finally:
+            with self._pull_lock:
+                if self._role_held and self._lock_fd is not None:
+                    self._unlock()
+                self._role_held = False
+
+    def _follow_steps(self) -> None:
         backoff = 0.1
         while not self._stop.is_set():
             try:
@@ -659,6 +825,7 @@ class Replayer:
                 return
             except Exception as exc:
                 if exc is self._fatal:
+                    self._stop.set()
                     return  # logged where it was found; sync() and writes raise it
                 if isinstance(exc, KVLogError) and exc.retriable:
                     # The log is out of reach for now (brokers restarting): the
@@ -673,6 +840,31 @@ class Replayer:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
 
+    def _pick_up_orphans(self) -> None:
+        """The follower on the embedded log: apply what stays unapplied for longer than one look.
+
+        Writers apply their own records before they return, so this reads
+        nothing while they do; records that stay behind the checkpoint (a
+        writer killed between its append and its apply, another program
+        appending) are replayed within two looks.
+        """
+        seen: dict[int, int] | None = None
+        while not self._stop.wait(ORPHAN_CHECK_SECONDS):
+            try:
+                end = self._log.end_offsets()
+                positions = self._refresh_positions()
+                if seen is not None and any(positions.get(p, 0) < offset for p, offset in seen.items()):
+                    self._wait(seen, time.monotonic() + 5.0, 5.0, None)
+                seen = end
+            except ClosedError:
+                return
+            except Exception as exc:  # noqa: BLE001 - logged and looked at again at the next look
+                if exc is self._fatal:
+                    return
+                log.warning("replay of records no writer applied failed: %s", exc)
+                self._note_error(exc)
+                seen = None
+
     def stop(self) -> None:
         """Stop the background follower and wait for it (idempotent)."""
         self._stop.set()
@@ -684,7 +876,7 @@ class Replayer:
             follower.join()
 
     def close(self) -> None:
-        """Stop following and close the reader. Idempotent."""
+        """Stop following, close the reader and let go of the replay lock. Idempotent."""
         self.stop()
         with self._pull_lock:
             if self._closed:
@@ -695,3 +887,68 @@ class Replayer:
             if self._reader is not None:
                 self._reader.close()
                 self._reader = None
+            self._release_files()
+
+    def rebuild_beside(
+        self,
+        identity: Mapping[str, Any],
+        timeout: float | None,
+        progress: Callable[[dict[int, int], dict[int, int]], None] | None = None,
+    ) -> int:
+        """Rebuild the cache from the log start in a new generation, then make it the live one.
+
+        Every process (this one too) keeps reading the live cache meanwhile;
+        the switch happens once the new generation holds at least what the
+        live one holds, so no reader ever sees a half-built cache or an older
+        value than it saw. A failure leaves the live cache as it was.
+
+        Returns:
+            The number of records the rebuild applied.
+
+        Raises:
+            SyncTimeoutError: not done within ``timeout`` seconds (the live cache is kept).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        builder = self._cache.new_generation(identity)
+        switched = False
+        sub: Replayer | None = None
+        try:
+            sub = Replayer(
+                self._log,
+                builder,
+                identity=lambda: identity,
+                check=self._check,
+                on_bad_record=self._on_bad_record,
+                lock=False,
+            )
+            sub.catch_up(timeout, progress=progress)
+            while not self._cache.switch_to(builder):
+                # Replay went on in the live cache meanwhile: follow it up, then try again.
+                sub.catch_up(None if deadline is None else max(0.001, deadline - time.monotonic()))
+            switched = True
+            return sub.records_replayed
+        finally:
+            if sub is not None:
+                sub.close()
+                with self._cond:
+                    self.records_replayed += sub.records_replayed
+                    self.records_quarantined += sub.records_quarantined
+                    self.quarantined.extend(sub.quarantined)
+            if not switched:
+                builder.discard()
+            with self._pull_lock:
+                self._drop_reader()  # the next step starts from the new generation's checkpoint
+                self._from_start = False
+                self._current_at = self._cache.current_at()
+
+    def abandon_after_fork(self) -> None:
+        """In a forked child: close the replay lock's descriptor (it shares the parent's lock)."""
+        self._closed = True
+        self._follower = None
+        self._pull_lock = threading.Lock()
+        self._cond = threading.Condition()
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)
+            self._lock_fd = None
+        self._role_held = False

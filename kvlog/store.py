@@ -13,9 +13,13 @@
   cache, in log order, run by a background follower thread or by the caller;
 * the **codec** (:mod:`kvlog.codec`): values to bytes and back.
 
-A write encodes and checks the record, appends it to the log and returns once
-replay has applied it (read-your-writes); a read is one LMDB lookup and one
-decode, with no lock and no log access. Opening compares the cache's identity
+Every process on a machine may open the same data directory at once and
+shares its log and its one cache. A write encodes and checks the record,
+appends it to the log and returns once the shared cache holds it
+(read-your-writes, in every process): on the embedded log the writer applies
+its own records in its own thread while it still holds the log's write lock,
+on Kafka it waits for the process that follows the topic. A read is one LMDB
+lookup and one decode, with no lock and no log access. Opening compares the cache's identity
 and checkpoint with the log: a cache that matches replays only what came after
 its checkpoint (a warm start), one that does not is rebuilt from the log start,
 never trusted. docs/design.md has the data flow, the invariants and the
@@ -28,6 +32,7 @@ from __future__ import annotations
 import logging
 import os
 import reprlib
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from pathlib import Path
@@ -46,6 +51,8 @@ __all__ = ["KVLog"]
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+# One reopen at a time in a forked child (threads started there may race to it).
+_reopen_lock = threading.Lock()
 _MISSING: Any = object()
 # A str key of at most this many characters encodes to at most MAX_KEY_SIZE
 # bytes of UTF-8 (4 bytes a character at worst), so reads skip the length check.
@@ -54,12 +61,55 @@ _FAST_KEY_CHARS = MAX_KEY_SIZE // 4
 #: Records sent per append call by :meth:`KVLog.update`.
 UPDATE_BATCH = 10_000
 
+# The caches this process has open, by directory: stores of one process on one
+# data directory share one Cache (LMDB forbids opening an environment twice in
+# a process: closing one handle drops the other's locks).
+_open_caches: dict[Path, list[Any]] = {}
+_open_caches_lock = threading.Lock()
+
+
+def _open_shared_cache(path: Path, **options: Any) -> Cache:
+    key = path.absolute()
+    with _open_caches_lock:
+        entry = _open_caches.get(key)
+        if entry is not None and not entry[0].closed:
+            entry[1] += 1
+            return entry[0]  # type: ignore[no-any-return]
+        cache = Cache(path, **options)
+        _open_caches[key] = [cache, 1]
+        return cache
+
+
+def _close_shared_cache(cache: Cache) -> None:
+    key = cache.path.absolute()
+    with _open_caches_lock:
+        entry = _open_caches.get(key)
+        if entry is not None and entry[0] is cache:
+            entry[1] -= 1
+            if entry[1] > 0:
+                return
+            del _open_caches[key]
+    cache.close()
+
+
+def _forget_caches_in_child() -> None:
+    global _open_caches_lock
+    _open_caches.clear()
+    _open_caches_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_caches_in_child)
+
 
 class KVLog(MutableMapping[Any, Any]):
     """A persistent dict over a compacted log, with reads served from a local LMDB cache.
 
     ``KVLog(path)`` is a database on one machine: an embedded compacted log in
-    ``path/log`` and the cache in ``path/cache``. ``KVLog(path,
+    ``path/log`` and the cache in ``path/cache``. Any number of processes open
+    the same ``path`` at once (a service's workers, the ``kvlog`` command
+    beside them), each with full read and write access, all sharing one
+    cache. A store opened before ``fork()`` opens again in the child at its
+    first use there (the gunicorn ``--preload`` pattern). ``KVLog(path,
     bootstrap_servers=..., topic=...)`` mirrors a compacted Kafka topic
     instead, with the same semantics. Opening replays whatever the log holds
     beyond the cache's checkpoint, so the store is ready when the constructor
@@ -122,7 +172,6 @@ class KVLog(MutableMapping[Any, Any]):
             created), or it has more partitions than when the cache was built.
         BadRecordError: ``on_bad_record="raise"`` and the log holds a record
             the cache cannot take.
-        LogLockedError: another process has the embedded log open.
         CacheError: the cache directory cannot be opened, or it is damaged and
             cannot be moved aside (a damaged cache is otherwise moved to
             ``path/cache.corrupt-<time>``, named in a warning and in ``rebuilds``,
@@ -181,6 +230,31 @@ class KVLog(MutableMapping[Any, Any]):
         self._timeout = timeout
         self._closed = True  # until fully open: close() must be safe on a half-built store
         self._forked = False
+        # What a forked child opens again (None: a log= object, which the child cannot reuse).
+        self._reopen_with: dict[str, Any] | None = (
+            None
+            if log is not None
+            else {
+                "bootstrap_servers": bootstrap_servers,
+                "topic": topic,
+                "codec": codec,
+                "key_type": key_type,
+                "follow": follow,
+                "timeout": timeout,
+                "ready_timeout": ready_timeout,
+                "partitions": partitions,
+                "replication_factor": replication_factor,
+                "topic_config": topic_config,
+                "create_topic": create_topic,
+                "allow_non_compacted": allow_non_compacted,
+                "kafka_config": kafka_config,
+                "map_size": map_size,
+                "fsync": fsync,
+                "file_mode": file_mode,
+                "on_bad_record": on_bad_record,
+            }
+        )
+        self._fast_apply = False
         self._cache: Cache | None = None
         self._replayer: Replayer | None = None
         self._log: Log | None = None
@@ -206,16 +280,20 @@ class KVLog(MutableMapping[Any, Any]):
                 kafka_config=kafka_config,
             )
         self._log = log
+        from .log.local import LocalLog
+
         try:
-            # The cache is synced on every commit unless the log is not either:
-            # then a reboot, not a killed process, is what can tear it, and the
-            # cache notices and is rebuilt (see kvlog.cache).
+            # On the embedded log the cache is written without fsync: the log
+            # is what a write makes durable (with fsync="always", one
+            # fdatasync per write, not two), and a cache an OS crash may have
+            # torn is found at the next open and rebuilt from the log (see
+            # kvlog.cache). On Kafka, replay commits large batches, each synced.
             def open_cache() -> Cache:
                 # A damaged cache is set aside (named in the rebuild reason) and rebuilt.
-                return Cache(
+                return _open_shared_cache(
                     self.path / "cache",
                     map_size=map_size,
-                    sync=not embedded or fsync == "always",
+                    sync=not isinstance(log, LocalLog),
                     file_mode=file_mode,
                     move_damaged=True,
                 )
@@ -233,10 +311,13 @@ class KVLog(MutableMapping[Any, Any]):
                 if self._replayer is not None:
                     self._replayer.close()
                     self._replayer = None
-                self._cache.close()
+                _close_shared_cache(self._cache)
                 self._cache = open_cache()
                 self._cache_get = self._cache.get
                 self._open_replay(ready_timeout, progress)
+            # The embedded log calls back while it still holds its write
+            # lock: the writer applies its own records (see _write).
+            self._fast_apply = isinstance(self._log, LocalLog)
             self._closed = False
             _fork.register(self)
             if follow:
@@ -305,15 +386,20 @@ class KVLog(MutableMapping[Any, Any]):
         progress: Callable[[dict[int, int], dict[int, int]], None] | None,
     ) -> None:
         assert self._cache is not None and self._log is not None
+        from .log.local import LocalLog
+
         started = time.monotonic()
         identity = self._identity()
-        reason = self._stale_reason(identity)
-        if reason is not None:
-            if reason != "new cache":
-                log.warning("rebuilding the cache at %s: %s", self.path, reason)
-            self.rebuilds.append(reason)
-            self._cache.reset(identity)
-        checkpoint_before = self._cache.checkpoint()
+        # Decided and done under the cache directory's lock: two processes
+        # opening a stale cache at once rebuild it once, not twice.
+        with self._cache.directory_lock():
+            reason = self._stale_reason(identity)
+            if reason is not None:
+                if reason != "new cache":
+                    log.warning("rebuilding the cache at %s: %s", self.path, reason)
+                self.rebuilds.append(reason)
+                self._cache.reset(identity)
+            checkpoint_before = self._cache.checkpoint()
         self._replayer = Replayer(
             self._log,
             self._cache,
@@ -321,6 +407,8 @@ class KVLog(MutableMapping[Any, Any]):
             on_rebuild=self.rebuilds.append,
             check=self._codec.value_check(),
             on_bad_record=self._on_bad_record,
+            # One process per cache follows a topic; on the embedded log every writer replays.
+            single_replayer=not isinstance(self._log, LocalLog),
         )
         self._replayer.catch_up(ready_timeout, progress=progress)
         self.open_replay: dict[str, Any] = {
@@ -334,21 +422,71 @@ class KVLog(MutableMapping[Any, Any]):
 
     def _check_open(self) -> None:
         if self._closed:
+            self._reopen_after_fork()
+
+    def _reopen_after_fork(self) -> None:
+        """In a child forked while this store was open: open it again here; otherwise raise ClosedError."""
+        if not self._forked or self._reopen_with is None:
             raise self._closed_error()
+        with _reopen_lock:
+            if self._closed:
+                log.debug("opening %s again in forked process %d", self.path, os.getpid())
+                self.__init__(self.path, **self._reopen_with)  # type: ignore[misc]
 
     def _write(self, records: Sequence[tuple[bytes, bytes | None]]) -> None:
-        """Append to the log, then wait until replay applied every record (read-your-writes)."""
+        """Append to the log, then wait until the shared cache holds every record (read-your-writes)."""
         assert self._log is not None and self._replayer is not None
         # A replay that stopped for good (partitions added to the topic, a bad
         # record under on_bad_record="raise") could never apply this write.
         self._replayer.check_usable()
         started = time.monotonic()
+        if self._fast_apply:
+            applied = self._append_and_apply(records)
+            if applied is None:
+                return
+            positions = applied
+        else:
+            positions = self._log.append(records, timeout=self._timeout)
+        self._wait_for_positions(positions, max(0.001, self._timeout - (time.monotonic() - started)))
+
+    def _wait_for_positions(self, positions: Sequence[tuple[int, int]], timeout: float) -> None:
+        """Wait until the shared cache holds the records appended at ``positions``."""
+        assert self._replayer is not None
         targets: dict[int, int] = {}
-        for partition, offset in self._log.append(records, timeout=self._timeout):
+        for partition, offset in positions:
             if offset + 1 > targets.get(partition, -1):
                 targets[partition] = offset + 1
-        remaining = max(0.001, self._timeout - (time.monotonic() - started))
-        self._replayer.wait_for(targets, remaining)
+        self._replayer.wait_for(targets, timeout)
+
+    def _append_and_apply(
+        self, records: Sequence[tuple[bytes, bytes | None]]
+    ) -> list[tuple[int, int]] | None:
+        """Append to the embedded log and put the records into the shared cache under its write lock.
+
+        While the log's write lock is held nothing else is appended, so if
+        the cache's checkpoint is the log end from before this append, these
+        records are exactly the next ones to replay: they commit in one LMDB
+        transaction with the new end as the checkpoint, without being read
+        back. Otherwise (records another writer appended but did not apply:
+        it was killed in between) the caller replays from the log.
+
+        Returns:
+            ``None`` if the records are in the cache, else their positions.
+        """
+        assert self._log is not None and self._cache is not None
+        apply = self._cache.apply_appended
+        done = False
+
+        def on_appended(
+            before: dict[int, int], positions: list[tuple[int, int]], after: dict[int, int]
+        ) -> None:
+            nonlocal done
+            done = apply(records, before, after)
+
+        positions: list[tuple[int, int]] = self._log.append(  # type: ignore[call-arg]
+            records, timeout=self._timeout, on_appended=on_appended
+        )
+        return None if done else positions
 
     # -- the mapping --------------------------------------------------------
 
@@ -358,7 +496,7 @@ class KVLog(MutableMapping[Any, Any]):
 
     def __getitem__(self, key: str | bytes) -> Any:
         if self._closed:
-            raise self._closed_error()
+            self._reopen_after_fork()  # raises ClosedError unless this is a forked child
         if type(key) is str and 0 < len(key) <= _FAST_KEY_CHARS:
             try:
                 data = key.encode()
@@ -374,7 +512,7 @@ class KVLog(MutableMapping[Any, Any]):
     def get(self, key: str | bytes, default: Any = None) -> Any:
         """Return the value of ``key``, or ``default`` if it is absent."""
         if self._closed:
-            raise self._closed_error()
+            self._reopen_after_fork()  # raises ClosedError unless this is a forked child
         if type(key) is str and 0 < len(key) <= _FAST_KEY_CHARS:
             try:
                 data = key.encode()
@@ -387,7 +525,7 @@ class KVLog(MutableMapping[Any, Any]):
 
     def __contains__(self, key: object) -> bool:
         if self._closed:
-            raise self._closed_error()
+            self._reopen_after_fork()  # raises ClosedError unless this is a forked child
         return self._cache_get(encode_key(key)) is not None  # type: ignore[arg-type]
 
     def __setitem__(self, key: str | bytes, value: Any) -> None:
@@ -406,9 +544,18 @@ class KVLog(MutableMapping[Any, Any]):
         A write that raised one may still be in the log (see
         :class:`~kvlog.KVLogError`).
         """
-        self._check_open()
-        record = (encode_key(key), self._codec.encode(value))
-        self._write([record])
+        if self._closed:
+            self._reopen_after_fork()  # raises ClosedError unless this is a forked child
+        records = [(encode_key(key), self._codec.encode(value))]
+        if self._fast_apply and self._replayer._fatal is None:  # type: ignore[union-attr]
+            # The embedded log's single write, without _write's generality: the
+            # write path is a few microseconds, so each call layer shows.
+            positions = self._append_and_apply(records)
+            if positions is None:
+                return
+            self._wait_for_positions(positions, self._timeout)
+            return
+        self._write(records)
 
     def __delitem__(self, key: str | bytes) -> None:
         """Write a tombstone for ``key``.
@@ -558,9 +705,11 @@ class KVLog(MutableMapping[Any, Any]):
 
         ``progress(applied, targets)`` is called with per-partition offsets as replay proceeds.
 
-        Reads during a rewarm see a prefix of the log (keys fill in as replay
-        proceeds). A crash during it leaves a consistent, partial cache that
-        the next open completes.
+        The new cache is built beside the live one: every process sharing the
+        cache (this one too) keeps reading and writing the live cache until
+        the new one holds at least as much, then all of them switch to it at
+        their next read; none ever sees a half-built cache. A crash during it
+        leaves the live cache as it was (the partial one is deleted later).
 
         Returns:
             ``{"records": n, "seconds": s}`` for the replay.
@@ -568,20 +717,9 @@ class KVLog(MutableMapping[Any, Any]):
         self._check_open()
         assert self._log is not None and self._replayer is not None
         started = time.monotonic()
-        before = self._replayer.records_replayed
-        following = self._replayer.following
-        self._replayer.stop()
-        try:
-            self._replayer.reset(self._identity())
-            self.rebuilds.append("rewarm")
-            self._replayer.catch_up(timeout, progress=progress)
-        finally:
-            if following:
-                self._replayer.start()
-        return {
-            "records": self._replayer.records_replayed - before,
-            "seconds": round(time.monotonic() - started, 3),
-        }
+        records = self._replayer.rebuild_beside(self._identity(), timeout, progress)
+        self.rebuilds.append("rewarm")
+        return {"records": records, "seconds": round(time.monotonic() - started, 3)}
 
     def stats(self) -> dict[str, Any]:
         """Return a snapshot of the store's state, for humans and monitoring.
@@ -589,7 +727,8 @@ class KVLog(MutableMapping[Any, Any]):
         Keys: ``path``, ``log`` (identity of the mirrored log), ``codec``,
         ``entries``, ``checkpoint`` and ``end_offsets`` per partition, ``lag``
         per partition and ``total_lag`` (``None`` when the log is unreachable),
-        ``bytes_on_disk``, ``map_size``, ``following``, ``records_replayed``
+        ``bytes_on_disk``, ``map_size``, ``cache_generation`` (the live
+        generation of the shared cache: a rewarm moves it on), ``following``, ``records_replayed``
         and ``records_quarantined`` since open, ``quarantined`` (the last few
         quarantined records as ``(partition, offset, reason)``),
         ``replay_health`` (when replay last moved forward or found the cache at
@@ -621,6 +760,7 @@ class KVLog(MutableMapping[Any, Any]):
             "total_lag": None if lag is None else sum(lag.values()),
             "bytes_on_disk": self._cache.disk_bytes(),
             "map_size": self._cache.map_size,
+            "cache_generation": self._cache.generation,
             "following": self._replayer.following,
             "replay_health": self._replayer.health(),
             "records_replayed": self._replayer.records_replayed,
@@ -644,7 +784,7 @@ class KVLog(MutableMapping[Any, Any]):
         if self._log is not None:
             self._log.close()
         if self._cache is not None:
-            self._cache.close()
+            _close_shared_cache(self._cache)
 
     @property
     def log(self) -> Log:
@@ -669,9 +809,11 @@ class KVLog(MutableMapping[Any, Any]):
         return ClosedError(f"{self!r} is closed")
 
     def _abandon_after_fork(self) -> None:
-        """In a forked child: every use raises, and close() leaves the parent's files alone."""
+        """In a forked child: the store opens again at its first use; close() leaves the parent's files alone."""
         self._forked = True
         self._closed = True
+        if self._replayer is not None:
+            self._replayer.abandon_after_fork()
 
     def __repr__(self) -> str:
         target = self._log.describe() if self._log is not None else "nothing"

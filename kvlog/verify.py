@@ -13,9 +13,11 @@ This is also what finds a flipped bit inside a stored value: LMDB keeps no
 checksums, so such a value is still a well-formed entry that no check of the
 cache's structure at open can tell from the one the log holds.
 
-The live cache must not move while it is compared: verify a store opened with
-``follow=False`` (as the ``kvlog`` command does). A checkpoint that moves
-during the comparison is reported as an error rather than as false differences.
+The live cache may keep moving while it is verified (other processes writing
+to a live database): the checkpoint and the entries are read in one LMDB read
+transaction, a snapshot that writers do not change. Keep in mind that a long
+verify holds that snapshot, so the cache file grows meanwhile by what is
+written (LMDB cannot reuse the pages the snapshot still reads).
 """
 
 from __future__ import annotations
@@ -96,8 +98,7 @@ def verify(
     """Replay ``kv``'s log into a scratch cache and compare it with ``kv``'s cache, key by key.
 
     Args:
-        kv: an open store, preferably opened with ``follow=False`` so that its
-            cache stands still while it is compared.
+        kv: an open store (other processes may go on writing to its data directory).
         progress: called as ``progress(applied, target)`` (partition -> offset
             dicts) while the scratch replay runs, like the store's own
             progress callbacks.
@@ -110,8 +111,7 @@ def verify(
 
     Raises:
         ValueError: the log no longer holds the records up to the checkpoint
-            (its start moved past them, or it ends before it), or the live
-            cache moved during the comparison.
+            (its start moved past them, or it ends before it).
         KVLogError: the log or a cache failed.
     """
     started = time.monotonic()
@@ -121,23 +121,23 @@ def verify(
     # deliberately does not expose.
     live: Cache | None = kv._cache
     assert live is not None
-    checkpoint = live.checkpoint()
-    report = VerifyReport(checkpoint=dict(checkpoint))
-    with tempfile.TemporaryDirectory(prefix="kvlog-verify-", dir=scratch_dir) as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="kvlog-verify-", dir=scratch_dir) as tmp,
+        # One read transaction: the checkpoint and the entries it describes,
+        # while other processes go on writing (they write new pages; this one
+        # keeps reading the old ones).
+        live.snapshot() as (checkpoint, entries),
+    ):
+        report = VerifyReport(checkpoint=dict(checkpoint))
         scratch = Cache(Path(tmp) / "cache")
         try:
             # The scratch replay skips what the store's replay quarantines, or
             # every quarantined record would show up as a difference.
             check = kv._codec.value_check()
             report.records = _replay_until(kv.log, scratch, checkpoint, progress, check)
-            _compare(live, scratch, report, limit)
+            _compare(entries, scratch, report, limit)
         finally:
             scratch.close()
-    if live.checkpoint() != checkpoint:
-        raise ValueError(
-            "the live cache moved while it was verified (a follower or a writer applied records); "
-            "verify a store opened with follow=False"
-        )
     report.seconds = round(time.monotonic() - started, 3)
     return report
 
@@ -196,7 +196,7 @@ def _check_reachable(log: Any, positions: dict[int, int], target: dict[int, int]
             )
 
 
-def _compare(live: Cache, scratch: Cache, report: VerifyReport, limit: int) -> None:
+def _compare(cached: Iterator[tuple[bytes, bytes]], scratch: Cache, report: VerifyReport, limit: int) -> None:
     """Walk both caches in key order (a merge join) and count every difference into ``report``."""
 
     def note(kind: str, key: bytes, expected: bytes | None, actual: bytes | None) -> None:
@@ -204,7 +204,6 @@ def _compare(live: Cache, scratch: Cache, report: VerifyReport, limit: int) -> N
         if len(report.differences) < limit:
             report.differences.append(Difference(kind, key, expected, actual))
 
-    cached: Iterator[tuple[bytes, bytes]] = live.items()
     replayed: Iterator[tuple[bytes, bytes]] = scratch.items()
     a = next(cached, None)
     b = next(replayed, None)
