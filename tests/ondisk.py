@@ -122,6 +122,33 @@ def fold_log(
     return state, end, after
 
 
+#: The first bytes of the embedded log's ``head`` file.
+LOG_HEAD_MAGIC = b"KVLHEAD1"
+
+
+def log_head_clean(log_dir: Path) -> bool:
+    """Whether the embedded log's head is marked clean (word 5: the last close synced and marked it)."""
+    data = (log_dir / "head").read_bytes()
+    assert data[:8] == LOG_HEAD_MAGIC, f"{log_dir}/head starts with {data[:8]!r}"
+    return bool(struct.unpack_from("<Q", data, 8 * 5)[0])
+
+
+#: The cache directory's HEAD file: magic, then the live generation (docs/design.md, "The cache").
+CACHE_HEAD_MAGIC = b"KVLCACH1"
+
+
+def cache_generation(cache_dir: Path) -> int:
+    """The live generation of the cache at ``cache_dir``, read from its HEAD file."""
+    data = (cache_dir / "HEAD").read_bytes()
+    assert len(data) >= 16 and data[:8] == CACHE_HEAD_MAGIC, f"{cache_dir}/HEAD is {data!r}"
+    return int(struct.unpack_from("<Q", data, 8)[0])
+
+
+def cache_env_dir(cache_dir: Path) -> Path:
+    """The directory of the live LMDB environment (data.mdb, lock.mdb, CLOSED, UNSYNCED, DAMAGED) of a cache."""
+    return cache_dir / f"gen-{cache_generation(cache_dir):06d}"
+
+
 def cache_contents(cache_dir: Path) -> tuple[dict[bytes, bytes], dict[int, int], dict[str, Any] | None]:
     cache = Cache(cache_dir)
     try:

@@ -33,6 +33,7 @@ from cli_helpers import (  # noqa: F401 (the fixture_* fixtures: pytest finds th
     one_error_line,
     one_line,
 )
+from ondisk import cache_env_dir
 
 import kvlog
 from kvlog import KVLog
@@ -42,8 +43,8 @@ from kvlog.verify import verify
 
 
 def raw_cache(data: Path) -> list[tuple[bytes, bytes]]:
-    """Every (key, value) of the LMDB cache at ``data/cache``, as stored bytes (no store may be open)."""
-    env = lmdb.open(str(data / "cache"), max_dbs=4, readonly=True, lock=False)
+    """Every (key, value) of the live LMDB cache of ``data``, as stored bytes (no store may be open)."""
+    env = lmdb.open(str(cache_env_dir(data / "cache")), max_dbs=4, readonly=True, lock=False)
     try:
         table = env.open_db(b"data")
         with env.begin(db=table) as txn:
@@ -136,13 +137,36 @@ class TestQueries:
         assert re.search(r"^\s+0\s+1\s+1\s+0$", out, re.M), "partition, checkpoint, end offset, lag"
         assert "segments" in out and "dirty ratio" in out
 
-    def test_a_locked_data_directory_is_one_line_naming_the_holder(
+    def test_commands_work_beside_an_open_store_and_both_see_each_others_writes(
         self, run: Run, data: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
-        with KVLog(data, follow=False):
-            assert run("get", "k") == 2
-            line = one_error_line(capsys.readouterr().err)
-        assert line.startswith("kvlog: error: ") and f"process {os.getpid()}" in line
+        """A data directory a service has open is no obstacle: the command reads and writes the same database."""
+        with KVLog(data, follow=False) as kv:
+            kv["k"] = 1
+            capsys.readouterr()
+            assert run("get", "k") == 0
+            assert json.loads(capsys.readouterr().out) == 1
+            assert run("put", "from-the-command", '"cli"') == 0
+            assert kv["from-the-command"] == "cli"
+            # The same from another process: the command's own log and cache handles.
+            done = subprocess.run(
+                [sys.executable, "-m", "kvlog", "--data", str(data), "put", "other-process", "2"],
+                env=checkout_env(),
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert done.returncode == 0, done.stderr
+            assert kv["other-process"] == 2
+            kv["after"] = 3
+            done = subprocess.run(
+                [sys.executable, "-m", "kvlog", "--data", str(data), "get", "after"],
+                env=checkout_env(),
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert (done.returncode, done.stdout) == (0, "3\n"), done.stderr
 
 
 # -- dump and load ----------------------------------------------------------------
@@ -266,7 +290,7 @@ class TestMaintenance:
     ) -> None:
         with KVLog(data) as kv:
             kv.update({f"k{i}": i for i in range(2000)})
-        data_mdb = data / "cache" / "data.mdb"
+        data_mdb = cache_env_dir(data / "cache") / "data.mdb"
         with open(data_mdb, "r+b") as f:  # cut the file short, as a bad copy or a full disk would
             f.truncate(data_mdb.stat().st_size // 2)
         capsys.readouterr()
@@ -328,7 +352,7 @@ class TestMaintenance:
         for i in range(5):
             run("put", f"order:{i}", json.dumps({"n": i}))
         # Damage the live cache behind kvlog's back, straight in LMDB.
-        env = lmdb.open(str(data / "cache"), max_dbs=4)
+        env = lmdb.open(str(cache_env_dir(data / "cache")), max_dbs=4)
         table = env.open_db(b"data")
         with env.begin(write=True, db=table) as txn:
             txn.put(b"order:2", msgpack.packb({"n": 999}))
@@ -450,14 +474,13 @@ def read_until(stream: Any, pattern: str, timeout: float) -> str:
     pytest.fail(f"{pattern!r} did not appear within {timeout}s: {seen.decode()!r}")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_an_interrupted_rewarm_leaves_a_consistent_cache_that_resume_completes(
-    big_data: Path, tmp_path: Path, signum: int, capsys: pytest.CaptureFixture[str]
-) -> None:
-    data = tmp_path / "data"
-    shutil.copytree(big_data, data)
+def interrupt_mid_replay(argv: list[str], signum: int) -> str:
+    """Run ``kvlog ARGV`` in a process, send it ``signum`` once its bar shows a first batch; return its stderr.
+
+    The command must exit 130 without a traceback.
+    """
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kvlog", "--data", str(data), "rewarm"],
+        [sys.executable, "-m", "kvlog", *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=checkout_env(),
@@ -473,12 +496,57 @@ def test_an_interrupted_rewarm_leaves_a_consistent_cache_that_resume_completes(
             proc.wait()
     err = seen + rest.decode()
     assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_rewarm_abandons_the_new_cache_and_leaves_the_live_one_as_it_was(
+    big_data: Path, tmp_path: Path, signum: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A rewarm builds beside the live cache: cut short, it is dropped, and readers never saw it."""
+    data = tmp_path / "data"
+    shutil.copytree(big_data, data)
+    before = raw_cache(data)
+    live = cache_env_dir(data / "cache")
+    assert len(before) == INTERRUPT_RECORDS
+
+    err = interrupt_mid_replay(["--data", str(data), "rewarm"], signum)
+    match = re.search(
+        r"the rewarm was abandoned and the live cache is unchanged \(consistent at offset (\d+) of (\d+)\); "
+        r"(.*) starts it again",
+        err,
+    )
+    assert match, err
+    assert match[3] == f"kvlog --data {data} rewarm"
+    assert int(match[1]) == int(match[2]) == INTERRUPT_RECORDS
+
+    # The live cache is the one it was, whole; the partial one beside it is gone.
+    assert cache_env_dir(data / "cache") == live
+    assert sorted((data / "cache").glob("gen-*")) == [live]
+    assert raw_cache(data) == before
+
+    assert main(["--data", str(data), "rewarm"]) == 0
+    assert f"rewarmed {INTERRUPT_RECORDS:,} entries" in capsys.readouterr().out
+    assert main(["--data", str(data), "verify"]) == 0
+    assert f"verified {INTERRUPT_RECORDS:,} keys" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_rebuild_of_a_lost_cache_leaves_a_consistent_cache_that_resume_completes(
+    big_data: Path, tmp_path: Path, signum: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without a live cache, ``rewarm --resume`` builds it in place: cut short, it is a prefix that resumes."""
+    data = tmp_path / "data"
+    shutil.copytree(big_data, data)
+    shutil.rmtree(data / "cache")
+
+    err = interrupt_mid_replay(["--data", str(data), "rewarm", "--resume"], signum)
     match = re.search(r"the cache is consistent at offset (\d+) of (\d+); (.*) continues", err)
     assert match, err
     assert match[3] == f"kvlog --data {data} rewarm --resume"
     checkpoint, end = int(match[1]), int(match[2])
     assert 0 < checkpoint < end == INTERRUPT_RECORDS
-    assert "Traceback" not in err
 
     # Consistent: the cache holds exactly the log folded up to the checkpoint
     # (distinct keys, key:i at offset i), nothing from a cut-short batch.
@@ -487,7 +555,8 @@ def test_an_interrupted_rewarm_leaves_a_consistent_cache_that_resume_completes(
     assert cached[-1][0] == f"key:{checkpoint - 1:07d}".encode()
 
     assert main(["--data", str(data), "rewarm", "--resume"]) == 0
-    assert f"rewarmed {INTERRUPT_RECORDS:,} entries" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"rewarmed {INTERRUPT_RECORDS:,} entries" in out and f"resumed from offset {checkpoint}" in out
     assert main(["--data", str(data), "verify"]) == 0
     assert f"verified {INTERRUPT_RECORDS:,} keys" in capsys.readouterr().out
 
@@ -496,19 +565,30 @@ def test_rewarm_resume_continues_from_the_checkpoint(data: Path, capsys: pytest.
     with KVLog(data, follow=False) as kv:
         for start in range(0, 150_000, 50_000):
             kv.update({f"key:{i:07d}": i for i in range(start, start + 50_000)})
+    full = raw_cache(data)
 
     def interrupt_after_the_first_batch(applied: dict[int, int], target: dict[int, int]) -> None:
         if applied[0] > 0:
             raise KeyboardInterrupt
 
+    # An interrupted rewarm leaves the live cache whole: there is nothing to resume.
     with KVLog(data, follow=False) as kv, pytest.raises(KeyboardInterrupt):
         kv.rewarm(progress=interrupt_after_the_first_batch)
+    assert raw_cache(data) == full
+    assert main(["--data", str(data), "rewarm", "--resume"]) == 0
+    assert "already at the end of the log (offset 150000)" in capsys.readouterr().out
+
+    # An interrupted rebuild of a lost cache leaves a prefix, which --resume continues.
+    shutil.rmtree(data / "cache")
+    with pytest.raises(KeyboardInterrupt):
+        KVLog(data, follow=False, progress=interrupt_after_the_first_batch)
     checkpoint = len(raw_cache(data))
     assert 0 < checkpoint < 150_000
     assert main(["--data", str(data), "rewarm", "--resume"]) == 0
     captured = capsys.readouterr()
     assert f"resumed from offset {checkpoint}" in captured.out, captured
     assert f"from {150_000 - checkpoint:,} records" in captured.out
+    assert raw_cache(data) == full
 
 
 # -- against a real Kafka topic -------------------------------------------------------

@@ -19,6 +19,7 @@ import signal
 import struct
 import subprocess
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ import lmdb
 import pytest
 from _fault_child import digest, full_disk
 from conftest import TESTS
-from ondisk import active_segments, cache_contents, fold_log, torn_tail
+from ondisk import active_segments, cache_contents, cache_env_dir, fold_log, log_head_clean, torn_tail
 
 from kvlog import ClosedError, KVLog
 from kvlog.cache import Cache
@@ -107,9 +108,19 @@ def replay_totals(tmp_path: Path, source: Path, how: str) -> tuple[int, int]:
     return ops, txns
 
 
-def check_after_kill(path: Path, full: dict[bytes, bytes], label: str) -> None:
-    """The cache is the log folded up to its checkpoint; reopening completes it; verify finds nothing."""
+def check_after_kill(path: Path, full: dict[bytes, bytes], label: str, how: str = "open") -> None:
+    """The cache is the log folded up to its checkpoint; reopening completes it; verify finds nothing.
+
+    A rewarm builds beside the live cache, so a kill anywhere in it leaves a
+    whole live cache (the old one, or the new one if the switch was done), and
+    the partial generation is deleted by the next open.
+    """
     cached, checkpoint, identity = cache_contents(path / "cache")
+    assert sorted((path / "cache").glob("gen-*")) == [cache_env_dir(path / "cache")], (
+        f"{label}: a generation other than the live one is left after an open"
+    )
+    if how == "rewarm":
+        assert cached == full, f"{label}: the live cache is not whole after a rewarm was killed"
     prefix, end, after = fold_log(path / "log", upto=checkpoint)
     assert cached == prefix, (
         f"{label}: the cache is not the log folded up to its checkpoint {checkpoint} "
@@ -155,7 +166,7 @@ def test_replay_killed_at_stepped_points_leaves_a_prefix(
         f"commit:{txns}",
     ]:
         path, _ = kill_replay(tmp_path, replay_source, how, kill_at)
-        check_after_kill(path, full, f"{how} killed at {kill_at}")
+        check_after_kill(path, full, f"{how} killed at {kill_at}", how)
 
 
 @pytest.mark.slow
@@ -167,7 +178,7 @@ def test_replay_killed_at_every_point_leaves_a_prefix(tmp_path: Path, replay_sou
     points = kill_points(ops, txns, op_step=11)
     for kill_at in points:
         path, _ = kill_replay(tmp_path, replay_source, how, kill_at)
-        check_after_kill(path, full, f"{how} killed at {kill_at}")
+        check_after_kill(path, full, f"{how} killed at {kill_at}", how)
     print(f"{how}: {len(points)} kill points over {ops} record writes and {txns} transactions")
 
 
@@ -331,7 +342,7 @@ def damage_source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 def damaged_copy(tmp_path: Path, source: Path, damage: Callable[[Pages], None]) -> tuple[Path, bytes]:
     path = tmp_path / "data"
     shutil.copytree(source, path)
-    data_file = path / "cache" / "data.mdb"
+    data_file = cache_env_dir(path / "cache") / "data.mdb"
     pages = Pages(data_file.read_bytes())
     damage(pages)
     data_file.write_bytes(bytes(pages.data))
@@ -359,9 +370,13 @@ class TestDamagedCache:
         assert (moved / "data.mdb").read_bytes() == damaged, "the damaged file is not kept as it was"
         assert f"WARNING kvlog.store: rebuilding the cache at {path}: {reason}" in done.stderr
         assert report["digest"] == expected, "the rebuilt cache is not the log folded"
+        # The damaged generation went aside whole; HEAD names the new one, rebuilt in its place.
+        assert sorted(p.name for p in (path / "cache").glob("gen-*")) == ["gen-000002"]
+        assert cache_env_dir(path / "cache") == path / "cache" / "gen-000002"
         # The new cache was closed cleanly: the next open trusts it without a structure check.
         cache = Cache(path / "cache")
         assert cache.discarded is None and cache.structure_check_seconds is None
+        assert cache.generation == 2
         cache.close()
         with KVLog(path) as kv:
             assert kv.open_replay["rebuild_reason"] is None
@@ -436,10 +451,14 @@ class TestDamagedCache:
             assert report["read"].startswith("CacheError: ") and "kvlog rewarm" in report["read"]
             assert "MDB_PAGE_NOTFOUND" in report["read"], report["read"]
             if then == "rewarm":
-                assert Path(report["rewarm_moved_to"]).name.startswith("cache.corrupt-")
+                # The rewarm built a new generation beside the damaged one; the
+                # damaged one is kept for inspection, not deleted.
+                aside = [p for p in path.iterdir() if p.name.startswith("cache.corrupt-")]
+                assert len(aside) == 1, f"the damaged generation was not set aside: {sorted(path.iterdir())}"
+                assert (aside[0] / "data.mdb").is_file() and (aside[0] / "DAMAGED").is_file()
                 assert report["digest"] == expected
             else:
-                assert (path / "cache" / "DAMAGED").exists()
+                assert (cache_env_dir(path / "cache") / "DAMAGED").exists()
                 done = run_child("open", path)
                 assert done.returncode == 0, done.stderr
                 report = json.loads(done.stdout)
@@ -477,21 +496,25 @@ class TestDamagedCache:
         path, _ = damaged_copy(tmp_path, source, _zero_meta(0))
         with pytest.raises(CacheError, match=r"damaged: data\.mdb has a damaged meta page 0"):
             Cache(path / "cache")
-        assert (path / "cache" / "data.mdb").exists()
+        assert (cache_env_dir(path / "cache") / "data.mdb").exists()
 
     def test_a_cache_that_cannot_be_moved_is_a_cache_error(
         self, tmp_path: Path, damage_source: tuple[Path, str]
     ) -> None:
-        """The cache directory is a mount point (EBUSY), or the data directory is read-only (EACCES)."""
+        """The cache directory is a mount point (EXDEV), or the data directory is read-only (EACCES)."""
         source, _ = damage_source
         path, damaged = damaged_copy(tmp_path, source, _zero_meta(0, 1))
-        if os.geteuid() == 0:  # root may rename in a read-only directory, but not a mount point
-            shutil.rmtree(path / "cache")
+        if os.geteuid() == 0:  # root may rename in a read-only directory, but not across file systems
+            saved = tmp_path / "saved-cache"
+            shutil.move(path / "cache", saved)
             with tmpfs(path / "cache", "8m"):
-                (path / "cache" / "data.mdb").write_bytes(damaged)
+                shutil.copytree(saved, path / "cache", dirs_exist_ok=True)
+                data_file = cache_env_dir(path / "cache") / "data.mdb"
+                assert data_file.read_bytes() == damaged
                 with pytest.raises(CacheError, match="cannot be moved aside"):
                     KVLog(path, follow=False)
-                assert (path / "cache" / "data.mdb").read_bytes() == damaged
+                assert data_file.read_bytes() == damaged
+                assert cache_env_dir(path / "cache") == data_file.parent, "HEAD moved without the set-aside"
             return
         os.chmod(path, 0o500)
         try:
@@ -503,7 +526,8 @@ class TestDamagedCache:
 
 def forge_clean_close(cache_dir: Path) -> None:
     """Make the damaged file look as a clean close left it (what bit rot under an unchanged stat looks like)."""
-    st = (cache_dir / "data.mdb").stat()
+    env_dir = cache_env_dir(cache_dir)
+    st = (env_dir / "data.mdb").stat()
     signature = {
         "size": st.st_size,
         "mtime_ns": st.st_mtime_ns,
@@ -511,7 +535,7 @@ def forge_clean_close(cache_dir: Path) -> None:
         "inode": st.st_ino,
         "device": st.st_dev,
     }
-    (cache_dir / "CLOSED").write_text(json.dumps(signature))
+    (env_dir / "CLOSED").write_text(json.dumps(signature))
 
 
 def structure_checked_at_open(cache_dir: Path) -> bool:
@@ -536,7 +560,7 @@ class TestProbe:
     def test_a_cache_changed_since_its_clean_close_is_checked(self, tmp_path: Path) -> None:
         with KVLog(tmp_path) as kv:
             kv["k"] = "v"
-        os.utime(tmp_path / "cache" / "data.mdb")  # what a copy, a restore or an editor does
+        os.utime(cache_env_dir(tmp_path / "cache") / "data.mdb")  # what a copy, a restore or an editor does
         assert structure_checked_at_open(tmp_path / "cache")
         with KVLog(tmp_path) as kv:
             assert kv.open_replay["rebuild_reason"] is None and kv["k"] == "v"
@@ -790,9 +814,9 @@ def reader_pids(env: Any) -> set[int]:
     }
 
 
-def readers_in(cache_dir: Path) -> set[int]:
-    """Pids in the reader table of the cache at ``cache_dir``, which no environment of this process has open."""
-    env = lmdb.open(str(cache_dir), max_dbs=4, readonly=True)
+def readers_in(env_dir: Path) -> set[int]:
+    """Pids in the reader table of the LMDB environment at ``env_dir``, which no environment of this process has open."""
+    env = lmdb.open(str(env_dir), max_dbs=4, readonly=True)
     try:
         return reader_pids(env)
     finally:
@@ -804,7 +828,7 @@ class TestReaderSlots:
         """Readers SIGKILLed inside a read transaction leave slots; opening the store clears them."""
         with KVLog(tmp_path) as kv:
             kv["k"] = "v"
-        cache_dir = tmp_path / "cache"
+        cache_dir = cache_env_dir(tmp_path / "cache")  # the LMDB environment the children open
         # A live process keeps lock.mdb open, so the next open does not reset the reader table.
         with child("holder", cache_dir, "--max-readers", "126", expect="ready"):
             dead = []
@@ -821,11 +845,12 @@ class TestReaderSlots:
         """Every slot taken by readers killed after the cache opened: the next read clears them and succeeds."""
         with KVLog(tmp_path) as kv:
             kv["k"] = "v"
-        cache_dir = tmp_path / "cache"
+        cache_dir = cache_env_dir(tmp_path / "cache")  # the LMDB environment the children open
         (cache_dir / "lock.mdb").unlink()  # the holder makes a new one with 4 slots
         with child("holder", cache_dir, "--max-readers", "4", expect="ready") as (_, line):
             assert line.split()[2] == "4"
-            cache = Cache(cache_dir)
+            cache = Cache(tmp_path / "cache")
+            assert cache.env_path == cache_dir
             try:
                 env = cache.env
                 assert env.max_readers() == 4
@@ -852,37 +877,56 @@ class TestReaderSlots:
 
 
 class TestFork:
-    def test_a_forked_child_cannot_use_the_store_and_the_parent_carries_on(self, tmp_path: Path) -> None:
-        kv = KVLog(tmp_path)
-        cache = Cache(tmp_path / "bare-cache")  # a cache on its own refuses too
+    def test_a_forked_child_opens_the_store_again_and_a_store_given_its_log_refuses(
+        self, tmp_path: Path
+    ) -> None:
+        """The gunicorn ``--preload`` pattern: a store opened before fork() works in the child, sharing the data.
+
+        A store given ``log=`` cannot be opened again (the child cannot reuse
+        that object) and a bare cache is not a store: both raise ClosedError
+        in the child. The parent is not affected by anything the child does.
+        """
+        kv = KVLog(tmp_path / "data")
+        given = KVLog(tmp_path / "given", log=LocalLog(tmp_path / "given" / "log"))
+        cache = Cache(tmp_path / "bare-cache")  # a cache on its own refuses
         try:
             kv["before"] = 1
+            given["before"] = 1
             read, write = os.pipe()
             pid = os.fork()
             if pid == 0:  # the child: report what each use did, never return into pytest
                 code = 0
                 try:
                     os.close(read)
-                    outcomes = {}
+                    outcomes: dict[str, Any] = {}
                     for name, use in {
                         "get": lambda: kv["before"],
                         "get-default": lambda: kv.get("before"),
                         "contains": lambda: "before" in kv,
                         "set": lambda: kv.__setitem__("child", 2),
+                        "get-own-write": lambda: kv["child"],
                         "len": lambda: len(kv),
-                        "log-append": lambda: kv.log.append([(b"child", b"x")]),
+                        "given-get": lambda: given["before"],
+                        "given-get-default": lambda: given.get("before"),
+                        "given-contains": lambda: "before" in given,
+                        "given-set": lambda: given.__setitem__("child", 2),
+                        "given-len": lambda: len(given),
+                        "given-log-append": lambda: given.log.append([(b"child", b"x")]),
                         "cache-get": lambda: cache.get(b"before"),
                     }.items():
                         try:
-                            use()
-                            outcomes[name] = "no error"
+                            outcomes[name] = ["ok", use()]
                         except ClosedError as exc:
-                            outcomes[name] = str(exc)
-                    kv.close()  # does nothing: the parent still owns the files
-                    outcomes["repr"] = repr(kv)
+                            outcomes[name] = ["ClosedError", str(exc)]
+                    outcomes["pid-in-repr"] = "unusable after fork" not in repr(kv)
+                    kv.close()  # the child's own store, opened here
+                    given.close()  # does nothing: the parent still owns the files
+                    outcomes["given-repr"] = repr(given)
                     os.write(write, json.dumps(outcomes).encode())
                 except BaseException:  # noqa: BLE001 - anything else is a failure the parent reports
                     code = 1
+                    with contextlib.suppress(BaseException):
+                        os.write(write, traceback.format_exc().encode())
                 finally:
                     os._exit(code)
             os.close(write)
@@ -894,20 +938,45 @@ class TestFork:
             with os.fdopen(read) as pipe:
                 said = pipe.read() if ready else ""
             _, status = os.waitpid(pid, 0)
-            assert os.waitstatus_to_exitcode(status) == 0 and said, "the child hung or failed using the store"
+            assert os.waitstatus_to_exitcode(status) == 0 and said, f"the child hung or failed: {said}"
             outcomes = json.loads(said)
-            for name in ("get", "get-default", "contains", "set", "len", "log-append", "cache-get"):
-                assert "before this process forked" in outcomes[name], (name, outcomes[name])
-                assert "open a new KVLog in the child" in outcomes[name]
-            assert "unusable after fork" in outcomes["repr"]
-            # The parent was not affected, and the child's close() left no clean-shutdown marker.
-            assert not (tmp_path / "log" / "clean-shutdown.json").exists()
+            # The store the child inherited opened itself again there, on the same data.
+            assert outcomes["get"] == ["ok", 1] and outcomes["get-default"] == ["ok", 1]
+            assert outcomes["contains"] == ["ok", True] and outcomes["set"] == ["ok", None]
+            assert outcomes["get-own-write"] == ["ok", 2] and outcomes["len"] == ["ok", 2]
+            assert outcomes["pid-in-repr"]
+            for name in (
+                "given-get",
+                "given-get-default",
+                "given-contains",
+                "given-set",
+                "given-len",
+                "given-log-append",
+                "cache-get",
+            ):
+                kind, message = outcomes[name]
+                assert kind == "ClosedError", (name, outcomes[name])
+                assert "before this process forked" in message, (name, message)
+                assert "open a new KVLog in the child" in message, (name, message)
+            assert "unusable after fork" in outcomes["given-repr"]
+            # The child's write is in the parent's store (one database); the
+            # child's closes did not mark the logs the parent still has open as
+            # closed cleanly.
+            assert kv["child"] == 2
+            assert not log_head_clean(tmp_path / "data" / "log")
+            assert not log_head_clean(tmp_path / "given" / "log")
             kv["after"] = 2
-            assert kv["before"] == 1 and dict(kv.scan()) == {"after": 2, "before": 1}
+            assert dict(kv.scan()) == {"after": 2, "before": 1, "child": 2}
+            given["after"] = 2
+            assert dict(given.scan()) == {"after": 2, "before": 1}
         finally:
             cache.close()
+            given.close()
             kv.close()
-        with KVLog(tmp_path) as kv:
+        assert log_head_clean(tmp_path / "data" / "log") and log_head_clean(tmp_path / "given" / "log")
+        with KVLog(tmp_path / "data") as kv:
+            assert dict(kv.scan()) == {"after": 2, "before": 1, "child": 2}
+        with KVLog(tmp_path / "given") as kv:
             assert dict(kv.scan()) == {"after": 2, "before": 1} and "child" not in kv
 
 
@@ -948,9 +1017,9 @@ def make_every_file(path: Path, **options: Any) -> int:
         local.compact()  # .cleaned -> .swap -> .log, cleaner-checkpoint.json, cleaner-sample.json
     with KVLog(path / "unsynced", fsync="interval", **options) as kv:
         kv["k"] = "v"  # a cache with an UNSYNCED marker, a log synced in the background
-        unsynced = (path / "unsynced" / "cache" / "UNSYNCED").stat().st_mode & 0o777
-    # A damaged cache set aside: the new directory and its files.
-    data_file = path / "cache" / "data.mdb"
+        unsynced = (cache_env_dir(path / "unsynced" / "cache") / "UNSYNCED").stat().st_mode & 0o777
+    # A damaged cache set aside: the new generation directory and its files.
+    data_file = cache_env_dir(path / "cache") / "data.mdb"
     data_file.write_bytes(b"\0" * 8192 + data_file.read_bytes()[8192:])
     with KVLog(path, log=LocalLog(log_dir, **options), **options) as kv:
         assert "moved aside" in kv.open_replay["rebuild_reason"]
@@ -961,11 +1030,19 @@ class TestFileModes:
     EXPECTED: frozenset[str] = frozenset(
         {
             ".",
+            # the embedded log
             "LOCK",
+            "OPEN",
+            "COMPACT",
+            "head",
             "log.json",
-            "clean-shutdown.json",
             "cleaner-checkpoint.json",
             "cleaner-sample.json",
+            # the cache directory, and its generation made after the damaged one went aside
+            "HEAD",
+            "USERS",
+            "REPLAY",
+            "gen-000002",
             "data.mdb",
             "lock.mdb",
             "CLOSED",

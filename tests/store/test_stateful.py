@@ -205,9 +205,11 @@ class StoreMachine(RuleBasedStateMachine):
 
     @rule()
     def rewarm(self) -> None:
-        """``rewarm()`` replays the whole log into an emptied cache."""
+        """``rewarm()`` replays the whole log into a new generation beside the live cache, then switches to it."""
+        generation = self.kv.stats()["cache_generation"]
         result = self.kv.rewarm(timeout=TIMEOUT)
         assert result["records"] == self._records_in_log()
+        assert self.kv.stats()["cache_generation"] > generation
 
     # -- what must hold after every step --------------------------------------
 

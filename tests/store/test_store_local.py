@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from conftest import wait_until
 
-from kvlog import KVLog, LocalLog, LogLockedError, RecordTooLargeError
+from kvlog import ClosedError, KVLog, LocalLog, RecordTooLargeError
 from kvlog.log import Record
+from kvlog.verify import verify
 
 
 def _log_records(path: Path) -> list[Record]:
@@ -125,19 +127,47 @@ def _log_records_while_open(kv: KVLog) -> list[Record]:
 
 
 class TestMisuse:
-    def test_a_second_writer_is_refused_with_the_holders_pid(self, tmp_path: Path) -> None:
+    def test_a_second_store_opens_beside_the_first_and_both_see_each_others_writes(
+        self, tmp_path: Path
+    ) -> None:
+        """No store holds the data directory for itself: a second open, here or in another process, works."""
         with KVLog(tmp_path) as kv:
             kv["a"] = 1
-            with pytest.raises(LogLockedError, match=f"open for writing by process {os.getpid()}"):
-                KVLog(tmp_path)
-            assert kv["a"] == 1, "the refused open disturbed nothing"
-        with KVLog(tmp_path) as kv:  # closing released the lock
-            assert kv["a"] == 1
+            with KVLog(tmp_path) as other:
+                assert other["a"] == 1
+                other["b"] = 2
+                assert kv["b"] == 2, "a write through the second store is not read through the first"
+                kv["c"] = 3
+                assert other["c"] == 3, "a write through the first store is not read through the second"
+            assert dict(kv.items()) == {"a": 1, "b": 2, "c": 3}, (
+                "closing the second store disturbed the first"
+            )
+            # Another process opens it too, reads this one's writes and writes its own.
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    "import sys\nfrom kvlog import KVLog\n"
+                    "with KVLog(sys.argv[1]) as kv:\n    kv['d'] = kv['c'] + 1\n",
+                    str(tmp_path),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert done.returncode == 0, done.stderr[-3000:]
+            assert kv["d"] == 4, "the other process's write is not read here"
+            kv["e"] = 5
+        with KVLog(tmp_path) as kv:
+            assert dict(kv.items()) == {"a": 1, "b": 2, "c": 3, "d": 4, "e": 5}
 
     def test_a_refused_store_releases_the_log_it_was_given(self, tmp_path: Path) -> None:
+        given = LocalLog(tmp_path / "log")
         with pytest.raises(ValueError, match="codec"):
-            KVLog(tmp_path, log=LocalLog(tmp_path / "log"), codec="no-such-codec")
-        with KVLog(tmp_path) as kv:  # the writer lock was released with the refused store
+            KVLog(tmp_path, log=given, codec="no-such-codec")
+        with pytest.raises(ClosedError):  # the refused store closed the log it owned
+            given.append([(b"k", b"v")])
+        with KVLog(tmp_path) as kv:
             kv["a"] = 1
 
     def test_an_oversize_record_writes_nothing(self, tmp_path: Path) -> None:
@@ -162,9 +192,98 @@ class TestMisuse:
             assert kv.log.end_offsets() == {0: 0} and len(kv) == 0
 
 
+class TestBesideOtherUsers:
+    """Maintenance beside readers and writers: a rewarm and a verify need no quiet store."""
+
+    @staticmethod
+    def _wait_for_more(counter: list[int], done: threading.Event, more: int = 20) -> None:
+        """Called between batches: let the other thread do ``more`` operations first (so they overlap)."""
+        target = counter[0] + more
+        deadline = time.monotonic() + 30
+        while counter[0] < target and not done.is_set():
+            assert time.monotonic() < deadline, "the other thread made no progress"
+            time.sleep(0.001)  # polling interval of a deadline-bounded wait
+
+    def test_a_reader_sees_every_key_while_a_rewarm_runs(self, tmp_path: Path) -> None:
+        expected = {f"k{i:05d}": i for i in range(30_000)}
+        with KVLog(tmp_path) as kv:
+            kv.update(expected)
+            generation = kv.stats()["cache_generation"]
+            reads = [0]
+            done = threading.Event()
+            wrong: list[str] = []
+
+            def reader() -> None:
+                keys = list(expected)
+                try:
+                    while not done.is_set():
+                        key = keys[reads[0] * 7919 % len(keys)]
+                        if kv.get(key) != expected[key]:
+                            wrong.append(f"{key} read as {kv.get(key)!r}")
+                        if reads[0] % 50 == 0 and len(kv) != len(expected):
+                            wrong.append(f"len() was {len(kv)}")
+                        reads[0] += 1
+                except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+                    wrong.append(repr(exc))
+
+            batches = [0]
+
+            def progress(applied: dict[int, int], targets: dict[int, int]) -> None:
+                batches[0] += 1
+                self._wait_for_more(reads, done)
+
+            thread = threading.Thread(target=reader)
+            thread.start()
+            try:
+                kv.rewarm(progress=progress)
+                reads_at_switch = reads[0]
+                self._wait_for_more(reads, done)  # and after the switch
+            finally:
+                done.set()
+                thread.join(timeout=30)
+            assert not wrong, f"a reader saw a half-built cache during the rewarm: {wrong[:5]}"
+            assert batches[0] >= 2 and reads_at_switch > 0
+            assert kv.stats()["cache_generation"] > generation
+            assert dict(kv.items()) == expected
+
+    def test_verify_succeeds_while_another_store_writes(self, tmp_path: Path) -> None:
+        with KVLog(tmp_path) as kv, KVLog(tmp_path) as writer:
+            kv.update({f"k{i:05d}": i for i in range(30_000)})
+            writes = [0]
+            done = threading.Event()
+            failed: list[BaseException] = []
+
+            def write() -> None:
+                try:
+                    while not done.is_set():
+                        writer[f"w{writes[0] % 500:03d}"] = writes[0]
+                        writes[0] += 1
+                except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+                    failed.append(exc)
+
+            thread = threading.Thread(target=write)
+            thread.start()
+            try:
+                before = writes[0]
+                report = verify(kv, progress=lambda applied, target: self._wait_for_more(writes, done))
+                during = writes[0] - before
+            finally:
+                done.set()
+                thread.join(timeout=30)
+            assert not failed, failed
+            assert report.ok, report
+            assert during > 0 and report.checked >= 30_000
+            assert kv.stats()["checkpoint"] != report.checkpoint, "the checkpoint did not move during verify"
+            assert verify(kv).ok
+
+
 class TestResume:
     def _interrupted_rewarm(self, path: Path, records: int) -> dict[int, int]:
-        """Leave a cache that a rewarm rebuilt only partly, as a killed rewarm does."""
+        """Leave a cache rebuilt in place only partly, as a process killed in a rebuild at open does.
+
+        (``rewarm()`` builds beside the live cache, so a killed rewarm leaves
+        the live cache whole: tests/log/test_local_crash.py.)
+        """
         with KVLog(path, follow=False) as kv:
             kv.update({f"k{i:06d}": i for i in range(records)})
         cache_dir = path / "cache"
