@@ -103,13 +103,18 @@ class Row:
 
 
 def fill_ratios(rows: list[Row]) -> None:
-    """Set each row's ratio to its baseline row's (same workload and case)."""
+    """Set each row's ratio to its baseline row's (same workload and case).
+
+    A ratio of speeds needs two positive figures: a row or baseline whose
+    median is zero or negative (a latency measured from a point the event can
+    precede, say) gets none.
+    """
     index = {(r.workload, r.case, r.subject): r for r in rows}
     for row in rows:
         if row.baseline is None:
             continue
         base = index.get((row.workload, row.case, row.baseline))
-        if base is None or base.median == 0 or row.median == 0:
+        if base is None or base.median <= 0 or row.median <= 0:
             continue
         row.ratio = row.median / base.median if row.higher_is_better else base.median / row.median
 

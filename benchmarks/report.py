@@ -7,9 +7,15 @@ The results dict is what the harness writes as JSON::
      "rows": [Row.to_json(), ...], "checks": [{"name", "goal", "ratio", "passed", "detail"}, ...],
      "skipped": [{"workload", "subject", "why"}, ...], "notes": ["...", ...]}
 
+A check's goal is a ratio (speed relative to the baseline, at least ``goal``)
+unless it has a ``"unit"``: then it is a bound on a figure (at most ``goal``
+``unit``, the figure in ``"measured"``). A check that judges particular rows,
+not a whole workload, lists them in ``"rows"`` as ``[workload, case, subject]``.
+
 :func:`write` stores it as ``<stem>.json`` next to ``<stem>.md`` (:func:`markdown`)
-and the charts (:func:`charts`): one ``<stem>-<workload>.png`` per workload and
-``<stem>-summary.png``, kvlog's ratio to its baseline in every case.
+and the charts (:func:`charts`): one ``<stem>-<workload>.png`` per workload (by
+process count for a workload measured at several) and ``<stem>-summary.png``,
+kvlog's ratio to its baseline in every case, against its goal where it has one.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # before pyplot: no display needed
 
+import matplotlib.patches
 import matplotlib.pyplot as plt
 from matplotlib import ticker
 from matplotlib.transforms import blended_transform_factory
@@ -121,12 +128,44 @@ def goals(results: Mapping[str, Any]) -> dict[str, float]:
     workloads = {str(r.get("workload")) for r in results.get("rows") or []}
     for check in results.get("checks") or []:
         name, goal = str(check.get("name", "")), check.get("goal")
-        if goal is None:
-            continue
+        if goal is None or check.get("unit") or check.get("rows"):
+            continue  # an absolute goal, or one of some rows only (see row_goals)
         for workload in workloads:
             if name == workload or name.startswith(f"{workload} vs") or name.startswith(f"{workload}:"):
                 found[workload] = float(goal)
     return found
+
+
+def row_goals(results: Mapping[str, Any]) -> dict[tuple[str, str, str], float]:
+    """Goal ratio per ``(workload, case, subject)`` of the checks that name their rows (``"rows"``).
+
+    A workload whose goals differ from row to row (the processes workload's)
+    names the rows each goal judges; absolute goals (with a ``"unit"``) are no ratios and are left out.
+    """
+    found: dict[tuple[str, str, str], float] = {}
+    for check in results.get("checks") or []:
+        if check.get("goal") is None or check.get("unit"):
+            continue
+        for judged in check.get("rows") or []:
+            workload, case, subject = (str(part) for part in judged)
+            found[(workload, case, subject)] = float(check["goal"])
+    return found
+
+
+def check_cells(check: Mapping[str, Any]) -> tuple[str, str]:
+    """The goal and the measured figure of a check, as shown: ratios, or a figure and its unit."""
+    goal, unit = check.get("goal"), check.get("unit")
+    if unit:
+        measured = check.get("measured")
+        return (
+            f"≤ {fmt(goal)} {unit}" if goal is not None else "",
+            f"{fmt(measured)} {unit}" if measured is not None else "—",
+        )
+    ratio = check.get("ratio")
+    measured = fmt_ratio(ratio)
+    if ratio is not None and goal is not None and measured == fmt_ratio(goal) and ratio < goal:
+        measured = f"{ratio:.3f}{TIMES}"  # just below the goal: do not print it as the goal
+    return (f"≥ {fmt_ratio(goal)}" if goal is not None else "", measured)
 
 
 # -- numbers ---------------------------------------------------------------------------
@@ -307,12 +346,12 @@ def markdown(results: Mapping[str, Any], images: Mapping[str, str] | None = None
         lines += ["## Checks", "", "| | check | goal | measured | detail |", "|---|---|--:|--:|---|"]
         for check in checks:
             mark = "✅" if check.get("passed") else "❌"
-            goal = check.get("goal")
+            goal_cell, measured_cell = check_cells(check)
             cells = [
                 mark,
                 _cell(str(check.get("name", ""))),
-                f"≥ {fmt_ratio(goal)}" if goal is not None else "",
-                fmt_ratio(check.get("ratio")),
+                goal_cell,
+                measured_cell,
                 _cell(str(check.get("detail") or "")),
             ]
             lines.append("| " + " | ".join(cells) + " |")
@@ -366,9 +405,9 @@ def compact(results: Mapping[str, Any]) -> str:
     checks = results.get("checks") or []
     for check in checks:
         mark = "✅" if check.get("passed") else "❌"
+        goal_cell, measured_cell = check_cells(check)
         lines.append(
-            f"- {mark} {check.get('name')}: {fmt_ratio(check.get('ratio'))} "
-            f"(goal {fmt_ratio(check.get('goal'))}; {check.get('detail')})"
+            f"- {mark} {check.get('name')}: {measured_cell} (goal {goal_cell}; {check.get('detail')})"
         )
     skipped = results.get("skipped") or []
     for item in skipped:
@@ -383,9 +422,9 @@ README_END = "<!-- benchmarks:end -->"
 def update_readme(readme: Path, results: Mapping[str, Any], paths: Mapping[str, Path]) -> None:
     """Replace the README's benchmark block (between the markers) with this run's.
 
-    The block holds the command, the machine, the summary chart and the
-    compact tables, and links the full report; chart and report paths are
-    written relative to the README.
+    The block holds the command, the machine, the summary chart (and the
+    charts by process count, if the run has one) and the compact tables, and
+    links the full report; chart and report paths are written relative to the README.
     """
     text = readme.read_text()
     if README_START not in text or README_END not in text:
@@ -395,6 +434,11 @@ def update_readme(readme: Path, results: Mapping[str, Any], paths: Mapping[str, 
         return Path(os.path.relpath(path.resolve(), readme.resolve().parent)).as_posix()
 
     args = results.get("args") or {}
+    # The charts by process count (the processes workload's mixed load) go under the summary.
+    scaling_images = []
+    for workload, rows in _grouped(_rows(results), "workload").items():
+        if workload in paths and by_process_count(rows):
+            scaling_images += [f"![{workload} by process count]({rel(paths[workload])})", ""]
     block = [
         README_START,
         "",
@@ -405,6 +449,7 @@ def update_readme(readme: Path, results: Mapping[str, Any], paths: Mapping[str, 
         "",
         f"![kvlog relative to its baselines]({rel(paths['summary'])})",
         "",
+        *scaling_images,
         "Each cell is the median; in brackets, the speed relative to the row's *(base)* subject "
         f"measured in the same run (above 1{TIMES} is faster, whatever the unit). "
         f"Full report with ranges, notes and one chart per workload: [{paths['markdown'].name}]"
@@ -651,6 +696,126 @@ def _workload_chart(
     return path
 
 
+PROCESS_CASE = re.compile(r"^(\d+) process(?:es)?$")
+
+
+def by_process_count(rows: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
+    """The rows of cases named ``"<n> process(es)"``, by ``n``, if there are at least two such counts.
+
+    Only rows of the unit of the first such row are kept (a chart has one axis).
+    """
+    matched = [(PROCESS_CASE.match(str(r["case"])), r) for r in rows]
+    found = [(int(m.group(1)), r) for m, r in matched if m]
+    if not found:
+        return {}
+    unit = found[0][1]["unit"]
+    counts: dict[int, list[dict[str, Any]]] = {}
+    for n, row in sorted(found, key=lambda item: item[0]):
+        if row["unit"] == unit:
+            counts.setdefault(n, []).append(row)
+    return counts if len(counts) >= 2 else {}
+
+
+def _scaling_chart(
+    workload: str,
+    counts: Mapping[int, list[dict[str, Any]]],
+    keys: Any,
+    colors: Mapping[str, str],
+    path: Path,
+) -> Path:
+    """Grouped vertical bars: one group per process count, one bar per subject (median, min-max whiskers).
+
+    kvlog's bars carry their ratio to their baseline under the figure; the
+    legend names each kvlog subject's baseline.
+    """
+    rows = [r for group in counts.values() for r in group]
+    subjects = list(dict.fromkeys(r["subject"] for r in rows))
+    unit, higher = rows[0]["unit"], rows[0]["higher_is_better"]
+    values = [v for r in rows for v in (r["median"], r["min"], r["max"])]
+    log = _use_log(values)
+    width = 0.82 / max(len(subjects), 1)
+    with plt.rc_context({**_style(), "axes.grid.axis": "y"}):
+        fig, ax = plt.subplots(figsize=(WIDTH_INCHES, 6.2), layout="constrained")
+        for g, group in enumerate(counts.values()):
+            by_subject = {r["subject"]: r for r in group}
+            for k, subject in enumerate(subjects):
+                row = by_subject.get(subject)
+                if row is None:
+                    continue
+                x = g + (k - (len(subjects) - 1) / 2) * width
+                median, lo, hi = row["median"], row["min"], row["max"]
+                kv = is_kvlog(subject)
+                ax.bar(
+                    x,
+                    median,
+                    width=width * 0.92,
+                    color=colors.get(subject, MUTED[0]),
+                    edgecolor="#1b1b1b" if kv else "none",
+                    linewidth=0.6 if kv else 0,
+                    zorder=2,
+                )
+                if hi > lo:
+                    ax.errorbar(
+                        x,
+                        median,
+                        yerr=[[max(median - lo, 0)], [max(hi - median, 0)]],
+                        fmt="none",
+                        ecolor="#333333",
+                        elinewidth=1.1,
+                        capsize=3,
+                        zorder=3,
+                    )
+                label = fmt(median)
+                if kv and row["ratio"] is not None:
+                    label += f"\n{fmt_ratio(row['ratio'])}"
+                ax.annotate(
+                    label,
+                    (x, max(hi, median)),
+                    xytext=(0, 3),
+                    textcoords="offset points",
+                    ha="center",
+                    va="bottom",
+                    fontsize=8.5,
+                    fontweight="bold" if kv else "normal",
+                    color="#111111" if kv else "#444444",
+                    zorder=4,
+                )
+        ax.set_xticks(range(len(counts)), [f"{n} process" + ("es" if n != 1 else "") for n in counts])
+        ax.tick_params(axis="x", length=0, labelsize=11)
+        if log:
+            ax.set_yscale("log")
+            positive = [v for v in values if v > 0] or [1.0]
+            ax.set_ylim(10 ** math.floor(math.log10(min(positive))), max(positive) * 4)
+        else:
+            ax.set_ylim(0, max([*values, 1.0]) * 1.18)
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(_tick))
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+        better = "higher is better" if higher else "lower is better"
+        ax.set_ylabel(f"{unit}  ({better}{', log scale' if log else ''})")
+        ax.set_xlabel(
+            f"bar: median, whiskers: min {DASH} max; under kvlog's figure its speed relative to its baseline"
+        )
+        handles = []
+        for subject in subjects:
+            baseline = next((r["baseline"] for r in rows if r["subject"] == subject and r["baseline"]), None)
+            name = f"{subject} ({TIMES} vs {baseline})" if baseline else subject
+            kv = is_kvlog(subject)
+            handles.append(
+                matplotlib.patches.Patch(
+                    facecolor=colors.get(subject, MUTED[0]),
+                    edgecolor="#1b1b1b" if kv else "none",
+                    linewidth=0.6 if kv else 0,
+                    label=name,
+                )
+            )
+        ax.legend(handles=handles, loc="upper right", fontsize=9.5, frameon=False)
+        title = f"{workload} by process count" + (f" — {int(keys):,} keys" if keys is not None else "")
+        fig.suptitle(title, fontsize=15, fontweight="bold", x=0.01, ha="left")
+        fig.savefig(path, dpi=DPI)
+        plt.close(fig)
+    return path
+
+
 def _summary_label(ratio: float, goal: float | None) -> str:
     text = fmt_ratio(ratio)
     if goal is not None and ratio < goal and text == fmt_ratio(goal):
@@ -660,6 +825,7 @@ def _summary_label(ratio: float, goal: float | None) -> str:
 
 def _summary_chart(results: Mapping[str, Any], rows: list[dict[str, Any]], path: Path) -> Path:
     goal_of = goals(results)
+    goal_of_row = row_goals(results)
     entries = [r for r in rows if is_kvlog(r["subject"]) and r["baseline"]]
     by_workload = _grouped(entries, "workload")
     with plt.rc_context(_style()):
@@ -669,6 +835,11 @@ def _summary_chart(results: Mapping[str, Any], rows: list[dict[str, Any]], path:
         )
         ratios = [r["ratio"] for r in entries if r["ratio"]]
         ratios += [1.0] + [goal_of[w] for w in by_workload if w in goal_of]
+        ratios += [
+            goal_of_row[k]
+            for k in ((r["workload"], r["case"], r["subject"]) for r in entries)
+            if k in goal_of_row
+        ]
         log = _use_log(ratios)
         low, high = min(ratios), max(ratios)
         base = 10 ** math.floor(math.log10(low) - 0.15) if log else 0.0
@@ -689,12 +860,26 @@ def _summary_chart(results: Mapping[str, Any], rows: list[dict[str, Any]], path:
             for row in workload_rows:
                 ratio = row["ratio"]
                 name = row["case"] if row["subject"] == "kvlog" else f"{row['case']} · {row['subject']}"
+                own = goal_of_row.get((row["workload"], row["case"], row["subject"]))
+                if own is not None:
+                    # This row's own goal: a tick behind its bar, sticking out above and below it.
+                    ax.plot(
+                        [own, own],
+                        [y - 0.5, y + 0.5],
+                        color=BELOW_GOAL_COLOR,
+                        linestyle="--",
+                        linewidth=2,
+                        zorder=1.5,
+                    )
+                row_goal = own if own is not None else goal
                 if ratio:
-                    missed = goal is not None and ratio < goal
+                    missed = row_goal is not None and ratio < row_goal
                     below = below or missed
                     color = BELOW_GOAL_COLOR if missed else KVLOG_COLOR
                     ax.barh(y, ratio - base, left=base, height=0.72, color=color, zorder=2)
-                    text = f"{_summary_label(ratio, goal)} {row['baseline']}"
+                    text = f"{_summary_label(ratio, row_goal)} {row['baseline']}"
+                    if own is not None:
+                        text += f" (goal {fmt_ratio(own)})"
                     # Inside the bar's end when it fits (see _place_inside), else after it.
                     inside = ratio / 1.04 if log else ratio - high * 0.01
                     label = ax.text(
@@ -763,7 +948,10 @@ def _summary_chart(results: Mapping[str, Any], rows: list[dict[str, Any]], path:
 def charts(results: Mapping[str, Any], out_dir: Path, stem: str) -> list[Path]:
     """One PNG per workload (``<stem>-<workload>.png``) and ``<stem>-summary.png``.
 
-    A subject has the same colour in every chart: kvlog in strong blues, the rest muted.
+    A subject has the same colour in every chart: kvlog in strong blues, the
+    rest muted. A workload measured at several process counts (cases named
+    ``"1 process"``, ``"2 processes"``, ...) gets a chart by process count
+    (:func:`by_process_count`) instead of one bar group per case.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -773,7 +961,11 @@ def charts(results: Mapping[str, Any], out_dir: Path, stem: str) -> list[Path]:
     paths = []
     for workload, workload_rows in _grouped(rows, "workload").items():
         path = out_dir / f"{stem}-{slug(workload)}.png"
-        paths.append(_workload_chart(workload, workload_rows, keys, colors[workload], path))
+        scaling = by_process_count(workload_rows)
+        if scaling:
+            paths.append(_scaling_chart(workload, scaling, keys, colors[workload], path))
+        else:
+            paths.append(_workload_chart(workload, workload_rows, keys, colors[workload], path))
     paths.append(_summary_chart(results, rows, out_dir / f"{stem}-summary.png"))
     return paths
 

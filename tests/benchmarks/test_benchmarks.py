@@ -24,6 +24,21 @@ from benchmarks.harness import Row, fill_ratios, value_of_size, zipf_indices
 
 ROOT = Path(__file__).resolve().parents[2]
 
+#: The report's workloads (row groups) of ``--only processes``, and its checks.
+PROCESSES_WORKLOADS = (
+    "processes: single write",
+    "processes: cross-process visibility",
+    "processes: mixed load",
+    "processes: read-only point reads",
+)
+PROCESSES_CHECKS = [
+    "processes: single write p50, fsync=never vs its raw floor",
+    "processes: single write p50, fsync=always vs its raw floor",
+    "processes: single write p50, fsync=always vs SQLite WAL synchronous=FULL",
+    "processes: cross-process visibility p50",
+    "processes: read-only point reads vs SQLite WAL point SELECT",
+]
+
 
 def test_a_ratio_is_speed_relative_to_the_baseline_for_rates_and_times() -> None:
     rows = [
@@ -172,16 +187,19 @@ def test_a_run_on_a_real_broker_measures_every_workload(bootstrap: str, tmp_path
         "writes",
         "footprint",
         "embedded log",
+        *PROCESSES_WORKLOADS,
     }
-    kvlog_rows = [r for r in results["rows"] if r["subject"] == "kvlog"]
+    # (The cross-process visibility rows have no baseline: their goal is a bound in µs.)
+    kvlog_rows = [r for r in results["rows"] if r["subject"] == "kvlog" and r["baseline"]]
     assert {r["workload"] for r in kvlog_rows} >= {"point reads", "cold replay", "footprint"}
     assert all(r["ratio"] is not None and r["ratio"] > 0 for r in kvlog_rows)
     assert [c["name"] for c in results["checks"]] == [
         "point reads vs raw py-lmdb",
         "cold replay vs raw kafka-python consumer",
+        *PROCESSES_CHECKS,
     ]
     assert results["machine"]["cores"] and results["machine"]["packages"]["kvlog"]
-    assert len(list(out.glob("*.png"))) == 7  # six workloads and the summary
+    assert len(list(out.glob("*.png"))) == 11  # six workloads, the four of processes, and the summary
     assert "## point reads" in next(out.glob("*.md")).read_text()
 
 
@@ -205,3 +223,210 @@ def test_readme_block_is_replaced_and_the_rest_is_kept(tmp_path: Path) -> None:
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="no benchmark block"):
         report.update_readme(readme, results, paths)
+
+
+# -- the processes workload ------------------------------------------------------------------
+
+
+def _processes_rows(
+    never: float = 20.0, always: float = 400.0, sqlite_full: float = 450.0, visible: float = 10.0
+) -> list[Row]:
+    """Rows as the processes workload makes them: single-write p50s (µs), visibility, read-only reads."""
+    from benchmarks import processes as p
+
+    rows = [
+        Row(p.W_SINGLE, p.CASE_NEVER, p.FLOOR_NEVER, "µs", [10.0], False),
+        Row(p.W_SINGLE, p.CASE_NEVER, p.KV_NEVER, "µs", [never], False, baseline=p.FLOOR_NEVER),
+        Row(p.W_SINGLE, p.CASE_ALWAYS, p.FLOOR_ALWAYS, "µs", [350.0], False),
+        Row(p.W_SINGLE, p.CASE_ALWAYS, p.KV_ALWAYS, "µs", [always], False, baseline=p.FLOOR_ALWAYS),
+        Row(p.W_SINGLE, p.CASE_OTHERS, p.SQLITE_FULL, "µs", [sqlite_full], False),
+        Row(p.W_SINGLE, p.CASE_OTHERS, p.KV_ALWAYS, "µs", [always], False, baseline=p.SQLITE_FULL),
+        Row(p.W_VISIBLE, p.visibility_case("never", "p50"), p.KVLOG, "µs", [-1.0], False),
+        Row(p.W_VISIBLE, p.visibility_case("always", "p50"), p.KVLOG, "µs", [visible], False),
+        Row(p.W_VISIBLE, p.visibility_case("always", "p99"), p.KVLOG, "µs", [900.0], False),
+        Row(p.W_READS, p.CASE_READS, p.SQLITE_SELECT, "reads/s", [100.0], True),
+        Row(p.W_READS, p.CASE_READS, p.KVLOG, "reads/s", [310.0], True, baseline=p.SQLITE_SELECT),
+    ]
+    for n in (1, 2, 4):
+        rows.append(Row(p.W_MIXED, p.mixed_case(n), p.SQLITE_FULL, "ops/s", [1000.0 / n], True))
+        rows.append(
+            Row(p.W_MIXED, p.mixed_case(n), p.KV_ALWAYS, "ops/s", [2000.0 / n], True, baseline=p.SQLITE_FULL)
+        )
+        rows.append(Row(p.W_MIXED, p.mixed_case(n, "reads"), p.KV_ALWAYS, "reads/s", [1800.0 / n], True))
+    fill_ratios(rows)
+    return rows
+
+
+def test_the_processes_goals_are_checked_on_their_own_rows() -> None:
+    verdict = checks(_processes_rows(), ["processes"])
+    assert [c["name"] for c in verdict] == PROCESSES_CHECKS
+    assert all(c["passed"] for c in verdict), verdict
+    by_name = {c["name"]: c for c in verdict}
+    visibility = by_name["processes: cross-process visibility p50"]
+    # An absolute goal: the worst policy's p50 against 50 µs, no ratio.
+    assert (visibility["goal"], visibility["unit"], visibility["measured"], visibility["ratio"]) == (
+        50.0,
+        "µs",
+        10.0,
+        None,
+    )
+    assert by_name[PROCESSES_CHECKS[0]]["ratio"] == 0.5  # 20 µs against a 10 µs floor: just 2.0x
+    assert by_name[PROCESSES_CHECKS[0]]["rows"] == [
+        ["processes: single write", "p50, fsync=never vs its raw floor", "kvlog fsync=never"]
+    ]
+    # Each goal fails on its own.
+    for rows, failed in (
+        (_processes_rows(never=21.0), PROCESSES_CHECKS[0]),
+        (_processes_rows(always=421.0), PROCESSES_CHECKS[1]),
+        (_processes_rows(always=400.0, sqlite_full=399.0), PROCESSES_CHECKS[2]),
+        (_processes_rows(visible=50.5), PROCESSES_CHECKS[3]),
+    ):
+        assert [c["name"] for c in checks(rows, ["processes"]) if not c["passed"]] == [failed]
+    # Not measured is a failure, with the reason.
+    missing = checks(
+        [r for r in _processes_rows() if r.workload != "processes: read-only point reads"], ["processes"]
+    )
+    assert missing[-1]["passed"] is False and missing[-1]["detail"] == "not measured"
+    # The reads and replay goals come only when those workloads are judged.
+    assert [c["name"] for c in checks(_processes_rows(), ["reads", "replay", "processes"])][
+        2:
+    ] == PROCESSES_CHECKS
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--check", "--only", "reads"],
+        ["--check", "--only", "replay,processes"],
+        ["--check", "--only", "embedded"],
+        ["--only", "threads"],
+    ],
+)
+def test_check_needs_workloads_with_goals(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--check" in err or "unknown workload" in err
+
+
+def test_the_report_shows_absolute_goals_per_row_goals_and_the_chart_by_process_count(tmp_path: Path) -> None:
+    from benchmarks import report
+
+    rows = _processes_rows(visible=60.0)
+    results = {
+        "started": "2026-11-26T15:04:05Z",
+        "args": {"keys": 1000, "runs": 1, "workloads": ["processes"]},
+        "machine": {"cores": 2},
+        "rows": [r.to_json() for r in rows],
+        "checks": checks(rows, ["processes"]),
+    }
+    text = report.markdown(results)
+    assert "| ❌ | processes: cross-process visibility p50 | ≤ 50.0 µs | 60.0 µs |" in text
+    assert (
+        "| ✅ | processes: single write p50, fsync=never vs its raw floor | ≥ 0.50\u00d7 | 0.50\u00d7 |"
+        in text
+    )
+    goals = report.row_goals(results)
+    assert goals[("processes: read-only point reads", "1 process, zipfian keys", "kvlog")] == 3.0
+    assert "processes: single write" not in report.goals(results)  # no workload-wide goal
+    assert list(report.by_process_count([r.to_json() for r in rows])) == [1, 2, 4]
+    paths = report.write(results, tmp_path)
+    pngs = sorted(p for p in tmp_path.iterdir() if p.suffix == ".png")
+    assert len(pngs) == 5  # the four workloads of processes and the summary
+    assert paths["processes: mixed load"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "≤ 50.0 µs" in report.compact(results)
+
+
+def test_a_quick_run_of_the_processes_workload_measures_every_part(tmp_path: Path) -> None:
+    """``--only processes`` with tiny sizes: rows and checks with the expected names; no broker."""
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--only",
+            "processes",
+            "--keys",
+            "1000",
+            "--runs",
+            "1",
+            "--reads",
+            "2000",
+            "--check",
+            "--out",
+            str(out),
+            "--workdir",
+            str(tmp_path / "work"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    # Exit status 1 is a missed goal: figures are not judged here, only the shape of the results.
+    assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "starting a local Kafka" not in proc.stdout  # the embedded log needs no broker
+    (result_file,) = out.glob("*.json")
+    results = json.loads(result_file.read_text())
+    rows = results["rows"]
+    assert {r["workload"] for r in rows} == set(PROCESSES_WORKLOADS)
+    assert [c["name"] for c in results["checks"]] == PROCESSES_CHECKS
+    assert all(c["detail"] != "not measured" or proc.returncode == 1 for c in results["checks"])
+    single = {(r["case"], r["subject"]) for r in rows if r["workload"] == "processes: single write"}
+    assert single == {
+        ("p50, fsync=never vs its raw floor", "raw floor, no sync (pwrite + py-lmdb commit)"),
+        ("p50, fsync=never vs its raw floor", "kvlog fsync=never"),
+        (
+            "p50, fsync=always vs its raw floor",
+            "raw floor, synced (pwrite + fdatasync + py-lmdb commit)",
+        ),
+        ("p50, fsync=always vs its raw floor", "kvlog fsync=always"),
+        ("p50, vs SQLite WAL and diskcache", "SQLite WAL synchronous=FULL"),
+        ("p50, vs SQLite WAL and diskcache", "SQLite WAL synchronous=NORMAL"),
+        ("p50, vs SQLite WAL and diskcache", "diskcache"),
+        ("p50, vs SQLite WAL and diskcache", "kvlog fsync=always"),
+        ("p50, vs SQLite WAL and diskcache", "kvlog fsync=never"),
+    }
+    kvlog_single = [r for r in rows if r["workload"] == "processes: single write" and r["baseline"]]
+    assert all(r["ratio"] is not None and r["ratio"] > 0 for r in kvlog_single)
+    visibility = {
+        (r["case"], r["subject"]) for r in rows if r["workload"] == "processes: cross-process visibility"
+    }
+    for policy in ("never", "always"):
+        for q in ("p50", "p99"):
+            assert (
+                f"fsync={policy}, {q}",
+                f"raw py-lmdb, {'no sync' if policy == 'never' else 'synced'}",
+            ) in visibility
+    mixed = {(r["case"], r["subject"]) for r in rows if r["workload"] == "processes: mixed load"}
+    skipped = {(s["workload"], s["subject"]) for s in results["skipped"]}
+    for n, case in ((1, "1 process"), (2, "2 processes"), (4, "4 processes")):
+        for subject in ("SQLite WAL synchronous=FULL", "SQLite WAL synchronous=NORMAL", "diskcache"):
+            assert {(case, subject), (f"{case}, reads", subject), (f"{case}, writes", subject)} <= mixed
+        for subject in ("kvlog fsync=never", "kvlog fsync=always"):
+            # kvlog in several processes: measured, or skipped with the reason (a core without it).
+            assert (case, subject) in mixed or (
+                n > 1 and ("processes: mixed load", f"{subject}, {case}") in skipped
+            )
+    for policy in ("never", "always"):
+        assert (f"fsync={policy}, p50", "kvlog") in visibility or (
+            "processes: cross-process visibility",
+            f"kvlog fsync={policy}",
+        ) in skipped
+    reads = {r["subject"]: r for r in rows if r["workload"] == "processes: read-only point reads"}
+    assert set(reads) == {"SQLite WAL point SELECT", "kvlog"} and reads["kvlog"]["ratio"] > 0
+    assert len(list(out.glob("*.png"))) == 5  # four workloads and the summary
+    assert "## processes: mixed load" in next(out.glob("*.md")).read_text()
+
+
+def test_smaller_reads_shrink_the_processes_workload() -> None:
+    from benchmarks.processes import Sizes
+
+    assert Sizes.for_reads(200_000) == Sizes() == Sizes.for_reads(10**9)
+    tiny = Sizes.for_reads(2_000)
+    assert tiny.mixed_ops == 100 and tiny.read_only == 2_000 and tiny.single_writes_synced == 20
+    assert tiny.process_counts == (1, 2, 4)
