@@ -440,7 +440,9 @@ def test_compaction_in_one_process_while_another_appends_and_reads(tmp_path: Pat
                 if log.last_compaction is not None:
                     break
             writer.join()
-            assert log.last_compaction is not None, "20,000 overwrites of 5 keys never made the log dirty enough"
+            assert log.last_compaction is not None, (
+                "20,000 overwrites of 5 keys never made the log dirty enough"
+            )
             total = log.end_offsets()[0]
             reader.wait_for(lambda c: bool(c.said("bad")) or len(c.said("seen")) >= total // 500 - 1, "reads")
             assert not reader.said("bad"), reader.said("bad")
