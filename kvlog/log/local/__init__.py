@@ -656,15 +656,8 @@ class LocalLog(Log):
             assert fd is not None
             _flock(fd, _LOCK_EX)
             try:
-                head = self._head
-                assert head is not None
+                head = self._take_up_head()
                 words = head.words
-                if words[W_WRITING] or words[W_VERSION] != self._version:
-                    self._sync_locked()
-                if words[W_CLEAN]:
-                    # From the first write on, a crash must not find the log vouched for.
-                    head.clean = False
-                    head.sync()
                 before = dict(self._end) if on_appended is not None else None
                 timestamp = time.time_ns() // 1_000_000
                 result: list[tuple[int, int]] = [(0, 0)] * len(records)
@@ -684,6 +677,46 @@ class LocalLog(Log):
                 return result
             finally:
                 _flock(fd, _LOCK_UN)
+
+    def _take_up_head(self) -> Head:
+        """With the write lock just taken: catch up with what other processes did; return the head."""
+        head = self._head
+        assert head is not None
+        words = head.words
+        if words[W_WRITING] or words[W_VERSION] != self._version:
+            self._sync_locked()
+        if words[W_CLEAN]:
+            # From the first write on, a crash must not find the log vouched for.
+            head.clean = False
+            head.sync()
+        return head
+
+    def _write_frames(self, segment: Segment, fd: int, data: bytes, start_size: int) -> None:
+        """Write ``data`` at ``start_size`` of the active segment and sync it per the policy.
+
+        Raises:
+            WriteError: the disk refused; the file is cut back to ``start_size``.
+        """
+        try:
+            written = os.pwrite(fd, data, start_size)
+            while written < len(data):
+                written += os.pwrite(fd, data[written:], start_size + written)
+            if self.fsync == "always":
+                _datasync(fd)
+            else:
+                self._unsynced = True
+        except OSError as exc:
+            # Leave nothing half-written: cut the file back to the last published record.
+            # (If even that fails, the head's writing flag stays set: the next holder of
+            # the write lock cuts it.)
+            try:
+                os.ftruncate(fd, start_size)
+            except OSError:
+                pass
+            else:
+                assert self._head is not None
+                self._head.writing = False
+            raise WriteError(f"cannot append to {segment.path}: {exc}") from exc
 
     def _append_one(
         self,
@@ -705,15 +738,8 @@ class LocalLog(Log):
             assert lock_fd is not None
             _flock(lock_fd, _LOCK_EX)
             try:
-                head = self._head
-                assert head is not None
+                head = self._take_up_head()
                 words = head.words
-                if words[W_WRITING] or words[W_VERSION] != self._version:
-                    self._sync_locked()
-                if words[W_CLEAN]:
-                    # From the first write on, a crash must not find the log vouched for.
-                    head.clean = False
-                    head.sync()
                 p = 0 if self._partitions == 1 else self.partition_for(key)
                 segment = self._segments[p][-1]
                 fd = self._active_fd[p]
@@ -723,22 +749,7 @@ class LocalLog(Log):
                 frame = encode_frame(offset, timestamp, key, value)
                 size = len(frame)
                 words[W_WRITING] = 1  # bytes past the published ends from here on: see _sync_locked
-                try:
-                    written = os.pwrite(fd, frame, start_size)
-                    while written < size:
-                        written += os.pwrite(fd, frame[written:], start_size + written)
-                    if self.fsync == "always":
-                        _datasync(fd)
-                    else:
-                        self._unsynced = True
-                except OSError as exc:
-                    try:
-                        os.ftruncate(fd, start_size)
-                    except OSError:
-                        pass
-                    else:
-                        head.writing = False
-                    raise WriteError(f"cannot append to {segment.path}: {exc}") from exc
+                self._write_frames(segment, fd, frame, start_size)
                 sample = self._cleaner.samples[p]
                 h = (zlib.crc32(key) * HASH_MIX) & HASH_MASK
                 end = start_size + size
@@ -800,27 +811,7 @@ class LocalLog(Log):
             position += size
             result[i] = (p, offset)
             offset += 1
-        data = b"".join(frames)
-        try:
-            written = os.pwrite(fd, data, start_size)
-            while written < len(data):
-                written += os.pwrite(fd, data[written:], start_size + written)
-            if self.fsync == "always":
-                _datasync(fd)
-            else:
-                self._unsynced = True
-        except OSError as exc:
-            # Leave nothing half-written: cut the file back to the last published record.
-            # (If even that fails, the head's writing flag stays set: the next holder of
-            # the write lock cuts it.)
-            try:
-                os.ftruncate(fd, start_size)
-            except OSError:
-                pass
-            else:
-                assert self._head is not None
-                self._head.writing = False
-            raise WriteError(f"cannot append to {segment.path}: {exc}") from exc
+        self._write_frames(segment, fd, b"".join(frames), start_size)
         # Published only after the write succeeded: no reader sees the records of a write cut
         # back above. In this instance first, then in the head, under the condition: a reader
         # thread taking up the head can then never count these records twice.
