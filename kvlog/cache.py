@@ -495,12 +495,7 @@ class Cache:
                 f"the cache at {self.path} is damaged: {reason}; KVLog sets a damaged cache aside and "
                 "rebuilds it from the log when it opens it (or delete the cache directory)"
             )
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
-        n = 1
-        while target.exists():
-            n += 1
-            target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
+        target = self._corrupt_target()
         try:
             os.rename(self.env_path, target)
             generation = max([self._generation, *_generations(self.path)]) + 1
@@ -517,6 +512,16 @@ class Cache:
         self.moved_to = target
         self.discarded = f"the cache was damaged ({reason}); it was moved aside to {target}"
         return list(_LMDB_FILES)
+
+    def _corrupt_target(self) -> Path:
+        """Where a damaged generation is set aside: ``<cache dir>.corrupt-<UTC time>[-n]``, beside the cache."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
+        return target
 
     def _discard_if_torn(self, boot: str | None) -> None:
         marker = self.env_path / _UNSYNCED
@@ -1275,12 +1280,7 @@ class Cache:
         with self._admin(), self._write_lock, self._readers_shut_out():
             self._env.close()
             reason = self._damage or (self.env_path / _DAMAGED).read_text(errors="replace").strip()
-            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-            target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
-            n = 1
-            while target.exists():
-                n += 1
-                target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
+            target = self._corrupt_target()
             self._write_head(builder.generation)
             builder.close()
             try:

@@ -232,11 +232,6 @@ class Replayer:
         if self._lock_fd is not None:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
-    @property
-    def replaying_here(self) -> bool:
-        """Whether this process's follower is the replayer of the cache directory (single replayer)."""
-        return self._role_held
-
     def _release_files(self) -> None:
         if self._lock_fd is not None:
             with contextlib.suppress(OSError):
@@ -306,16 +301,14 @@ class Replayer:
 
     # -- pulling ------------------------------------------------------------
 
-    def step(
-        self, timeout: float, *, max_records: int | None = None, wait_for_lock: bool = True
-    ) -> int | None:
+    def step(self, timeout: float, *, max_records: int | None = None) -> int | None:
         """Read one batch (waiting up to ``timeout`` for its first record) and apply it.
 
         ``max_records`` defaults to :data:`BATCH_RECORDS`. The step runs under
         the replay lock (held already by this process's follower, if it is the
-        replayer). With a single replayer, another process's follower holds
-        it for good: then, or with ``wait_for_lock=False`` whenever another
-        process holds it, nothing is read and this returns ``None``.
+        replayer). With a single replayer the lock is only tried: when another
+        process's follower holds it, nothing is read and this returns ``None``.
+        Otherwise the step waits for the lock (held for one step at a time).
 
         Returns:
             The number of records read, or ``None`` if another process replays.
@@ -329,7 +322,7 @@ class Replayer:
                 raise ClosedError("the replayer is closed")
             locked = False
             if not self._role_held:
-                if not self._try_lock(wait_for_lock and not self._single):
+                if not self._try_lock(not self._single):
                     return None
                 locked = True
                 # A step that took the lock for itself is a catch-up: what it

@@ -44,6 +44,7 @@ from .cache import DEFAULT_MAP_SIZE, Cache
 from .codec import MAX_KEY_SIZE, Codec, decode_key, encode_key, get_codec
 from .errors import CacheError, ClosedError, RecordTooLargeError
 from .log import Log, oversize_record, partitions_changed_error
+from .log.local import LocalLog
 from .replay import BAD_RECORD_POLICIES, Replayer
 
 __all__ = ["KVLog"]
@@ -260,8 +261,6 @@ class KVLog(MutableMapping[Any, Any]):
         self._log: Log | None = None
         self.rebuilds: list[str] = []
         if embedded:
-            from .log.local import LocalLog
-
             log = LocalLog(self.path / "log", partitions=partitions, fsync=fsync, file_mode=file_mode)
         elif log is None:
             if bootstrap_servers is None or topic is None:
@@ -280,8 +279,6 @@ class KVLog(MutableMapping[Any, Any]):
                 kafka_config=kafka_config,
             )
         self._log = log
-        from .log.local import LocalLog
-
         try:
             # On the embedded log the cache is written without fsync: the log
             # is what a write makes durable (with fsync="always", one
@@ -386,8 +383,6 @@ class KVLog(MutableMapping[Any, Any]):
         progress: Callable[[dict[int, int], dict[int, int]], None] | None,
     ) -> None:
         assert self._cache is not None and self._log is not None
-        from .log.local import LocalLog
-
         started = time.monotonic()
         identity = self._identity()
         # Decided and done under the cache directory's lock: two processes
@@ -447,16 +442,11 @@ class KVLog(MutableMapping[Any, Any]):
             positions = applied
         else:
             positions = self._log.append(records, timeout=self._timeout)
-        self._wait_for_positions(positions, max(0.001, self._timeout - (time.monotonic() - started)))
-
-    def _wait_for_positions(self, positions: Sequence[tuple[int, int]], timeout: float) -> None:
-        """Wait until the shared cache holds the records appended at ``positions``."""
-        assert self._replayer is not None
         targets: dict[int, int] = {}
         for partition, offset in positions:
             if offset + 1 > targets.get(partition, -1):
                 targets[partition] = offset + 1
-        self._replayer.wait_for(targets, timeout)
+        self._replayer.wait_for(targets, max(0.001, self._timeout - (time.monotonic() - started)))
 
     def _append_and_apply(
         self, records: Sequence[tuple[bytes, bytes | None]]
@@ -473,7 +463,7 @@ class KVLog(MutableMapping[Any, Any]):
         Returns:
             ``None`` if the records are in the cache, else their positions.
         """
-        assert self._log is not None and self._cache is not None
+        assert isinstance(self._log, LocalLog) and self._cache is not None
         apply = self._cache.apply_appended
         done = False
 
@@ -483,9 +473,7 @@ class KVLog(MutableMapping[Any, Any]):
             nonlocal done
             done = apply(records, before, after)
 
-        positions: list[tuple[int, int]] = self._log.append(  # type: ignore[call-arg]
-            records, timeout=self._timeout, on_appended=on_appended
-        )
+        positions = self._log.append(records, timeout=self._timeout, on_appended=on_appended)
         return None if done else positions
 
     # -- the mapping --------------------------------------------------------
@@ -544,18 +532,8 @@ class KVLog(MutableMapping[Any, Any]):
         A write that raised one may still be in the log (see
         :class:`~kvlog.KVLogError`).
         """
-        if self._closed:
-            self._reopen_after_fork()  # raises ClosedError unless this is a forked child
-        records = [(encode_key(key), self._codec.encode(value))]
-        if self._fast_apply and self._replayer._fatal is None:  # type: ignore[union-attr]
-            # The embedded log's single write, without _write's generality: the
-            # write path is a few microseconds, so each call layer shows.
-            positions = self._append_and_apply(records)
-            if positions is None:
-                return
-            self._wait_for_positions(positions, self._timeout)
-            return
-        self._write(records)
+        self._check_open()
+        self._write([(encode_key(key), self._codec.encode(value))])
 
     def __delitem__(self, key: str | bytes) -> None:
         """Write a tombstone for ``key``.

@@ -482,7 +482,7 @@ def wait_idle():
         cleaner = log.stats()["cleaner"]
         if cleaner["handled"] == cleaner["wakeups"] or time.monotonic() > deadline:
             return cleaner
-        time.sleep(0.005)
+        time.sleep(0.005)  # the polling interval of this deadline-bounded wait (a child cannot import wait_until)
 
 if mode == "count":
     emit("opened " + json.dumps(wait_idle()))

@@ -306,8 +306,7 @@ class Loop:
                 seen[key] = value["seq"]
             ticks += 1
             emit(f"tick {ticks} {getattr(cache, 'generation', -1)}")
-            # Leave the CPU to the others a moment between passes (the tests run on small machines).
-            time.sleep(0.002)
+            time.sleep(0.002)  # not a synchronisation: leaves the CPU to the others between passes (2 cores)
 
 
 def main() -> None:
