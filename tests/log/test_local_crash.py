@@ -342,7 +342,8 @@ def expected_recovery(tmp: Path, log_dir: Path) -> dict[int, list[dict[str, Any]
 
     With a head (every kill after the first open created it): the head's sizes
     are trusted (same boot), so a kill outside an append leaves nothing to
-    cut, and one inside an append (the head's writing flag is set) leaves
+    cut (zeros preallocated past the published size are not records), and
+    one inside an append (the head's writing flag is set) leaves
     bytes past the published size, which are cut whole, whatever they hold
     (a torn frame, or a whole batch never acknowledged). What the head
     published always ends at a whole batch. Without one (a kill while the
@@ -380,8 +381,13 @@ def expected_recovery(tmp: Path, log_dir: Path) -> dict[int, list[dict[str, Any]
         assert (whole.last if whole.last is not None else base - 1) == end - 1, (
             f"the head's end offset {end} is not past the last record of {segment}"
         )
-        if len(data) > size:
-            assert head.writing, f"{segment} holds bytes past the published size, yet no append was in flight"
+        if len(data) > size and not head.writing:
+            # Space preallocated for appends (fsync="always"): zeros, never records, and trusted as such.
+            assert data.count(0, size) == len(data) - size, (
+                f"{segment} holds bytes other than zeros past the published size, yet no append was in flight"
+            )
+            wanted[p] = []
+        elif len(data) > size:
             wanted[p] = [
                 {
                     "segment": str(segment),

@@ -22,7 +22,7 @@ import uuid
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ... import _fork
 from ..._files import (
@@ -51,10 +51,12 @@ from .segments import (
     INDEX_INTERVAL,
     MAGIC,
     MAX_FRAME,
+    PREALLOCATE_BYTES,
     BadFrame,
     Frame,
     Segment,
     encode_frame,
+    only_zeros,
     parse_frames,
     segment_name,
 )
@@ -62,6 +64,8 @@ from .segments import (
 __all__ = ["FRAME_OVERHEAD", "FSYNC_POLICIES", "LocalLog", "LocalReader", "encode_frame"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: The values of ``LocalLog(fsync=...)``.
 FSYNC_POLICIES = ("always", "interval", "never")
@@ -77,6 +81,24 @@ OPEN_FILE = "OPEN"
 COMPACT_FILE = "COMPACT"
 
 _flock = fcntl.flock
+
+
+def _preallocate(fd: int, start: int, length: int) -> int:
+    """Make the file at least ``start + max(length, PREALLOCATE_BYTES)`` long; return that end (0 on failure).
+
+    posix_fallocate never shrinks a file, so it is safe on one that is already
+    longer. No fstat asks first: on ext4 a stat marks the inode's change
+    counter as seen, and the next write must then journal the inode, which
+    made every fdatasync about half again as slow.
+    """
+    length = max(length, PREALLOCATE_BYTES)
+    try:
+        os.posix_fallocate(fd, start, length)
+    except OSError:
+        return 0  # no room for the whole chunk, or no fallocate: the write itself extends the file
+    return start + length
+
+
 _LOCK_EX, _LOCK_UN = fcntl.LOCK_EX, fcntl.LOCK_UN
 
 
@@ -163,7 +185,11 @@ class LocalLog(Log):
         #: The head version and generation this instance's view of the segments reflects.
         self._version = -1
         self._generation = -1
-        self._cond = threading.Condition()  # guards segments, end offsets, closed; readers wait on it
+        # _mutex guards segments, end offsets, closed; readers wait on _cond. The
+        # append path takes _mutex itself: a C-level lock, where entering the
+        # Condition runs two Python methods.
+        self._mutex = threading.RLock()
+        self._cond = threading.Condition(self._mutex)
         # Readers waiting on _cond for appends (an append notifies only if there are any).
         self._readers_waiting = 0
         self._append_lock = threading.Lock()  # one thread of this instance at the write lock at a time
@@ -350,11 +376,19 @@ class LocalLog(Log):
                 if (
                     trusted
                     and entry.base == active.base
-                    and entry.size == active.size
                     and entry.end >= active.base
                     and not (alone and head.suspect(p))
+                    and (
+                        entry.size == active.size
+                        # Space preallocated past the published end (fsync="always").
+                        or (
+                            entry.size < active.size <= entry.size + 2 * PREALLOCATE_BYTES
+                            and only_zeros(active.path, entry.size, active.size)
+                        )
+                    )
                 ):
                     end = entry.end  # no scan: what makes an open take milliseconds
+                    active.size = entry.size
             else:
                 clean = marker.get(str(p), {})
                 if clean.get("base") == active.base and clean.get("size") == active.size:
@@ -452,7 +486,8 @@ class LocalLog(Log):
             self._head.abandon()
             self._head = None
         # Locks another thread of the parent held at the fork stay held forever in the child.
-        self._cond = threading.Condition()
+        self._mutex = threading.RLock()
+        self._cond = threading.Condition(self._mutex)
         self._readers_waiting = 0
         self._append_lock = threading.Lock()
         self._cleaner.lock = threading.Lock()
@@ -487,6 +522,8 @@ class LocalLog(Log):
         """
         head = self._head
         assert head is not None
+        for segments in self._segments.values():
+            segments[-1].allocated = 0  # another process may have cut or rolled it
         if head.writing:
             self._cut_unpublished_locked()
         if head.version == self._version and not force_reload:
@@ -639,15 +676,22 @@ class LocalLog(Log):
         if len(records) == 1 and not self._closed:
             key, value = records[0]
             if len(key) + (0 if value is None else len(value)) <= self._max_record_bytes:
-                return self._append_one(key, value, on_appended)
+                if on_appended is None:
+                    p, offset, _ = self.append_one(key, value)
+                    return [(p, offset)]
+                then = on_appended
+
+                def adapted(
+                    key: bytes, value: bytes | None, p: int, offset: int, ends: dict[int, int]
+                ) -> None:
+                    then({**ends, p: offset}, [(p, offset)], dict(ends))
+
+                p, offset, _ = self.append_one(key, value, adapted)
+                return [(p, offset)]
         self._check_open()
-        limit = self._max_record_bytes
-        oversize = oversize_record(records, limit)
+        oversize = oversize_record(records, self._max_record_bytes)
         if oversize is not None:
-            raise RecordTooLargeError(
-                f"a record of {oversize[1]} bytes (key + value) is larger than the log accepts "
-                f"({limit} bytes; LocalLog(max_record_bytes=...) raises it)"
-            )
+            raise self._too_large(oversize[1])
         if not records:
             return []
         with self._append_lock:
@@ -678,6 +722,12 @@ class LocalLog(Log):
             finally:
                 _flock(fd, _LOCK_UN)
 
+    def _too_large(self, size: int) -> RecordTooLargeError:
+        return RecordTooLargeError(
+            f"a record of {size} bytes (key + value) is larger than the log accepts "
+            f"({self._max_record_bytes} bytes; LocalLog(max_record_bytes=...) raises it)"
+        )
+
     def _take_up_head(self) -> Head:
         """With the write lock just taken: catch up with what other processes did; return the head."""
         head = self._head
@@ -698,6 +748,8 @@ class LocalLog(Log):
             WriteError: the disk refused; the file is cut back to ``start_size``.
         """
         try:
+            if self.fsync == "always" and start_size + len(data) > segment.allocated:
+                segment.allocated = _preallocate(fd, start_size, len(data))
             written = os.pwrite(fd, data, start_size)
             while written < len(data):
                 written += os.pwrite(fd, data[written:], start_size + written)
@@ -718,19 +770,34 @@ class LocalLog(Log):
                 self._head.writing = False
             raise WriteError(f"cannot append to {segment.path}: {exc}") from exc
 
-    def _append_one(
+    def append_one(
         self,
         key: bytes,
         value: bytes | None,
-        on_appended: Callable[[dict[int, int], list[tuple[int, int]], dict[int, int]], object] | None,
-    ) -> list[tuple[int, int]]:
-        """:meth:`append` of one record that fits (the caller checked its size).
+        on_appended: Callable[[bytes, bytes | None, int, int, dict[int, int]], T] | None = None,
+    ) -> tuple[int, int, T | None]:
+        """:meth:`append` of one record: the single write, whose latency is mostly Python.
 
-        The single write is the common call and its latency is mostly Python,
-        so this is :meth:`append` and :meth:`_append_partition` for one record
-        with the lists, the loops and the general cases left out; the steps
-        and their order are the same.
+        ``on_appended(key, value, partition, offset, ends)``, if given, is
+        called where :meth:`append` calls its own: under the write lock, once
+        the record is written, synced and published. ``ends`` is the end
+        offset of every partition just after this append (the log's own
+        mapping: read it, do not keep it). No other append, in any process,
+        comes in between.
+
+        Returns:
+            ``(partition, offset, what on_appended returned)`` (``None`` without it).
+
+        Raises:
+            RecordTooLargeError, WriteError: as :meth:`append`.
         """
+        if self._closed:
+            self._check_open()
+        size = len(key) + (0 if value is None else len(value))
+        if size > self._max_record_bytes:
+            raise self._too_large(size)
+        # The steps and their order are those of append() and _append_partition(),
+        # with the lists, the loops and the general cases left out.
         with self._append_lock:
             if self._closed:
                 self._check_open()
@@ -738,27 +805,29 @@ class LocalLog(Log):
             assert lock_fd is not None
             _flock(lock_fd, _LOCK_EX)
             try:
-                head = self._take_up_head()
+                head = self._head
+                assert head is not None
                 words = head.words
+                if words[W_WRITING] or words[W_VERSION] != self._version or words[W_CLEAN]:
+                    self._take_up_head()
                 p = 0 if self._partitions == 1 else self.partition_for(key)
                 segment = self._segments[p][-1]
-                fd = self._active_fd[p]
                 start_size = segment.size
                 offset = self._end[p]
                 timestamp = time.time_ns() // 1_000_000
                 frame = encode_frame(offset, timestamp, key, value)
                 size = len(frame)
                 words[W_WRITING] = 1  # bytes past the published ends from here on: see _sync_locked
-                self._write_frames(segment, fd, frame, start_size)
-                sample = self._cleaner.samples[p]
-                h = (zlib.crc32(key) * HASH_MIX) & HASH_MASK
+                self._write_frames(segment, self._active_fd[p], frame, start_size)
                 end = start_size + size
-                indexed = segment.index_positions
-                with self._cond:
+                with self._mutex:
+                    indexed = segment.index_positions
                     if not indexed or start_size - indexed[-1] >= INDEX_INTERVAL:
                         segment.index_appended_frame(offset, start_size)
                     segment.size = end
                     self._end[p] = offset + 1
+                    sample = self._cleaner.samples[p]
+                    h = (zlib.crc32(key) * HASH_MIX) & HASH_MASK
                     if h < sample.threshold:
                         tombstone = -1 if value is not None else timestamp
                         sample.observe([SeenRecord(key, h, offset, size, tombstone)], self._segments[p])
@@ -768,14 +837,9 @@ class LocalLog(Log):
                 words[W_WRITING] = 0
                 if end >= self.segment_bytes:
                     self._roll_after_append(p)
-                positions = [(p, offset)]
-                if on_appended is not None:
-                    if self._partitions == 1:
-                        on_appended({0: offset}, positions, {0: offset + 1})
-                    else:
-                        after = dict(self._end)
-                        on_appended({**after, p: offset}, positions, after)
-                return positions
+                if on_appended is None:
+                    return p, offset, None
+                return p, offset, on_appended(key, value, p, offset, self._end)
             finally:
                 _flock(lock_fd, _LOCK_UN)
 
@@ -846,9 +910,11 @@ class LocalLog(Log):
     def _roll(self, p: int) -> None:
         """Close the active segment (synced) and start a new one at the end offset (under the write lock)."""
         fd = self._active_fd[p]
+        old = self._segments[p][-1]
+        if os.fstat(fd).st_size > old.size:
+            os.ftruncate(fd, old.size)  # preallocated space: a closed segment ends at its last record
         if self.fsync != "never":
             _datasync(fd)  # closed segments are never scanned on open: they must be whole
-        old = self._segments[p][-1]
         old.identify(os.fstat(fd))
         base = self._end[p]
         path = self.path / str(p) / segment_name(base)
@@ -1077,8 +1143,10 @@ class LocalLog(Log):
                 if head.writing:
                     self._cut_unpublished_locked()
                 for p, entry in enumerate(head.snapshot().entries):
-                    fd = os.open(self.path / str(p) / segment_name(entry.base), os.O_RDONLY)
+                    fd = os.open(self.path / str(p) / segment_name(entry.base), os.O_RDWR)
                     try:
+                        if os.fstat(fd).st_size > entry.size:
+                            os.ftruncate(fd, entry.size)  # preallocated space: a log at rest has none
                         _datasync(fd)
                     finally:
                         os.close(fd)

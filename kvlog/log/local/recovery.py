@@ -103,7 +103,14 @@ def recover_active_segment(log_path: Path, p: int, segment: Segment) -> tuple[li
     with open(segment.path, "r+b") as f:
         data = f.read()
         good, last, reason = _last_whole_batch(data, segment)
-        if reason is not None:
+        if reason is not None and good >= len(MAGIC) and data.count(0, good) == len(data) - good:
+            # Only zeros past the last record: space preallocated for appends
+            # (fsync="always"; see PREALLOCATE_BYTES), never a record.
+            log.info("cut %d byte(s) of preallocated space at the end of %s", len(data) - good, segment.path)
+            f.truncate(good)
+            f.flush()
+            os.fsync(f.fileno())
+        elif reason is not None:
             truncated = len(data) - good
             if good == 0:
                 f.seek(0)

@@ -23,12 +23,14 @@ __all__ = [
     "INDEX_INTERVAL",
     "MAGIC",
     "MAX_FRAME",
+    "PREALLOCATE_BYTES",
     "BadFrame",
     "Frame",
     "Segment",
     "base_of",
     "cleaned_name",
     "encode_frame",
+    "only_zeros",
     "parse_frames",
     "segment_name",
     "segment_of",
@@ -51,6 +53,26 @@ INDEX_INTERVAL = 64 * 1024
 #: Frames longer than this are corruption. Fixed, not derived from
 #: max_record_bytes: reopening with a smaller limit must not cut good records.
 MAX_FRAME = 1 << 30
+#: With fsync="always", the active segment is extended this far ahead of its
+#: end (fallocate): an fdatasync after a write inside the file's size has no
+#: new size to journal. The bytes past the published end are never records: a
+#: roll and the last close cut them, and recovery cuts a tail of zeros.
+PREALLOCATE_BYTES = 1 << 20
+
+
+def only_zeros(path: Path | str, start: int, size: int) -> bool:
+    """Whether the bytes of the file at ``path`` from ``start`` to ``size`` (its size) are all zeros."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        remaining = size - start
+        while remaining > 0:
+            chunk = f.read(min(remaining, 1 << 20))
+            if not chunk:
+                return False  # shorter than it was
+            if chunk.count(0) != len(chunk):
+                return False
+            remaining -= len(chunk)
+    return True
 
 
 def segment_name(base: int) -> str:
@@ -160,6 +182,9 @@ class Segment:
         #: directory (another process may have compacted) keeps the object only if they match.
         self.ino = 0
         self.mtime_ns = 0
+        #: Where this instance last preallocated the file to (0: not known). Another process may
+        #: have cut the file since; every change another process makes resets it (see _sync_locked).
+        self.allocated = 0
 
     def identify(self, st: os.stat_result) -> Segment:
         """Record which file this is (``st``: its stat); return the segment."""
