@@ -175,6 +175,13 @@ def _pack(obj: Any) -> bytes:
     return packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
 
 
+#: What a point read that must be retried the slow way holds instead of a value.
+_RETRY_READ: Any = object()
+
+#: Packs an int (which runs no Python code, so one packer serves every thread).
+_pack_int = msgpack.Packer(use_bin_type=True).pack
+
+
 def _unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
@@ -259,6 +266,7 @@ class Cache:
         self._appended_commits = 0
         self._pages_at_last_check = 0
         self._last_appended: tuple[Mapping[int, int] | None, bytes] = (None, b"")
+        self._last_appended_one: tuple[int, bytes] = (-1, b"")  # (end offset, packed) of a one-partition log
         self._closed = False
         self._admin_fd: int | None = None
         self._users_fd: int | None = None
@@ -774,6 +782,55 @@ class Cache:
                     self._readers_gate.notify_all()
         return self._get_slowly(key)
 
+    def value_reader(
+        self, decode: Callable[[bytes], Any], unpack_msgpack: bool = False
+    ) -> Callable[[bytes, Any], Any]:
+        """Return ``read(key, default)``: ``decode`` of the value of ``key``, or ``default`` if it is absent.
+
+        The store's point read: the steps of :meth:`get`, then ``decode``, in
+        one call. With ``unpack_msgpack`` the value is first unpacked by
+        msgpack's C function directly (strict map keys, str for strings);
+        ``decode`` runs only if that raised, to raise its own error.
+        """
+        cache = self
+        unpackb = msgpack.unpackb
+
+        def read(key: bytes, default: Any) -> Any:
+            raw: bytes | None
+            if cache._head_words[1] != cache._generation:
+                raw = cache._get_slowly(key)
+            else:
+                active = cache._active_readers
+                active.append(None)
+                if cache._readers_blocked:
+                    active.pop()
+                    cache._wait_and_register_reader()
+                try:
+                    txn = cache._begin(cache._data)
+                    raw = txn.get(key)
+                    txn.abort()
+                except (lmdb.ReadersFullError, lmdb.MapResizedError):
+                    raw = _RETRY_READ
+                except lmdb.Error as exc:
+                    raise cache._damaged(exc) from exc
+                finally:
+                    active.pop()
+                    if cache._readers_blocked:
+                        with cache._readers_gate:
+                            cache._readers_gate.notify_all()
+                if raw is _RETRY_READ:
+                    raw = cache._get_slowly(key)
+            if raw is None:
+                return default
+            if unpack_msgpack:
+                try:
+                    return unpackb(raw, raw=False, strict_map_key=True)
+                except Exception:  # noqa: BLE001 - decode raises the codec's error for these bytes
+                    pass
+            return decode(raw)
+
+        return read
+
     def _get_slowly(self, key: bytes) -> bytes | None:
         """:meth:`get` after HEAD moved, the map grew elsewhere, or the reader table was full."""
         if self._closed:
@@ -1030,6 +1087,37 @@ class Cache:
         last = self._last_appended
         packed_before = last[1] if last[0] == before else _pack(before)
         packed_after = packb(after, use_bin_type=True)
+        if not self._commit_appended(records, packed_before, packed_after):
+            return False
+        self._last_appended = (after, packed_after)
+        return True
+
+    def apply_appended_one(
+        self, key: bytes, value: bytes | None, p: int, offset: int, ends: Mapping[int, int]
+    ) -> bool:
+        """:meth:`apply_appended` of the one record at ``offset`` of partition ``p``; ``ends`` is the log's after it.
+
+        The single write's path: on a log of one partition the two
+        checkpoints are packed from their integers, without building them.
+        """
+        if self._closed:
+            raise self._closed_error()
+        if len(ends) == 1:
+            # Exactly the bytes _pack({p: n}) gives: a map of one entry, then two integers.
+            # This process's last single write usually ended where this one begins.
+            last = self._last_appended_one
+            packed_before = last[1] if last[0] == offset else b"\x81" + _pack_int(p) + _pack_int(offset)
+            packed_after = b"\x81" + _pack_int(p) + _pack_int(offset + 1)
+            if not self._commit_appended(((key, value),), packed_before, packed_after):
+                return False
+            self._last_appended_one = (offset + 1, packed_after)
+            return True
+        return self.apply_appended(((key, value),), {**ends, p: offset}, dict(ends))
+
+    def _commit_appended(
+        self, records: Sequence[tuple[bytes, bytes | None]], packed_before: bytes, packed_after: bytes
+    ) -> bool:
+        """Commit ``records`` and ``packed_after`` as the checkpoint if the stored checkpoint is ``packed_before``."""
         with self._write_lock:
             words = self._head_words
             if words[1] != self._generation and not self._detached:
@@ -1037,7 +1125,7 @@ class Cache:
             try:
                 txn = self._env.begin(write=True)
             except lmdb.MapResizedError:
-                return self._apply_appended_slowly(records, before, after)
+                return self._apply_appended_slowly(records, packed_before, packed_after)
             try:
                 # Begun after any switch committed, so HEAD already names the
                 # next generation if this one was superseded (switch_to writes
@@ -1048,7 +1136,7 @@ class Cache:
                 # The checkpoint is swapped for the new one in one call; the
                 # old one decides whether the transaction commits at all.
                 stored = txn.replace(_META_CHECKPOINT, packed_after, db=self._meta)
-                if stored != packed_before and (stored is None or _unpack(stored) != dict(before)):
+                if stored != packed_before and (stored is None or _unpack(stored) != _unpack(packed_before)):
                     txn.abort()
                     return False
                 data = self._data
@@ -1058,10 +1146,9 @@ class Cache:
                     else:
                         txn.put(key, value, db=data)
                 txn.commit()
-                self._last_appended = (after, packed_after)
             except lmdb.MapFullError:
                 txn.abort()
-                return self._apply_appended_slowly(records, before, after)
+                return self._apply_appended_slowly(records, packed_before, packed_after)
             except BaseException as exc:
                 txn.abort()
                 if isinstance(exc, lmdb.Error):
@@ -1074,15 +1161,12 @@ class Cache:
         return True
 
     def _apply_appended_slowly(
-        self,
-        records: Sequence[tuple[bytes, bytes | None]],
-        before: Mapping[int, int],
-        after: Mapping[int, int],
+        self, records: Sequence[tuple[bytes, bytes | None]], packed_before: bytes, packed_after: bytes
     ) -> bool:
         # apply() wants record objects; their partitions and offsets do not matter here.
         batch = [Record(0, 0, key, value) for key, value in records]
         try:
-            self.apply(batch, after, expect=before)
+            self.apply(batch, _unpack(packed_after), expect=_unpack(packed_before))
         except CheckpointMoved:
             return False
         return True

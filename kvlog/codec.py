@@ -86,6 +86,8 @@ class Codec:
 #: Types that hold no other value: the key check below never looks inside them.
 _LEAVES = frozenset((str, bytes, int, float, bool, type(None)))
 _CONTAINERS = (dict, list, tuple)
+#: The map keys msgpack reads back (strict_map_key).
+_MAP_KEYS = frozenset((str, bytes))
 
 
 def _check_dict_keys(value: Any, key_types: tuple[type, ...], codec: str) -> None:
@@ -115,15 +117,30 @@ def _check_dict_keys(value: Any, key_types: tuple[type, ...], codec: str) -> Non
                 push(child)
 
 
+#: A packer per thread: msgpack.packb builds a new one (and its buffer) per call,
+#: about half the cost of packing a small value.
+_packers = threading.local()
+
+
 def _msgpack_encode(value: Any) -> bytes:
     try:
-        data: bytes = msgpack.packb(value, use_bin_type=True)
+        # Taken while it packs: packing a dict or list subclass runs its
+        # Python methods, which could encode another value on this thread.
+        packer = _packers.__dict__.pop("packer", None) or msgpack.Packer(use_bin_type=True)
+        data: bytes = packer.pack(value)
+        _packers.packer = packer
     except (TypeError, ValueError, OverflowError) as exc:
         # ValueError: a str with a lone surrogate, or more than 1024 nested
         # containers (a value that holds itself ends there too).
         raise TypeError(f"value cannot be stored with the msgpack codec: {exc}") from exc
     if type(value) in _LEAVES:
         return data
+    if (
+        type(value) is dict
+        and _MAP_KEYS.issuperset(map(type, value))
+        and _LEAVES.issuperset(map(type, value.values()))
+    ):
+        return data  # a flat map of leaves with str or bytes keys: what most values are
     # msgpack packs any dict key but reads back only str and bytes keys
     # (strict_map_key): refuse the others now, or the write would succeed and
     # every read of it fail. Reading the bytes back is the exact test, and in

@@ -59,6 +59,9 @@ _MISSING: Any = object()
 # bytes of UTF-8 (4 bytes a character at worst), so reads skip the length check.
 _FAST_KEY_CHARS = MAX_KEY_SIZE // 4
 
+#: The built-in msgpack codec, whose values a point read unpacks with msgpack's C function directly.
+_MSGPACK = get_codec("msgpack")
+
 #: Records sent per append call by :meth:`KVLog.update`.
 UPDATE_BATCH = 10_000
 
@@ -215,6 +218,7 @@ class KVLog(MutableMapping[Any, Any]):
             self._on_bad_record = on_bad_record
             self._codec = get_codec(codec)
             self._decode = self._codec.decode
+            self._encode = self._codec.encode
             if log is not None and (bootstrap_servers is not None or topic is not None):
                 raise ValueError("pass either log= or bootstrap_servers= and topic=, not both")
             embedded = log is None and bootstrap_servers is None and topic is None
@@ -255,7 +259,8 @@ class KVLog(MutableMapping[Any, Any]):
                 "on_bad_record": on_bad_record,
             }
         )
-        self._fast_apply = False
+        # The embedded log, whose writers apply their own records (see _write), or None.
+        self._local_log: LocalLog | None = None
         self._cache: Cache | None = None
         self._replayer: Replayer | None = None
         self._log: Log | None = None
@@ -297,6 +302,7 @@ class KVLog(MutableMapping[Any, Any]):
 
             self._cache = open_cache()
             self._cache_get = self._cache.get
+            self._read = self._cache.value_reader(self._decode, unpack_msgpack=self._codec is _MSGPACK)
             try:
                 self._open_replay(ready_timeout, progress)
             except CacheError:
@@ -311,10 +317,13 @@ class KVLog(MutableMapping[Any, Any]):
                 _close_shared_cache(self._cache)
                 self._cache = open_cache()
                 self._cache_get = self._cache.get
+                self._read = self._cache.value_reader(self._decode, unpack_msgpack=self._codec is _MSGPACK)
                 self._open_replay(ready_timeout, progress)
             # The embedded log calls back while it still holds its write
             # lock: the writer applies its own records (see _write).
-            self._fast_apply = isinstance(self._log, LocalLog)
+            if isinstance(self._log, LocalLog):
+                self._local_log = self._log
+                self._apply_appended_one = self._cache.apply_appended_one
             self._closed = False
             _fork.register(self)
             if follow:
@@ -435,7 +444,7 @@ class KVLog(MutableMapping[Any, Any]):
         # record under on_bad_record="raise") could never apply this write.
         self._replayer.check_usable()
         started = time.monotonic()
-        if self._fast_apply:
+        if self._local_log is not None:
             applied = self._append_and_apply(records)
             if applied is None:
                 return
@@ -492,10 +501,10 @@ class KVLog(MutableMapping[Any, Any]):
                 data = encode_key(key)  # raises the documented ValueError
         else:
             data = encode_key(key)
-        raw = self._cache_get(data)
-        if raw is None:
+        value = self._read(data, _MISSING)
+        if value is _MISSING:
             raise KeyError(key)
-        return self._decode(raw)
+        return value
 
     def get(self, key: str | bytes, default: Any = None) -> Any:
         """Return the value of ``key``, or ``default`` if it is absent."""
@@ -508,8 +517,7 @@ class KVLog(MutableMapping[Any, Any]):
                 data = encode_key(key)
         else:
             data = encode_key(key)
-        raw = self._cache_get(data)
-        return default if raw is None else self._decode(raw)
+        return self._read(data, default)
 
     def __contains__(self, key: object) -> bool:
         if self._closed:
@@ -532,8 +540,23 @@ class KVLog(MutableMapping[Any, Any]):
         A write that raised one may still be in the log (see
         :class:`~kvlog.KVLogError`).
         """
-        self._check_open()
-        self._write([(encode_key(key), self._codec.encode(value))])
+        if self._closed:
+            self._reopen_after_fork()  # raises ClosedError unless this is a forked child
+        data = encode_key(key)
+        encoded = self._encode(value)
+        local = self._local_log
+        if local is None:
+            self._write([(data, encoded)])
+            return
+        # The single write on the embedded log: _write and _append_and_apply
+        # for one record, with a call frame less at each step.
+        replayer = self._replayer
+        assert replayer is not None
+        replayer.check_usable()
+        started = time.monotonic()
+        p, offset, applied = local.append_one(data, encoded, self._apply_appended_one)
+        if not applied:
+            replayer.wait_for({p: offset + 1}, max(0.001, self._timeout - (time.monotonic() - started)))
 
     def __delitem__(self, key: str | bytes) -> None:
         """Write a tombstone for ``key``.
