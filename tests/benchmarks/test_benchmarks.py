@@ -37,6 +37,7 @@ PROCESSES_CHECKS = [
     "processes: single write p50, fsync=always vs SQLite WAL synchronous=FULL",
     "processes: cross-process visibility p50",
     "processes: read-only point reads vs SQLite WAL point SELECT",
+    "processes: read-only point reads vs their floor",
 ]
 
 
@@ -229,7 +230,12 @@ def test_readme_block_is_replaced_and_the_rest_is_kept(tmp_path: Path) -> None:
 
 
 def _processes_rows(
-    never: float = 20.0, always: float = 400.0, sqlite_full: float = 450.0, visible: float = 10.0
+    never: float = 20.0,
+    always: float = 400.0,
+    sqlite_full: float = 450.0,
+    visible: float = 10.0,
+    reads: float = 310.0,
+    floor: float = 400.0,
 ) -> list[Row]:
     """Rows as the processes workload makes them: single-write p50s (µs), visibility, read-only reads."""
     from benchmarks import processes as p
@@ -245,7 +251,9 @@ def _processes_rows(
         Row(p.W_VISIBLE, p.visibility_case("always", "p50"), p.KVLOG, "µs", [visible], False),
         Row(p.W_VISIBLE, p.visibility_case("always", "p99"), p.KVLOG, "µs", [900.0], False),
         Row(p.W_READS, p.CASE_READS, p.SQLITE_SELECT, "reads/s", [100.0], True),
-        Row(p.W_READS, p.CASE_READS, p.KVLOG, "reads/s", [310.0], True, baseline=p.SQLITE_SELECT),
+        Row(p.W_READS, p.CASE_READS, p.KVLOG, "reads/s", [reads], True, baseline=p.SQLITE_SELECT),
+        Row(p.W_READS, p.CASE_READS_FLOOR, p.RAW_READ, "reads/s", [floor], True),
+        Row(p.W_READS, p.CASE_READS_FLOOR, p.KVLOG, "reads/s", [reads], True, baseline=p.RAW_READ),
     ]
     for n in (1, 2, 4):
         rows.append(Row(p.W_MIXED, p.mixed_case(n), p.SQLITE_FULL, "ops/s", [1000.0 / n], True))
@@ -280,6 +288,8 @@ def test_the_processes_goals_are_checked_on_their_own_rows() -> None:
         (_processes_rows(always=421.0), PROCESSES_CHECKS[1]),
         (_processes_rows(always=400.0, sqlite_full=399.0), PROCESSES_CHECKS[2]),
         (_processes_rows(visible=50.5), PROCESSES_CHECKS[3]),
+        (_processes_rows(reads=249.0, floor=300.0), PROCESSES_CHECKS[4]),  # 2.49x SQLite
+        (_processes_rows(reads=310.0, floor=420.0), PROCESSES_CHECKS[5]),  # 0.74x the floor
     ):
         assert [c["name"] for c in checks(rows, ["processes"]) if not c["passed"]] == [failed]
     # Not measured is a failure, with the reason.
@@ -330,7 +340,10 @@ def test_the_report_shows_absolute_goals_per_row_goals_and_the_chart_by_process_
         in text
     )
     goals = report.row_goals(results)
-    assert goals[("processes: read-only point reads", "1 process, zipfian keys", "kvlog")] == 3.0
+    assert goals[("processes: read-only point reads", "1 process, zipfian keys", "kvlog")] == 2.5
+    assert (
+        goals[("processes: read-only point reads", "1 process, zipfian keys, vs the floor", "kvlog")] == 0.75
+    )
     assert "processes: single write" not in report.goals(results)  # no workload-wide goal
     assert list(report.by_process_count([r.to_json() for r in rows])) == [1, 2, 4]
     paths = report.write(results, tmp_path)
@@ -382,7 +395,7 @@ def test_a_quick_run_of_the_processes_workload_measures_every_part(tmp_path: Pat
         ("p50, fsync=never vs its raw floor", "kvlog fsync=never"),
         (
             "p50, fsync=always vs its raw floor",
-            "raw floor, synced (pwrite + fdatasync + py-lmdb commit)",
+            "raw floor, synced (pwrite in preallocated space + fdatasync + py-lmdb commit)",
         ),
         ("p50, fsync=always vs its raw floor", "kvlog fsync=always"),
         ("p50, vs SQLite WAL and diskcache", "SQLite WAL synchronous=FULL"),
@@ -417,8 +430,17 @@ def test_a_quick_run_of_the_processes_workload_measures_every_part(tmp_path: Pat
             "processes: cross-process visibility",
             f"kvlog fsync={policy}",
         ) in skipped
-    reads = {r["subject"]: r for r in rows if r["workload"] == "processes: read-only point reads"}
-    assert set(reads) == {"SQLite WAL point SELECT", "kvlog"} and reads["kvlog"]["ratio"] > 0
+    reads = {
+        (r["case"], r["subject"]): r for r in rows if r["workload"] == "processes: read-only point reads"
+    }
+    assert set(reads) == {
+        ("1 process, zipfian keys", "SQLite WAL point SELECT"),
+        ("1 process, zipfian keys", "kvlog"),
+        ("1 process, zipfian keys", "raw py-lmdb get + msgpack decode"),
+        ("1 process, zipfian keys, vs the floor", "raw py-lmdb get + msgpack decode"),
+        ("1 process, zipfian keys, vs the floor", "kvlog"),
+    }
+    assert all(r["ratio"] > 0 for r in reads.values() if r["baseline"])
     assert len(list(out.glob("*.png"))) == 5  # four workloads and the summary
     assert "## processes: mixed load" in next(out.glob("*.md")).read_text()
 
