@@ -28,9 +28,12 @@ import struct
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from functools import partial
+from operator import is_not, itemgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import lmdb
 import msgpack
@@ -38,10 +41,11 @@ import msgpack
 from . import _fork
 from ._files import DEFAULT_FILE_MODE, check_file_mode, fsync_dir, make_dirs, open_file, write_file_atomically
 from .cachecheck import check_meta_pages, check_structure, file_signature
+from .codec import MAX_KEY_SIZE
 from .errors import BadRecordError, CacheError, ClosedError, CodecError
 from .log.base import Record
 
-__all__ = ["DEFAULT_MAP_SIZE", "MAX_READERS", "Cache", "CheckpointMoved"]
+__all__ = ["DEFAULT_MAP_SIZE", "MAX_READERS", "Cache", "CheckpointMoved", "RecordColumns"]
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +137,88 @@ def _bad_record(record: Any, reason: str) -> BadRecordError:
         offset=offset,
         reason=reason,
     )
+
+
+class RecordColumns(Protocol):
+    """Records of one partition held column by column, in log order (the embedded log's reader makes them).
+
+    ``offsets[i]``, ``keys[i]``, ``values[i]`` are the i-th record's (a value
+    of ``None`` is a tombstone) and ``tombstones`` the indexes of the
+    tombstones, ascending. See :meth:`Cache.apply_columns`.
+    """
+
+    partition: int
+    offsets: list[int]
+    keys: list[bytes]
+    values: list[bytes | None]
+    tombstones: list[int]
+
+    def records(self) -> list[Record]:
+        """Every record, in log order."""
+        ...
+
+
+_not_none = partial(is_not, None)
+
+
+def _columns_pass(columns: RecordColumns, check: Callable[[bytes], object] | None) -> bool:
+    """Whether every key of ``columns`` is one the cache holds and every value passes ``check``.
+
+    Whole columns at a time, in C loops (``check`` is still called once per
+    value, but by ``map``, not by a Python loop). ``False`` sends the columns
+    through the record-by-record pass, which finds the bad records, in log
+    order, and says why.
+    """
+    keys = columns.keys
+    if b"" in keys or max(map(len, keys)) > MAX_KEY_SIZE:
+        return False
+    if check is not None:
+        values: Iterable[Any] = filter(_not_none, columns.values) if columns.tombstones else columns.values
+        try:
+            deque(map(check, values), maxlen=0)
+        except Exception:  # noqa: BLE001 - any failure of a user codec means a bad value, found again below
+            return False
+    return True
+
+
+def _put_runs(
+    txn: lmdb.Transaction[Any],
+    db: lmdb._Database,
+    keys: list[bytes],
+    values: list[bytes | None],
+    tombstones: list[int],
+) -> None:
+    """Put ``keys[i]: values[i]`` in order, deleting at the ``tombstones`` (the indexes of the ``None`` values).
+
+    The records between two tombstones go to LMDB in one ``putmulti`` (a loop
+    in C, which takes no ``None``).
+    """
+    putmulti = txn.cursor(db).putmulti
+    if not tombstones:
+        putmulti(zip(keys, values, strict=True))  # type: ignore[arg-type]  # no tombstone, so no None
+        return
+    start = 0
+    for tombstone in tombstones:
+        if tombstone > start:
+            putmulti(zip(keys[start:tombstone], values[start:tombstone], strict=True))  # type: ignore[arg-type]
+        txn.delete(keys[tombstone], db=db)
+        start = tombstone + 1
+    if start < len(keys):
+        putmulti(zip(keys[start:], values[start:], strict=True))  # type: ignore[arg-type]
+
+
+def _tombstones_of(values: list[bytes | None]) -> list[int]:
+    """The indexes of the ``None`` values, ascending (found by ``list.index``, a loop in C)."""
+    found: list[int] = []
+    at = -1
+    with contextlib.suppress(ValueError):
+        while True:
+            at = values.index(None, at + 1)
+            found.append(at)
+    return found
+
+
+_first, _second = itemgetter(0), itemgetter(1)
 
 
 class CheckpointMoved(Exception):
@@ -1034,7 +1120,56 @@ class Cache:
                 batch was written.
             ClosedError: the cache is closed.
         """
-        records = records if isinstance(records, list) else list(records)
+        batch = records if isinstance(records, list) else list(records)
+
+        def fill(txn: lmdb.Transaction[Any], bad: list[tuple[Any, str]]) -> int:
+            self._put_records(txn, batch, check, bad, strict)
+            return len(batch) - len(bad)
+
+        return self._apply_batch(fill, checkpoint, expect, on_bad)
+
+    def apply_columns(
+        self,
+        columns: Sequence[RecordColumns],
+        checkpoint: Mapping[int, int],
+        *,
+        expect: Mapping[int, int] | None = None,
+        check: Callable[[bytes], object] | None = None,
+        on_bad: Callable[[Any, str], object] | None = None,
+        strict: bool = False,
+    ) -> tuple[int, int]:
+        """:meth:`apply` of records held column by column (``columns``, in log order per partition).
+
+        The same transaction, checks and outcome as :meth:`apply` of the same
+        records, for a fraction of the Python work per record: the keys and
+        values of each :class:`RecordColumns` are checked a column at a time
+        and handed to LMDB with ``putmulti``; only columns holding a bad
+        record are applied record by record, which skips (or, ``strict``,
+        raises at) exactly the records :meth:`apply` would.
+        """
+
+        def fill(txn: lmdb.Transaction[Any], bad: list[tuple[Any, str]]) -> int:
+            total = 0
+            for part in columns:
+                total += len(part.keys)
+                self._put_columns(txn, part, check, bad, strict)
+            return total - len(bad)
+
+        return self._apply_batch(fill, checkpoint, expect, on_bad)
+
+    def _apply_batch(
+        self,
+        fill: Callable[[lmdb.Transaction[Any], list[tuple[Any, str]]], int],
+        checkpoint: Mapping[int, int],
+        expect: Mapping[int, int] | None,
+        on_bad: Callable[[Any, str], object] | None,
+    ) -> tuple[int, int]:
+        """One write transaction: check ``expect``, ``fill`` it with records, store ``checkpoint``, commit.
+
+        ``fill(txn, bad)`` writes the records, appends the ones it skipped to
+        ``bad`` as ``(record, reason)`` and returns how many it applied; on a
+        full map it runs again, from the start, in a new transaction.
+        """
         packed_checkpoint = _pack(dict(checkpoint))
         packed_expect = None if expect is None else _pack(dict(expect))
         # The writer does not pass the reader gate: resizes happen only
@@ -1049,7 +1184,8 @@ class Cache:
                     with self._writing() as txn:
                         if packed_expect is not None:
                             self._check_expected(txn, packed_expect, expect)
-                        applied = self._apply_in(txn, records, packed_checkpoint, check, bad, strict)
+                        applied = fill(txn, bad)
+                        txn.put(_META_CHECKPOINT, packed_checkpoint, db=self._meta)
                     break
                 except lmdb.MapFullError:
                     pass  # grow, then write the whole batch again: the failed txn was aborted
@@ -1140,11 +1276,19 @@ class Cache:
                     txn.abort()
                     return False
                 data = self._data
-                for key, value in records:
-                    if value is None:
-                        txn.delete(key, db=data)
+                if len(records) > 1:
+                    # A batch (update()): putmulti is a loop in C, about a third of the cost of put() calls.
+                    values = list(map(_second, records))
+                    if all(values):  # no tombstone (None is false; so is an empty value, looked at below)
+                        txn.cursor(data).putmulti(zip(map(_first, records), values, strict=True))
                     else:
-                        txn.put(key, value, db=data)
+                        _put_runs(txn, data, list(map(_first, records)), values, _tombstones_of(values))
+                else:
+                    for key, value in records:
+                        if value is None:
+                            txn.delete(key, db=data)
+                        else:
+                            txn.put(key, value, db=data)
                 txn.commit()
             except lmdb.MapFullError:
                 txn.abort()
@@ -1182,15 +1326,14 @@ class Cache:
             return
         raise CheckpointMoved("the checkpoint moved")
 
-    def _apply_in(
+    def _put_records(
         self,
         txn: lmdb.Transaction[Any],
-        records: list[Any],
-        packed_checkpoint: bytes,
+        records: Iterable[Any],
         check: Callable[[bytes], object] | None,
         bad: list[tuple[Any, str]],
         strict: bool,
-    ) -> int:
+    ) -> None:
         # The one pass over the batch: the key check and the value check sit
         # in it, rather than in a pass of their own, because replay speed is
         # this loop's speed (a try block costs nothing until it catches).
@@ -1218,8 +1361,22 @@ class Cache:
                         raise _bad_record(record, bad[-1][1]) from exc
                     continue
             put(key, value)
-        txn.put(_META_CHECKPOINT, packed_checkpoint, db=self._meta)
-        return len(records) - len(bad)
+
+    def _put_columns(
+        self,
+        txn: lmdb.Transaction[Any],
+        columns: RecordColumns,
+        check: Callable[[bytes], object] | None,
+        bad: list[tuple[Any, str]],
+        strict: bool,
+    ) -> None:
+        keys, values = columns.keys, columns.values
+        if not keys:
+            return
+        if not _columns_pass(columns, check):
+            self._put_records(txn, columns.records(), check, bad, strict)
+            return
+        _put_runs(txn, self._data, keys, values, columns.tombstones)
 
     def reset(self, identity: Mapping[str, Any], checkpoint: Mapping[int, int] | None = None) -> None:
         """Drop every entry and bind the cache to ``identity``, in one transaction.

@@ -37,13 +37,13 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from ._files import open_file
-from .cache import Cache, CheckpointMoved
+from .cache import Cache, CheckpointMoved, RecordColumns
 from .errors import BadRecordError, ClosedError, KVLogError, SyncTimeoutError
-from .log import Log, LogReader, PositionOutOfRangeError, partitions_changed_error
+from .log import Log, LogReader, PositionOutOfRangeError, Record, partitions_changed_error
 
 __all__ = ["BAD_RECORD_POLICIES", "Replayer"]
 
@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 BATCH_RECORDS = 50_000
 #: ...but never hold a batch back longer than this once records are waiting.
 BATCH_SECONDS = 0.25
+#: A first read of fewer records than this is applied without waiting for more.
+FILL_FROM_RECORDS = 1_000
 #: How long one idle poll of the follower blocks (also how quickly it stops).
 FOLLOW_POLL_SECONDS = 0.2
 #: How often the replayer asks for the log's end offsets to note that the cache
@@ -88,6 +90,48 @@ QUARANTINE_KEPT = 10
 QUARANTINE_LOGGED = 10
 #: What ``on_bad_record`` accepts.
 BAD_RECORD_POLICIES = ("quarantine", "raise")
+
+
+def _at_or_past(stored: Mapping[int, int], mine: Mapping[int, int]) -> bool:
+    """Whether checkpoint ``stored`` is ``mine`` moved forward only (in every partition ``mine`` names)."""
+    return bool(stored) and all(stored.get(p, -1) >= offset for p, offset in mine.items())
+
+
+class _Columns:
+    """What one step read from a reader that hands out columns (the embedded log's ``poll_columns``).
+
+    Counted and iterated as its records, so that the step treats it as it
+    treats a list of records; :meth:`Replayer._apply` hands the columns
+    themselves to :meth:`~kvlog.cache.Cache.apply_columns`: the same
+    transaction, for a fraction of the work per record.
+    """
+
+    __slots__ = ("columns", "count")
+
+    def __init__(self, columns: list[RecordColumns]) -> None:
+        self.columns = columns
+        self.count = sum(len(part.offsets) for part in columns)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[Any]:
+        for part in self.columns:
+            yield from part.records()
+
+    def extend(self, more: _Columns | list[Any]) -> None:
+        """Add what a later poll of the same reader read."""
+        assert isinstance(more, _Columns)  # a reader hands out columns or records, never both
+        self.columns.extend(more.columns)
+        self.count += more.count
+
+
+def _poll(reader: LogReader, timeout: float, max_records: int) -> list[Any] | _Columns:
+    """One poll of ``reader``: its columns where it has them (the embedded log), else its records."""
+    poll_columns = getattr(reader, "poll_columns", None)
+    if poll_columns is None:
+        return list(reader.poll(timeout, max_records))
+    return _Columns(poll_columns(timeout, max_records))
 
 
 class Replayer:
@@ -158,6 +202,9 @@ class Replayer:
         self._closed = False
         #: Records applied since this replayer was created.
         self.records_replayed = 0
+        #: Records writers of this process put into the cache themselves since
+        #: this replayer was created (on Kafka, see apply_own; replay skips them).
+        self.records_applied_by_writers = 0
         #: Bad records skipped since this replayer was created.
         self.records_quarantined = 0
         #: The last few of them, as ``(partition, offset, reason)``.
@@ -192,6 +239,9 @@ class Replayer:
         self._current_pending = False
         # The checkpoint the reader's positions follow (empty: the log start).
         self._stored: dict[int, int] = {}
+        # Whether writers moved the checkpoint past where the reader stands:
+        # what it reads below the checkpoint is skipped (see apply_own).
+        self._skipping = False
         try:
             self._open_reader()
         except BaseException:
@@ -242,6 +292,7 @@ class Replayer:
     def _drop_reader(self) -> None:
         # The next step opens a new reader at the cache's checkpoint: after a
         # batch that failed to apply, the old one stands past what was applied.
+        self._skipping = False
         reader, self._reader = self._reader, None
         if reader is not None:
             reader.close()
@@ -347,8 +398,15 @@ class Replayer:
         self.check_usable()
         stored = self._cache.checkpoint()
         if self._reader is not None and stored != self._stored:
-            # Another process (or a writer of this one) applied records: read on from there.
-            self._drop_reader()
+            if self._single and _at_or_past(stored, self._stored):
+                # Writers applied their own records (apply_own): the reader
+                # reads on and skips them, rather than a new consumer
+                # connecting to fetch from there.
+                self._stored = stored
+                self._skipping = True
+            else:
+                # Another process (or a writer of this one) applied records: read on from there.
+                self._drop_reader()
         if self._reader is None:
             try:
                 self._open_reader(stored)
@@ -358,13 +416,17 @@ class Replayer:
         reader = self._reader
         assert reader is not None
         try:
-            records = list(reader.poll(timeout, max_records))
+            records = _poll(reader, timeout, max_records)
             # Fill the transaction while records keep arriving quickly, so a
             # cold replay commits a few large transactions, not many small ones.
-            if records:
+            # A small first read is the tail of the log: applied at once, since
+            # a poll that finds nothing new still costs about a millisecond on
+            # Kafka (kafka-python's network round of a fetch), all of it added
+            # to the time until other processes and instances see a write.
+            if len(records) >= FILL_FROM_RECORDS:
                 deadline = time.monotonic() + BATCH_SECONDS
                 while len(records) < max_records and time.monotonic() < deadline:
-                    more = reader.poll(0.0, max_records - len(records))
+                    more = _poll(reader, 0.0, max_records - len(records))
                     if not more:
                         break
                     records.extend(more)
@@ -378,6 +440,9 @@ class Replayer:
             # opens a new reader at the cache's checkpoint instead.
             self._drop_reader()
             raise
+        read = len(records)
+        if self._skipping:
+            records, positions = self._past_stored(records, positions)
         with self._cond:
             unchanged = positions == self._positions
         if records:
@@ -385,20 +450,82 @@ class Replayer:
             if problem is not None:
                 self._rebuild_locked(problem)
                 return 0
-        if records or not unchanged:
+        while records or not unchanged:
             try:
                 self._apply(records, positions)
+                break
             except CheckpointMoved:
-                self._drop_reader()  # someone else applied first: read again from where they left it
-                return 0
+                stored = self._cache.checkpoint()
+                if not (self._single and _at_or_past(stored, self._stored)):
+                    self._drop_reader()  # someone else applied first: read again from where they left it
+                    return 0
+                # A writer applied its own records meanwhile: apply what lies past them.
+                self._stored = stored
+                self._skipping = True
+                records, positions = self._past_stored(records, positions)
+                with self._cond:
+                    unchanged = positions == self._positions
         self._track_current(positions)
-        return len(records)
+        return read
 
-    def _apply(self, records: list[Any], positions: dict[int, int]) -> None:
-        bad: list[tuple[Any, str]] = []
+    def _past_stored(
+        self, records: Iterable[Any], positions: dict[int, int]
+    ) -> tuple[list[Any], dict[int, int]]:
+        """Drop the records below the stored checkpoint (writers applied them); never move a position back."""
+        stored = self._stored
+        kept = [r for r in records if r.offset >= stored.get(r.partition, 0)]
+        merged = {p: max(offset, stored.get(p, offset)) for p, offset in positions.items()}
+        if all(offset >= stored.get(p, offset) for p, offset in positions.items()):
+            self._skipping = False  # the reader stands past everything they applied
+        return kept, merged
+
+    def apply_own(
+        self, records: Sequence[tuple[bytes, bytes | None]], positions: Sequence[tuple[int, int]]
+    ) -> bool:
+        """Apply a writer's own records, just acknowledged at ``positions``, if they are the next ones.
+
+        On a Kafka log a write would otherwise wait for the follower to fetch
+        its records back from the broker. They are the next records to replay
+        when, in every partition they went to, their offsets run on from the
+        shared checkpoint without a gap: nothing unapplied lies before them.
+        They commit with the checkpoint moved past them only if it is still
+        the one read (the follower, or another process, may apply first); the
+        follower then reads on past them (see :meth:`_past_stored`). The
+        values came from the store's own codec: no value check.
+
+        Returns:
+            Whether they were applied. ``False`` leaves it to replay (a
+            writer then waits, as before).
+        """
+        if not self._single or self._fatal is not None or self._closed:
+            return False
+        checkpoint = self._cache.checkpoint()
+        with self._cond:
+            # A partition nothing was applied to yet starts where the reader
+            # started: the log's first offset.
+            after = {**self._positions, **checkpoint}
+        for partition, offset in positions:
+            if after.get(partition) != offset:
+                return False  # a gap, another writer's record first, or the cache is behind
+            after[partition] = offset + 1
+        batch = [Record(p, o, key, value) for (key, value), (p, o) in zip(records, positions, strict=True)]
         try:
-            applied, skipped = self._cache.apply(
-                records,
+            self._cache.apply(batch, after, expect=checkpoint)
+        except CheckpointMoved:
+            return False
+        with self._cond:
+            self._positions = {**self._positions, **after}
+            self.last_progress_at = time.time()
+            self.records_applied_by_writers += len(batch)
+            self._cond.notify_all()
+        return True
+
+    def _apply(self, records: list[Any] | _Columns, positions: dict[int, int]) -> None:
+        bad: list[tuple[Any, str]] = []
+        columns = isinstance(records, _Columns)
+        try:
+            applied, skipped = (self._cache.apply_columns if columns else self._cache.apply)(
+                records.columns if isinstance(records, _Columns) else records,
                 positions,
                 expect=self._stored,
                 check=self._check,

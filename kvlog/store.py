@@ -30,6 +30,7 @@ failure does.
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import reprlib
 import threading
@@ -37,6 +38,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+
+import msgpack
 
 from . import _fork
 from ._files import DEFAULT_FILE_MODE, check_file_mode
@@ -103,6 +106,54 @@ def _forget_caches_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_caches_in_child)
+
+
+#: Value types the msgpack codec takes as they are, and the map keys it reads back (see _encode_records).
+_MSGPACK_LEAVES = frozenset((str, bytes, int, float, bool, type(None)))
+_MSGPACK_MAP_KEYS = frozenset((str, bytes))
+_first, _second = operator.itemgetter(0), operator.itemgetter(1)
+
+
+def _encode_records(items: Iterable[tuple[Any, Any]], codec: Codec) -> list[tuple[bytes, bytes]]:
+    """``(key, value)`` pairs as ``update()`` sends them: each key by ``encode_key``, each value by ``codec``.
+
+    The same bytes, and the same errors, as ``(encode_key(k), codec.encode(v))``
+    for every pair. The common cases cost less: a short ``str`` key is
+    encoded in place (an unencodable one is encoded again by ``encode_key``,
+    for its error), and with the built-in msgpack codec one packer serves the
+    whole batch, and a value that is a leaf or a flat dict of leaves with
+    ``str`` or ``bytes`` keys is taken as packed (the codec's own fast case);
+    any other value, or one that fails to pack, goes through ``codec.encode``,
+    which checks it exactly and raises the error it documents.
+    """
+    records: list[tuple[bytes, bytes]] = []
+    add = records.append
+    encode = codec.encode
+    msgpack_codec = codec is _MSGPACK
+    # A packer per call, set up as the codec sets up its own: update() may run in several
+    # threads at once. It packs only values whose types run no Python code while packed.
+    pack = msgpack.Packer(use_bin_type=True).pack
+    leaves, map_keys = _MSGPACK_LEAVES, _MSGPACK_MAP_KEYS
+    for k, v in items:
+        if type(k) is str and 0 < len(k) <= _FAST_KEY_CHARS:
+            try:
+                key = k.encode()
+            except UnicodeEncodeError:
+                key = encode_key(k)  # a lone surrogate: raises the documented ValueError
+        else:
+            key = encode_key(k)
+        if msgpack_codec:
+            t = type(v)
+            if t in leaves or (
+                t is dict and map_keys.issuperset(map(type, v)) and leaves.issuperset(map(type, v.values()))
+            ):
+                try:
+                    add((key, pack(v)))
+                    continue
+                except (TypeError, ValueError, OverflowError):
+                    pass  # encode() raises it as the codec's own TypeError
+        add((key, encode(v)))
+    return records
 
 
 class KVLog(MutableMapping[Any, Any]):
@@ -285,17 +336,18 @@ class KVLog(MutableMapping[Any, Any]):
             )
         self._log = log
         try:
-            # On the embedded log the cache is written without fsync: the log
-            # is what a write makes durable (with fsync="always", one
-            # fdatasync per write, not two), and a cache an OS crash may have
-            # torn is found at the next open and rebuilt from the log (see
-            # kvlog.cache). On Kafka, replay commits large batches, each synced.
+            # The cache is written without fsync: the log is what a write
+            # makes durable (on the embedded log with fsync="always", one
+            # fdatasync per write, not two; on Kafka, acks=all, with no disk
+            # sync in the write's path at all), and a cache an OS crash may
+            # have torn is found at the next open and rebuilt from the log
+            # (see kvlog.cache).
             def open_cache() -> Cache:
                 # A damaged cache is set aside (named in the rebuild reason) and rebuilt.
                 return _open_shared_cache(
                     self.path / "cache",
                     map_size=map_size,
-                    sync=not isinstance(log, LocalLog),
+                    sync=False,
                     file_mode=file_mode,
                     move_damaged=True,
                 )
@@ -451,6 +503,10 @@ class KVLog(MutableMapping[Any, Any]):
             positions = applied
         else:
             positions = self._log.append(records, timeout=self._timeout)
+            # Acknowledged: put them into the cache now if they are the next
+            # records (no waiting for the follower to fetch them back).
+            if self._replayer.apply_own(records, positions):
+                return
         targets: dict[int, int] = {}
         for partition, offset in positions:
             if offset + 1 > targets.get(partition, -1):
@@ -603,9 +659,9 @@ class KVLog(MutableMapping[Any, Any]):
             items = ((k, other[k]) for k in other.keys())
         else:
             items = other
-        encode = self._codec.encode
-        records = [(encode_key(k), encode(v)) for k, v in items]
-        records.extend((encode_key(k), encode(v)) for k, v in kwargs.items())
+        records = _encode_records(items, self._codec)
+        if kwargs:
+            records.extend(_encode_records(kwargs.items(), self._codec))
         if len(records) > UPDATE_BATCH:
             # The log checks the size of each batch it is given, but only that
             # batch: a record too large for the second batch would otherwise
@@ -619,6 +675,9 @@ class KVLog(MutableMapping[Any, Any]):
         assert self._log is not None
         limit = self._log.max_record_bytes
         if limit is None:
+            return
+        # The longest key plus the longest value bound every record's size (loops in C).
+        if max(map(len, map(_first, records))) + max(map(len, map(_second, records))) <= limit:
             return
         oversize = oversize_record(records, limit)
         if oversize is not None:
@@ -730,7 +789,10 @@ class KVLog(MutableMapping[Any, Any]):
         per partition and ``total_lag`` (``None`` when the log is unreachable),
         ``bytes_on_disk``, ``map_size``, ``cache_generation`` (the live
         generation of the shared cache: a rewarm moves it on), ``following``, ``records_replayed``
-        and ``records_quarantined`` since open, ``quarantined`` (the last few
+        and ``records_quarantined`` since open, ``records_applied_by_writers`` (on Kafka:
+        records this process's writes put into the cache themselves, being the next
+        ones to replay, so that no write waited for the follower to fetch them
+        back), ``quarantined`` (the last few
         quarantined records as ``(partition, offset, reason)``),
         ``replay_health`` (when replay last moved forward or found the cache at
         the log end, and the last error it met: see
@@ -765,6 +827,7 @@ class KVLog(MutableMapping[Any, Any]):
             "following": self._replayer.following,
             "replay_health": self._replayer.health(),
             "records_replayed": self._replayer.records_replayed,
+            "records_applied_by_writers": self._replayer.records_applied_by_writers,
             "records_quarantined": self._replayer.records_quarantined,
             "quarantined": list(self._replayer.quarantined),
             "open_replay": dict(self.open_replay),

@@ -331,8 +331,13 @@ def full_disk_rlimit(args: argparse.Namespace) -> None:
     _soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     path = Path(args.path)
 
+    def size(f: Path) -> int:
+        # A segment up to its last byte that is not zero: the active one holds
+        # preallocated zeros past its end, which writes fill without growing it.
+        return len(f.read_bytes().rstrip(b"\0")) if f.suffix == ".log" else f.stat().st_size
+
     def fill() -> None:
-        largest = max(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        largest = max(size(f) for f in path.rglob("*") if f.is_file())
         resource.setrlimit(resource.RLIMIT_FSIZE, (largest + args.limit, hard))
 
     def free() -> None:

@@ -531,15 +531,19 @@ def test_a_batch_that_failed_to_apply_is_read_again(tmp_path: Path, monkeypatch:
     """The reader moved past a batch the cache refused (a full disk): the next replay reads it again."""
     with KVLog(tmp_path, follow=False) as kv:
         kv.log.append([(b"k%d" % i, msgpack.packb(i)) for i in range(100)], timeout=10)
-        apply = Cache.apply
         failures: Iterator[BaseException] = iter([CacheError("injected: the disk is full")])
 
-        def fail_once(self: Cache, *args: Any, **kwargs: Any) -> tuple[int, int]:
-            for exc in failures:
-                raise exc
-            return apply(self, *args, **kwargs)
+        def failing_once(apply: Callable[..., tuple[int, int]]) -> Callable[..., tuple[int, int]]:
+            def fail_once(self: Cache, *args: Any, **kwargs: Any) -> tuple[int, int]:
+                for exc in failures:
+                    raise exc
+                return apply(self, *args, **kwargs)
 
-        monkeypatch.setattr(Cache, "apply", fail_once)
+            return fail_once
+
+        # Replay of the embedded log applies the columns its reader reads; of other logs, records.
+        monkeypatch.setattr(Cache, "apply", failing_once(Cache.apply))
+        monkeypatch.setattr(Cache, "apply_columns", failing_once(Cache.apply_columns))
         with pytest.raises(CacheError, match="injected"):
             kv.sync(timeout=10)
         kv.sync(timeout=10)

@@ -79,7 +79,7 @@ VICTIM_KEYS = 30
 BIG_BATCH = 3000
 #: Scenario (c): records appended without being applied, replayed in one step under the replay lock
 #: (about 10 ms: long enough to stop the victim at a random point inside it).
-BACKLOG = 5_000
+BACKLOG = 15_000
 #: Writes queued behind a killed holder of the replay lock return within this many seconds of
 #: the kill: the first to get the lock replays what the dead one left (a few milliseconds for
 #: BACKLOG records), the others find their records applied already.

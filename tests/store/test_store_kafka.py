@@ -280,3 +280,88 @@ class TestBrokerDown:
                 assert kv.stats()["end_offsets"] is None, "stats still answer, without the log's offsets"
             finally:
                 kv.close()
+
+
+class TestOwnWrites:
+    """A write whose records are the next ones to replay puts them into the cache itself."""
+
+    def test_a_caught_up_store_applies_its_own_writes_without_replaying_them(self, make_kv: Any) -> None:
+        kv = make_kv("a", follow=False)
+        for i in range(20):
+            kv[f"k{i}"] = i
+            assert kv[f"k{i}"] == i
+        del kv["k3"]
+        kv.update({f"b{i}": i for i in range(50)})
+        stats = kv.stats()
+        assert stats["records_applied_by_writers"] == 71
+        assert stats["records_replayed"] == 0  # nothing was fetched back
+        assert stats["checkpoint"] == stats["end_offsets"] == {0: 71}
+
+    def test_records_of_another_writer_in_between_are_replayed_first(
+        self, make_kv: Any, bootstrap: str, topic: str
+    ) -> None:
+        kv = make_kv("a", follow=False)
+        other = make_kv("b", follow=False)
+        kv["mine"] = 1
+        other["theirs"] = 2  # offset 1: not in kv's cache yet
+        kv["mine"] = 3  # offset 2 is not the next record of kv's cache: replay applies 1 and 2
+        assert dict(kv) == {"mine": 3, "theirs": 2}
+        assert kv.stats()["records_applied_by_writers"] == 1
+        assert kv.stats()["records_replayed"] == 2
+        assert dict(kv) == {k.decode(): v for k, v in _fold(topic_records(bootstrap, topic)).items()}
+
+    def test_the_follower_reads_on_past_own_writes_and_reads_never_go_back(
+        self, make_kv: Any, bootstrap: str, topic: str
+    ) -> None:
+        """Writes racing the follower, with a second writer in between: values and the checkpoint only move forward."""
+        import threading
+
+        kv = make_kv("a")
+        other = make_kv("b", follow=False)
+        stop = threading.Event()
+        problems: list[str] = []
+
+        def check_monotonic() -> None:
+            last, applied = -1, 0
+            while not stop.is_set():
+                value = kv.get("counter", -1)
+                if value < last:
+                    problems.append(f"counter went back from {last} to {value}")
+                    return
+                last = value
+                position = kv.stats()["checkpoint"].get(0, 0)
+                if position < applied:
+                    problems.append(f"the checkpoint went back from {applied} to {position}")
+                    return
+                applied = position
+
+        checker = threading.Thread(target=check_monotonic)
+        checker.start()
+        try:
+            for i in range(300):
+                kv["counter"] = i
+                assert kv["counter"] == i  # read-your-writes
+                if i % 7 == 0:
+                    other[f"other{i}"] = i
+        finally:
+            stop.set()
+            checker.join()
+        assert not problems, problems
+        kv.sync(timeout=20)
+        folded = {k.decode(): v for k, v in _fold(topic_records(bootstrap, topic)).items()}
+        assert dict(kv) == folded
+        stats = kv.stats()
+        assert stats["records_applied_by_writers"] > 0
+        assert stats["checkpoint"] == stats["end_offsets"]
+
+
+def _fold(records: Any) -> dict[bytes, Any]:
+    import msgpack
+
+    state: dict[bytes, Any] = {}
+    for record in records:
+        if record.value is None:
+            state.pop(record.key, None)
+        else:
+            state[record.key] = msgpack.unpackb(record.value)
+    return state

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import json
 import logging
+import operator
 import os
 import threading
 import time
@@ -56,6 +58,7 @@ from .segments import (
     Frame,
     Segment,
     encode_frame,
+    encode_frames,
     only_zeros,
     parse_frames,
     segment_name,
@@ -84,14 +87,13 @@ _flock = fcntl.flock
 
 
 def _preallocate(fd: int, start: int, length: int) -> int:
-    """Make the file at least ``start + max(length, PREALLOCATE_BYTES)`` long; return that end (0 on failure).
+    """Make the file at least ``start + length`` long; return that end (0 on failure).
 
     posix_fallocate never shrinks a file, so it is safe on one that is already
     longer. No fstat asks first: on ext4 a stat marks the inode's change
     counter as seen, and the next write must then journal the inode, which
     made every fdatasync about half again as slow.
     """
-    length = max(length, PREALLOCATE_BYTES)
     try:
         os.posix_fallocate(fd, start, length)
     except OSError:
@@ -104,6 +106,37 @@ _LOCK_EX, _LOCK_UN = fcntl.LOCK_EX, fcntl.LOCK_UN
 
 def _write_json_atomically(path: Path, data: Mapping[str, Any]) -> None:
     write_file_atomically(path, json.dumps(data, sort_keys=True).encode(), sync=True)
+
+
+_first, _second = operator.itemgetter(0), operator.itemgetter(1)
+
+
+def _followed(
+    records: Sequence[tuple[bytes, bytes | None]],
+    crcs: Sequence[int],
+    offset: int,
+    timestamp: int,
+    threshold: int,
+) -> list[SeenRecord]:
+    """The records (the first at ``offset``) whose key the dirt sample follows: its hash below ``threshold``.
+
+    The hash of every key (see :func:`~kvlog.log.local.sample.key_hash`) is
+    computed and compared in C loops; only the followed records, a few
+    thousand keys' worth at most, are looked at in Python.
+    """
+    hashes = list(
+        map(operator.and_, map(operator.mul, crcs, itertools.repeat(HASH_MIX)), itertools.repeat(HASH_MASK))
+    )
+    seen = []
+    make = tuple.__new__  # SeenRecord(...) runs a Python __new__; this builds the same tuple in C
+    for i in itertools.compress(itertools.count(), map(threshold.__gt__, hashes)):
+        key, value = records[i]
+        if value is None:
+            seen.append(make(SeenRecord, (key, hashes[i], offset + i, FRAME_OVERHEAD + len(key), timestamp)))
+        else:
+            size = FRAME_OVERHEAD + len(key) + len(value)
+            seen.append(make(SeenRecord, (key, hashes[i], offset + i, size, -1)))
+    return seen
 
 
 class LocalLog(Log):
@@ -689,11 +722,17 @@ class LocalLog(Log):
                 p, offset, _ = self.append_one(key, value, adapted)
                 return [(p, offset)]
         self._check_open()
-        oversize = oversize_record(records, self._max_record_bytes)
-        if oversize is not None:
-            raise self._too_large(oversize[1])
         if not records:
             return []
+        # The longest key plus the longest value bound every record's size (loops in C); only a
+        # batch they do not clear is looked at record by record.
+        longest = max(map(len, map(_first, records))) + max(
+            map(len, filter(None, map(_second, records))), default=0
+        )
+        if longest > self._max_record_bytes:
+            oversize = oversize_record(records, self._max_record_bytes)
+            if oversize is not None:
+                raise self._too_large(oversize[1])
         with self._append_lock:
             self._check_open()
             fd = self._lock_fd
@@ -704,16 +743,26 @@ class LocalLog(Log):
                 words = head.words
                 before = dict(self._end) if on_appended is not None else None
                 timestamp = time.time_ns() // 1_000_000
-                result: list[tuple[int, int]] = [(0, 0)] * len(records)
+                result: list[tuple[int, int]] = []
+                # Each key's crc32 routes it to its partition and feeds the dirt sample.
+                crcs = list(map(zlib.crc32, map(_first, records)))
                 words[W_WRITING] = 1  # bytes past the published ends from here on: see _sync_locked
                 if self._partitions == 1:
-                    self._append_partition(0, records, timestamp, range(len(records)), result)
+                    self._append_partition(0, records, crcs, timestamp, None, result)
                 else:
+                    result.extend(itertools.repeat((0, 0), len(records)))
                     by_partition: dict[int, list[int]] = {}
-                    for i, (key, _value) in enumerate(records):
-                        by_partition.setdefault(self.partition_for(key), []).append(i)
+                    for i, crc in enumerate(crcs):
+                        by_partition.setdefault(crc % self._partitions, []).append(i)
                     for p, indexes in by_partition.items():
-                        self._append_partition(p, [records[i] for i in indexes], timestamp, indexes, result)
+                        self._append_partition(
+                            p,
+                            [records[i] for i in indexes],
+                            [crcs[i] for i in indexes],
+                            timestamp,
+                            indexes,
+                            result,
+                        )
                 words[W_WRITING] = 0
                 if on_appended is not None:
                     assert before is not None
@@ -749,7 +798,9 @@ class LocalLog(Log):
         """
         try:
             if self.fsync == "always" and start_size + len(data) > segment.allocated:
-                segment.allocated = _preallocate(fd, start_size, len(data))
+                # Never past where the segment rolls: space a roll would only cut again.
+                ahead = min(PREALLOCATE_BYTES, self.segment_bytes - start_size)
+                segment.allocated = _preallocate(fd, start_size, max(len(data), ahead))
             written = os.pwrite(fd, data, start_size)
             while written < len(data):
                 written += os.pwrite(fd, data[written:], start_size + written)
@@ -847,48 +898,48 @@ class LocalLog(Log):
         self,
         p: int,
         records: Sequence[tuple[bytes, bytes | None]],
+        crcs: Sequence[int],
         timestamp: int,
-        indexes: Sequence[int],
+        indexes: Sequence[int] | None,
         result: list[tuple[int, int]],
     ) -> None:
+        """Write ``records`` (``crcs``: their keys' crc32) to partition ``p``; their positions go to ``result``.
+
+        ``indexes`` are the records' places in ``result`` (``None``: in order).
+        """
         segment = self._segments[p][-1]
         fd = self._active_fd[p]
         start_size = segment.size
         offset = self._end[p]
-        frames = []
-        index_entries = []
+        indexed = segment.index_positions
+        data, index_entries = encode_frames(
+            records, offset, timestamp, start_size, indexed[-1] + INDEX_INTERVAL if indexed else 0
+        )
+        end = offset + len(records)
         sample = self._cleaner.samples[p]
         # The records of the keys the dirt sample follows (read without the
         # lock: its level only rises, and observe() checks again under it).
-        threshold = sample.threshold
-        seen: list[SeenRecord] = []
-        crc32, mix, mask = zlib.crc32, HASH_MIX, HASH_MASK
-        position = start_size
-        last = len(records) - 1
-        for n, (i, (key, value)) in enumerate(zip(indexes, records, strict=True)):
-            frame = encode_frame(offset, timestamp, key, value, batch_end=n == last)
-            frames.append(frame)
-            index_entries.append((offset, position))
-            size = len(frame)
-            if (h := (crc32(key) * mix) & mask) < threshold:
-                seen.append(SeenRecord(key, h, offset, size, -1 if value is not None else timestamp))
-            position += size
-            result[i] = (p, offset)
-            offset += 1
-        self._write_frames(segment, fd, b"".join(frames), start_size)
+        seen = _followed(records, crcs, offset, timestamp, sample.threshold)
+        if indexes is None:
+            result[:] = zip(itertools.repeat(p), range(offset, end))
+        else:
+            for i, at in zip(indexes, range(offset, end), strict=True):
+                result[i] = (p, at)
+        self._write_frames(segment, fd, data, start_size)
         # Published only after the write succeeded: no reader sees the records of a write cut
         # back above. In this instance first, then in the head, under the condition: a reader
         # thread taking up the head can then never count these records twice.
         head = self._head
         assert head is not None
+        position = start_size + len(data)
         with self._cond:
             for entry in index_entries:
                 segment.index_appended_frame(*entry)
             segment.size = position
-            self._end[p] = offset
+            self._end[p] = end
             if seen:
                 sample.observe(seen, self._segments[p])
-            self._version = head.publish_one(p, offset, segment.base, position)
+            self._version = head.publish_one(p, end, segment.base, position)
             self._cond.notify_all()
         if segment.size >= self.segment_bytes:
             self._roll_after_append(p)

@@ -5,7 +5,8 @@ the magic; one positioned inside a segment starts at the nearest entry of the
 segment's sparse index and skips the frames before its position (outside the
 log's lock), indexing what it passed. Records other processes append are seen
 through the log's shared head, which a waiting poll looks at every few
-milliseconds.
+milliseconds. Replay reads records column by column (``poll_columns``, with
+``segments.scan_frames``); ``poll`` gives the same records as objects.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from ...errors import ClosedError, LogCorruptError, PositionOutOfRangeError
 from ..base import LogReader, Record
-from .segments import FRAME_HEAD, INDEX_INTERVAL, MAX_FRAME, BadFrame, Segment, parse_frames, segment_of
+from .segments import FRAME_HEAD, BadFrame, FrameColumns, Segment, scan_frames, segment_of, skip_frames
 
 if TYPE_CHECKING:
     from . import LocalLog
@@ -75,6 +76,14 @@ class LocalReader(LogReader):
 
     def poll(self, timeout: float, max_records: int) -> list[Record]:
         """Return up to ``max_records`` records, waiting at most ``timeout`` seconds for the first."""
+        return [record for columns in self.poll_columns(timeout, max_records) for record in columns.records()]
+
+    def poll_columns(self, timeout: float, max_records: int) -> list[FrameColumns]:
+        """:meth:`poll`, the records held column by column: one :class:`FrameColumns` per partition read.
+
+        What replay reads (see :meth:`kvlog.cache.Cache.apply_columns`): no
+        object is made per record beyond its key and value.
+        """
         lg = self._log
         deadline = time.monotonic() + timeout
         while True:
@@ -96,15 +105,20 @@ class LocalReader(LogReader):
                     lg._cond.wait(min(remaining, _HEAD_POLL))
                 finally:
                     lg._readers_waiting -= 1
-        records: list[Record] = []
+        read: list[FrameColumns] = []
+        remaining = max_records
         n = lg.partitions
         for i in range(n):
             p = (self._next_partition + i) % n
-            if len(records) >= max_records:
+            if remaining <= 0:
                 break
-            self._read_partition(p, records, max_records)
+            columns = FrameColumns(p)
+            self._read_partition(p, columns, remaining)
+            if columns:
+                read.append(columns)
+                remaining -= len(columns)
         self._next_partition = (self._next_partition + 1) % n
-        return records
+        return read
 
     def wakeup(self) -> None:
         """Make a ``poll`` waiting in another thread return ``[]`` now."""
@@ -152,7 +166,7 @@ class LocalReader(LogReader):
             os.close(cursor[1])
             self._cursors[p] = None
 
-    def _read_partition(self, p: int, out: list[Record], max_records: int) -> None:
+    def _read_partition(self, p: int, out: FrameColumns, max_records: int) -> None:
         lg = self._log
         reloads = 0
         while len(out) < max_records:
@@ -205,7 +219,7 @@ class LocalReader(LogReader):
         fd: int,
         file_pos: int,
         visible: int,
-        out: list[Record],
+        out: FrameColumns,
         max_records: int,
     ) -> None:
         """Read the frames of one chunk of ``segment`` from ``file_pos`` (outside the log's lock)."""
@@ -216,35 +230,25 @@ class LocalReader(LogReader):
             raise LogCorruptError(f"{segment.path} is shorter than the log expects at position {file_pos}")
         first = FRAME_HEAD.size + FRAME_HEAD.unpack(head)[0]
         buf = os.pread(fd, min(max(_READ_CHUNK, first), visible - file_pos), file_pos)
-        position = self._positions[p]
-        start = file_pos
-        # Frames passed while seeking to the position are remembered in the
-        # segment's sparse index, so that the next seek there starts close.
-        passed: list[tuple[int, int]] = []
-        next_index_at = file_pos
+        before = len(out)
         try:
-            for frame in parse_frames(buf, 0, file_pos, MAX_FRAME, -1):
-                file_pos = frame.end
-                if frame.offset < position:
-                    # Seeking inside the segment to the reader's position.
-                    if frame.position >= next_index_at:
-                        passed.append((frame.offset, frame.position))
-                        next_index_at = frame.position + INDEX_INTERVAL
-                    continue
-                out.append(Record(p, frame.offset, frame.key, frame.value))
-                position = frame.offset + 1
-                if len(out) >= max_records:
-                    break
+            # A reader that entered the segment before its position (at an index
+            # entry, or at the start) steps over the frames below it first; they
+            # are remembered in the segment's sparse index, so that the next
+            # seek there starts close.
+            pos, after, passed = skip_frames(buf, 0, file_pos, -1, self._positions[p])
+            pos, _ = scan_frames(buf, pos, file_pos, after, max_records - before, out)
         except BadFrame as bad:
             raise lg._corrupt(p, segment, bad) from None
-        if file_pos == start:
+        if pos == 0:
             # Published bytes always end at a whole frame: one that does not fit is damage.
-            raise lg._corrupt(p, segment, BadFrame(start, "a record runs past the end of the segment"))
+            raise lg._corrupt(p, segment, BadFrame(file_pos, "a record runs past the end of the segment"))
         if passed:
             with lg._cond:
                 segment.index_passed_frames(passed)
-        self._positions[p] = position
-        self._cursors[p] = (segment, fd, file_pos)
+        if len(out) > before:
+            self._positions[p] = out.offsets[-1] + 1
+        self._cursors[p] = (segment, fd, file_pos + pos)
 
     def close(self) -> None:
         """Close the reader's segment files. Idempotent."""
