@@ -25,15 +25,25 @@ diskcache, sqlitedict
 Redis GET (loopback)
     A private ``redis-server`` on 127.0.0.1, one redis-py client per thread.
 
-A sample is ``reads`` lookups split evenly over the threads; the threads wait
-on a barrier and the clock runs from its release until all have joined. kvlog
-and raw py-lmdb are loaded side by side and sampled in turns, so that their
-ratio does not depend on what else the machine was doing at the time.
+Each of ``ctx.runs`` runs reads the whole key list (``reads`` lookups) in
+:data:`SAMPLES_PER_RUN` short samples, after one warm-up sample per subject
+and case. A sample is a slice of the list split evenly over the threads; the
+threads wait on a barrier and the clock runs from its release until the last
+thread finished its share (timed in that thread, so waking the joining thread
+is not counted). kvlog and raw py-lmdb are loaded side by side and take turns
+sample by sample, on the same slice, the order reversed every round; their
+ratio is the median of the per-sample ratios. Short, interleaved samples are
+what makes that ratio repeatable on a machine that does other work: a busy
+moment of a few milliseconds hits one pair of samples, which the median
+discards, instead of a whole long sample of one subject. The garbage
+collector is off inside the samples of every subject (none of them makes
+reference cycles; a collection would land on whichever sample crossed its
+threshold) and runs between runs.
 """
 
 from __future__ import annotations
 
-import functools
+import gc
 import inspect
 import threading
 import time
@@ -44,7 +54,16 @@ from typing import Any
 
 import msgpack
 
-from benchmarks.harness import Context, Row, Skipped, repeat, uniform_indices, zipf_indices
+from benchmarks.harness import (
+    Context,
+    Row,
+    Skipped,
+    gc_paused,
+    more_rounds,
+    turns,
+    uniform_indices,
+    zipf_indices,
+)
 
 __all__ = ["SUBJECTS", "WORKLOAD", "run"]
 
@@ -54,6 +73,14 @@ UNIT = "reads/s"
 VALUE_SIZE = 100
 ZIPF_S = 1.1
 THREADS = (1, 2)
+#: Samples per run: each run's ``ctx.reads`` lookups are read in this many
+#: slices, one sample each (about 10-30 ms for kvlog at the default sizes).
+SAMPLES_PER_RUN = 20
+#: The precision wanted of kvlog's median ratio to raw py-lmdb (half its 95%
+#: confidence interval, relative): while it is not reached, the pair reads
+#: more runs, up to :data:`MAX_RUNS_FACTOR` times ``ctx.runs`` in all.
+PRECISION = 0.015
+MAX_RUNS_FACTOR = 4
 
 #: Every subject, in the order they are measured.
 SUBJECTS = ("kvlog", "raw py-lmdb", "dict", "diskcache", "sqlitedict", "Redis GET (loopback)")
@@ -96,11 +123,17 @@ class _Subject:
 
 
 def _timed_sample(factory: ReaderFactory, keys: list[Any], threads: int) -> float:
-    """Read ``keys`` split over ``threads`` threads; return reads per second."""
+    """Read ``keys`` split over ``threads`` threads; return reads per second.
+
+    The clock starts when the barrier releases the threads and stops when the
+    last of them finished its share, as each thread saw it: not when the
+    caller's ``join`` returned, which adds the time to wake the caller.
+    """
     per_thread = len(keys) // threads
     chunks = [keys[t * per_thread : (t + 1) * per_thread] for t in range(threads)]
     total = per_thread * threads
     started: list[float] = []
+    finished = [0.0] * threads
     errors: list[BaseException] = []
 
     def release() -> None:  # run by the last thread to arrive, just before all are released
@@ -123,18 +156,18 @@ def _timed_sample(factory: ReaderFactory, keys: list[Any], threads: int) -> floa
             read(chunks[index])
         except BaseException as exc:  # noqa: BLE001  (re-raised in the main thread below)
             errors.append(exc)
+        finished[index] = time.perf_counter()
 
     workers = [threading.Thread(target=work, args=(t,), name=f"reads-{t}") for t in range(threads)]
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join()
-    finished = time.perf_counter()
     if errors:
         raise errors[0]
     if not started:
         raise RuntimeError("the reader threads never started together")
-    return total / (finished - started[0])
+    return total / (max(finished) - started[0])
 
 
 # -- subjects -----------------------------------------------------------------
@@ -459,6 +492,25 @@ def run(ctx: Context, subjects: Iterable[str] | None = None) -> list[Row]:
     return rows
 
 
+class _Slices:
+    """Consecutive slices of ``size`` keys of a list, wrapping around it: ``slices[i]`` is the i-th."""
+
+    def __init__(self, keys: list[Any], size: int) -> None:
+        self.size = size
+        self.n = len(keys)
+        # Long enough that every slice is one plain slice of it, whatever its start.
+        self.keys = keys * (1 + -(-size // self.n))
+
+    def __getitem__(self, index: int) -> list[Any]:
+        start = (index * self.size) % self.n
+        return self.keys[start : start + self.size]
+
+
+def _ratios(samples: dict[str, list[float]], name: str, baseline: str) -> list[float]:
+    """Per-round ratios of ``name``'s rates to ``baseline``'s (both sampled in every round)."""
+    return [value / base for value, base in zip(samples[name], samples[baseline], strict=True)]
+
+
 def _run_group(ctx: Context, data: _Data, distributions: dict[str, list[int]], names: list[str]) -> list[Row]:
     """Load the subjects of one group, then sample them in turns, case by case."""
     started = time.perf_counter()
@@ -474,38 +526,66 @@ def _run_group(ctx: Context, data: _Data, distributions: dict[str, list[int]], n
             except Exception as exc:  # noqa: BLE001  (one broken subject must not end the whole run)
                 ctx.skip(WORKLOAD, name, f"failed: {type(exc).__name__}: {exc}")
         reads = {name: max(ctx.reads // _READS_DIVISOR.get(name, 1), max(THREADS)) for name in subjects}
+        # Everything loaded so far lives until the group ends: frozen, the
+        # collections between runs do not walk it again and again.
+        gc.collect()
+        gc.freeze()
+        stack.callback(gc.unfreeze)
+        judged = BASELINE in subjects and "kvlog" in subjects
         for dist, indices in distributions.items():
             for threads in THREADS:
                 case = f"{dist}, {_thread_label(threads)}"
-                keys = {
-                    name: [s.key_of(data.keys[i]) for i in indices[: reads[name]]]
-                    for name, s in subjects.items()
-                }
+                slices = {}
+                for name, subject in subjects.items():
+                    size = max(reads[name] // SAMPLES_PER_RUN, threads)
+                    keys = [subject.key_of(data.keys[i]) for i in indices[: reads[name]]]
+                    slices[name] = _Slices(keys, size)
                 samples: dict[str, list[float]] = {name: [] for name in subjects}
-                # Rounds of one sample per subject, so that a change in the
-                # machine's background load hits every subject of the group
-                # alike instead of whichever ran at the time. In round 0,
-                # repeat() first takes (and drops) a warm-up sample.
-                for round_ in range(ctx.runs):
-                    for name in list(subjects):
-                        reader, subject_keys = subjects[name].reader, keys[name]
-                        try:
-                            samples[name] += repeat(
-                                1,
-                                functools.partial(_timed_sample, reader, subject_keys, threads),
-                                warmup=1 if round_ == 0 else 0,
-                            )
-                        except Exception as exc:  # noqa: BLE001  (as above)
-                            ctx.skip(WORKLOAD, name, f"failed in {case}: {type(exc).__name__}: {exc}")
-                            del subjects[name]
-                            rows = [row for row in rows if row.subject != name]
+                rounds: dict[str, list[int]] = {name: [] for name in subjects}
+                gc.freeze()  # the key lists too: a collection between runs need not walk them
+                runs = ctx.runs
+                # Round 0 warms every subject up (its first sample in this
+                # case reads keys its caches have not seen); it is dropped.
+                # The rounds of one run read the key list once, in slices.
+                with gc_paused():
+                    round_ = 0
+                    while True:
+                        if round_ > 1 and round_ % SAMPLES_PER_RUN == 1:
+                            gc.collect()  # between runs, never inside a sample
+                        for name in turns(list(subjects), round_):
+                            try:
+                                rate = _timed_sample(subjects[name].reader, slices[name][round_], threads)
+                            except Exception as exc:  # noqa: BLE001  (as above)
+                                ctx.skip(WORKLOAD, name, f"failed in {case}: {type(exc).__name__}: {exc}")
+                                del subjects[name]
+                                rows = [row for row in rows if row.subject != name]
+                                judged = judged and name not in (BASELINE, "kvlog")
+                                continue
+                            if round_:
+                                samples[name].append(rate)
+                                rounds[name].append(round_)
+                        if round_ == runs * SAMPLES_PER_RUN:
+                            # The planned runs are done: one more while kvlog's
+                            # ratio to its baseline is not precise enough yet.
+                            if not judged or not more_rounds(
+                                _ratios(samples, "kvlog", BASELINE),
+                                PRECISION,
+                                runs,
+                                MAX_RUNS_FACTOR * ctx.runs,
+                            ):
+                                break
+                            runs += 1
+                        round_ += 1
+                if runs > ctx.runs:
+                    print(
+                        f"  {WORKLOAD}: {case}: {runs} runs (the ratio needed more than {ctx.runs})",
+                        flush=True,
+                    )
                 for name, subject in subjects.items():
                     note = subject.note
                     divisor = _READS_DIVISOR.get(name, 1)
                     if divisor > 1:
-                        note += (
-                            f"; {reads[name]:,} reads per sample (1/{divisor} of ctx.reads: a slow subject)"
-                        )
+                        note += f"; {reads[name]:,} reads per run (1/{divisor} of ctx.reads: a slow subject)"
                     row = Row(
                         workload=WORKLOAD,
                         case=case,
@@ -515,13 +595,15 @@ def _run_group(ctx: Context, data: _Data, distributions: dict[str, list[int]], n
                         higher_is_better=True,
                         baseline=None if name == BASELINE else BASELINE,
                         note=note,
+                        rounds=rounds[name],
                     )
                     rows.append(row)
                     print(
-                        f"  {WORKLOAD}: {name} {case}: {row.median:,.0f} {UNIT} (median of {len(row.samples)})",
+                        f"  {WORKLOAD}: {name} {case}: {row.median:,.0f} {UNIT} "
+                        f"(median of {len(row.samples)} samples of {slices[name].size:,} reads)",
                         flush=True,
                     )
-                del keys
+                del slices
     print(
         f"  {WORKLOAD}: {' and '.join(names)} took {time.perf_counter() - started:.1f} s in all", flush=True
     )

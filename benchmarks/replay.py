@@ -3,8 +3,23 @@
 Cold replay: every subject starts from nothing and reads the whole topic. The
 clock runs from creating the client to holding every key (KVLog: from the
 constructor to its return, which is when the cache is current). Subjects run
-interleaved (a, b, c, a, b, c, ...) so a noisy moment of the machine does not
-land on one of them only.
+interleaved, one sample each a round, the order reversed every other round
+(a, b, c, c, b, a, ...), so a noisy moment of the machine does not land on one
+of them only. Before every sample the garbage of the previous one is collected
+and the disk is flushed (:func:`benchmarks.harness.settle`): the cache a kvlog
+sample wrote and deleted is written back, or discarded, before the next
+sample, not during it. The collector stays on inside the samples: both
+clients allocate objects per record, and what collecting them costs is part
+of consuming a topic in Python.
+
+kvlog and the raw consumer, the pair ``--check`` judges, are measured back to
+back in :data:`PAIR_ROUNDS` times as many rounds as the other subjects (which
+take part in every :data:`PAIR_ROUNDS`-th round); their ratio is the median of
+the per-round ratios. A cold replay is about a second of work whose speed
+varies by several percent from one sample to the next on a shared machine, so
+five of them do not pin a ratio down to a few percent; fifteen usually do, and
+where they do not (a busy machine) the pair takes up to fifteen more rounds
+while the median ratio's confidence interval is wider than +-3%.
 
 - ``kvlog``: ``KVLog(fresh_dir, ...)`` -- replays into LMDB, ready when it returns.
 - ``kvlog rewarm()``: ``kv.rewarm()`` on an open store (drops and replays).
@@ -35,7 +50,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from benchmarks import ktables_bench
 from benchmarks.data import topic_for
-from benchmarks.harness import Context, Row, Skipped, value_of_size
+from benchmarks.harness import Context, Row, Skipped, more_rounds, settle, turns, value_of_size
 from kvlog import KVLog
 from kvlog.log.kafka import _shorten_startup_backoff
 
@@ -45,6 +60,13 @@ SIZES = {100: "~100 B values", 1000: "~1 KB values"}
 COLD = "cold replay"
 RESTART = "restart (time to ready)"
 RAW = "raw kafka-python consumer"
+#: The pair of a check is measured in this many times ``ctx.runs`` rounds...
+PAIR_ROUNDS = 3
+#: ...and in more, up to this many times as many, while the median of its
+#: per-round ratios is known less precisely than this (half the width of its
+#: 95% confidence interval, relative: see benchmarks.harness.more_rounds).
+PAIR_PRECISION = 0.03
+PAIR_BUDGET = 2
 
 # The settings of kvlog's KafkaReader (kvlog/log/kafka.py): the raw baseline
 # reads with the same ones, so the ratio is what kvlog adds on top of the client.
@@ -110,20 +132,65 @@ def _kvlog_cold(ctx: Context, topic: str) -> float:
 
 
 def _interleaved(
-    ctx: Context, subjects: dict[str, Callable[[], float]], label: str
-) -> dict[str, list[float]]:
-    """Run every subject once per round, ``ctx.runs`` rounds after one warm-up round."""
-    samples: dict[str, list[float]] = {name: [] for name in subjects}
-    for round_ in range(ctx.runs + 1):
-        for name, measure in list(subjects.items()):
+    ctx: Context,
+    subjects: dict[str, Callable[[], float]],
+    label: str,
+    pair: tuple[str, str] | None = None,
+) -> dict[str, tuple[list[float], list[int]]]:
+    """Each subject's samples and the rounds they were taken in, after one warm-up round.
+
+    Every subject takes ``ctx.runs`` samples, one a round, in the order of
+    :func:`benchmarks.harness.turns`. The two subjects of ``pair``, given
+    first in ``subjects``, take one in every round of ``PAIR_ROUNDS *
+    ctx.runs``, back to back; the others then in every ``PAIR_ROUNDS``-th.
+    After those, the pair alone takes more rounds, up to ``PAIR_BUDGET``
+    times as many, while the median of its per-round ratios is less precise
+    than ``PAIR_PRECISION``.
+    """
+    if pair is not None and tuple(subjects)[:2] != pair:
+        raise ValueError(f"the pair {pair} must be the first two subjects")
+    every = PAIR_ROUNDS if pair is not None else 1
+    planned = ctx.runs * every
+    samples: dict[str, tuple[list[float], list[int]]] = {name: ([], []) for name in subjects}
+    round_ = 0
+    while round_ <= planned or (
+        pair is not None
+        and all(name in samples for name in pair)
+        and more_rounds(
+            # Speed of the second relative to the first: their times the other way round.
+            [a / b for a, b in zip(samples[pair[0]][0], samples[pair[1]][0], strict=True)],
+            PAIR_PRECISION,
+            round_ - 1,
+            PAIR_BUDGET * planned,
+        )
+    ):
+        # Round 0 warms up the broker's page cache, its JIT and the clients.
+        due = [
+            name
+            for name in subjects
+            if not round_
+            or (pair is not None and name in pair)
+            or (round_ <= planned and (round_ - 1) % every == 0)
+        ]
+        for name in turns(due, round_):
+            if name not in subjects:
+                continue
+            settle()
             try:
-                seconds = measure()
+                seconds = subjects[name]()
             except Skipped as exc:
                 ctx.skip(label, name, str(exc))
                 del subjects[name], samples[name]
                 continue
-            if round_:  # round 0 warms the broker's page cache and the clients
-                samples[name].append(seconds)
+            if round_:
+                samples[name][0].append(seconds)
+                samples[name][1].append(round_)
+        round_ += 1
+    if round_ - 1 > planned:
+        print(
+            f"  {label}: {round_ - 1} rounds of {' and '.join(pair or ())} (the ratio needed more)",
+            flush=True,
+        )
     return samples
 
 
@@ -162,15 +229,18 @@ def _cold_case(ctx: Context, size: int, case: str) -> list[Row]:
         "ktables": ktables,
     }
     try:
-        samples = _interleaved(ctx, subjects, COLD)
+        samples = _interleaved(ctx, subjects, COLD, pair=(RAW, "kvlog"))
     finally:
         rewarm_kv.close()
         shutil.rmtree(rewarm_path, ignore_errors=True)
     rows = []
-    for name, seconds in samples.items():
+    for name, (seconds, rounds) in samples.items():
         rate = [end / s for s in seconds]
-        rows.append(Row(COLD, case, name, "records/s", rate, True, baseline=None if name == RAW else RAW))
-        print(f"  {COLD}: {name}, {case}: {sorted(rate)[len(rate) // 2]:,.0f} records/s", flush=True)
+        row = Row(
+            COLD, case, name, "records/s", rate, True, baseline=None if name == RAW else RAW, rounds=rounds
+        )
+        rows.append(row)
+        print(f"  {COLD}: {name}, {case}: {row.median:,.0f} records/s (median of {len(rate)})", flush=True)
     return rows
 
 
@@ -234,9 +304,10 @@ def run_restart(ctx: Context) -> list[Row]:
         ),
     ):
         samples = _interleaved(ctx, dict(subjects), RESTART)
-        for name, seconds in samples.items():
+        for name, (seconds, rounds) in samples.items():
             baseline = None if name == "kvlog cold replay" else "kvlog cold replay"
-            rows.append(Row(RESTART, case, name, "s", seconds, False, baseline=baseline))
-            print(f"  {RESTART}: {name}, {case}: {sorted(seconds)[len(seconds) // 2]:.3f} s", flush=True)
+            row = Row(RESTART, case, name, "s", seconds, False, baseline=baseline, rounds=rounds)
+            rows.append(row)
+            print(f"  {RESTART}: {name}, {case}: {row.median:.3f} s", flush=True)
     shutil.rmtree(path, ignore_errors=True)
     return rows

@@ -11,6 +11,13 @@ A check's goal is a ratio (speed relative to the baseline, at least ``goal``)
 unless it has a ``"unit"``: then it is a bound on a figure (at most ``goal``
 ``unit``, the figure in ``"measured"``). A check that judges particular rows,
 not a whole workload, lists them in ``"rows"`` as ``[workload, case, subject]``.
+A check's ``"spread"`` (:func:`benchmarks.harness.spread`) is how the
+per-round ratios of its worst case spread (of its samples, for a bound): ``n``,
+``min``, ``q1``, ``median``, ``q3``, ``max`` and ``ci95``, the 95% confidence
+interval of the median. A row paired with its baseline has ``"rounds"``,
+``"ratios"`` (per round) and their ``"ratio_spread"``. ``"load"`` is, per
+workload, the 1-minute load average at its start and end and the share of the
+machine's CPU time that was busy meanwhile (``"busy"``).
 
 :func:`write` stores it as ``<stem>.json`` next to ``<stem>.md`` (:func:`markdown`)
 and the charts (:func:`charts`): one ``<stem>-<workload>.png`` per workload (by
@@ -152,6 +159,27 @@ def row_goals(results: Mapping[str, Any]) -> dict[tuple[str, str, str], float]:
     return found
 
 
+def spread_cell(check: Mapping[str, Any]) -> str:
+    """How the check's figure spread over its samples: the per-round ratios' IQR, min-max, n and the CI of the median."""
+    spread = check.get("spread")
+    if not spread:
+        return "—" if check.get("ratio") is None and check.get("measured") is None else "unpaired"
+    unit = f" {check['unit']}" if check.get("unit") else TIMES
+    low, high = spread["ci95"]
+    return (
+        f"IQR {_num(spread['q1'])}{DASH}{_num(spread['q3'])}{unit}, "
+        f"min{DASH}max {_num(spread['min'])}{DASH}{_num(spread['max'])}{unit} (n={spread['n']}); "
+        f"median's 95% CI {_num(low)}{DASH}{_num(high)}{unit}"
+    )
+
+
+def _num(value: float) -> str:
+    """A ratio or a small figure with the digits a spread needs: 0.781, 1.052, 12.3, 250."""
+    if abs(value) >= 100:
+        return fmt(value)
+    return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3f}"
+
+
 def check_cells(check: Mapping[str, Any]) -> tuple[str, str]:
     """The goal and the measured figure of a check, as shown: ratios, or a figure and its unit."""
     goal, unit = check.get("goal"), check.get("unit")
@@ -255,7 +283,24 @@ def _vs_baseline(row: Mapping[str, Any], baselines: set[str]) -> str:
         return "*baseline*" if row["subject"] in baselines else ""
     if row["ratio"] is None:
         return f"— ({row['baseline']}: not measured)"
-    return f"{fmt_ratio(row['ratio'])} {row['baseline']}"
+    text = f"{fmt_ratio(row['ratio'])} {row['baseline']}"
+    spread = row.get("ratio_spread")
+    if spread:
+        text += f" (IQR {_num(spread['q1'])}{DASH}{_num(spread['q3'])})"
+    return text
+
+
+def _load_line(load: Mapping[str, Any]) -> str:
+    """How busy the machine was during each workload, from the results' ``"load"``."""
+    parts = []
+    for workload, figures in load.items():
+        busy = figures.get("busy")
+        averages = [a for a in figures.get("loadavg") or [] if a is not None]
+        text = f"{workload} {busy:.0%} busy" if busy is not None else workload
+        if averages:
+            text += f" (load {DASH.join(f'{a:.1f}' for a in averages)})"
+        parts.append(text)
+    return "Machine load (share of all cores' time busy, by anything): " + ", ".join(parts) if parts else ""
 
 
 def _row_notes(rows: list[dict[str, Any]]) -> list[str]:
@@ -301,16 +346,29 @@ def markdown(results: Mapping[str, Any], images: Mapping[str, str] | None = None
     if args.get("keys") is not None:
         runs = f", {args['runs']} runs per figure" if args.get("runs") is not None else ""
         header.append(f"{int(args['keys']):,} keys{runs}")
+    if args.get("nice"):
+        header.append(f"niceness {args['nice']}")
     if header:
         lines += [" · ".join(header), ""]
     machine = machine_summary(results.get("machine") or {})
     if machine:
         lines += [f"Machine: {machine}", ""]
     lines += [
-        "Medians of the runs, with their range. *vs baseline* is speed relative to the subject named, "
-        f"measured in the same case of the same run: above 1{TIMES} is faster, whatever the unit.",
+        "Medians of the samples, with their range. *vs baseline* is speed relative to the subject named, "
+        f"measured in the same case of the same run: above 1{TIMES} is faster, whatever the unit; where "
+        "the subjects took turns round by round it is the median of the per-round ratios, with their "
+        "interquartile range in brackets.",
         "",
     ]
+    load = _load_line(results.get("load") or {})
+    if load:
+        lines += [load, ""]
+    source = (results.get("machine") or {}).get("kvlog_source") or {}
+    if source.get("sha256"):
+        state = ""
+        if source.get("commit"):
+            state = f" (commit {source['commit']}{', modified' if source.get('modified') else ''})"
+        lines += [f"kvlog source measured: sha256 {source['sha256']}{state}.", ""]
     if "summary" in images:
         lines += [f"![kvlog relative to its baselines]({images['summary']})", ""]
 
@@ -343,7 +401,16 @@ def markdown(results: Mapping[str, Any], images: Mapping[str, str] | None = None
 
     checks = results.get("checks") or []
     if checks:
-        lines += ["## Checks", "", "| | check | goal | measured | detail |", "|---|---|--:|--:|---|"]
+        lines += [
+            "## Checks",
+            "",
+            "A ratio is the median of the per-round ratios of the worst case; *spread* is how those "
+            "ratios spread (for a bound in a unit: the samples) and the 95% confidence interval of "
+            "their median.",
+            "",
+            "| | check | goal | measured | spread | detail |",
+            "|---|---|--:|--:|---|---|",
+        ]
         for check in checks:
             mark = "✅" if check.get("passed") else "❌"
             goal_cell, measured_cell = check_cells(check)
@@ -352,6 +419,7 @@ def markdown(results: Mapping[str, Any], images: Mapping[str, str] | None = None
                 _cell(str(check.get("name", ""))),
                 goal_cell,
                 measured_cell,
+                _cell(spread_cell(check)),
                 _cell(str(check.get("detail") or "")),
             ]
             lines.append("| " + " | ".join(cells) + " |")
@@ -406,6 +474,9 @@ def compact(results: Mapping[str, Any]) -> str:
     for check in checks:
         mark = "✅" if check.get("passed") else "❌"
         goal_cell, measured_cell = check_cells(check)
+        spread = check.get("spread")
+        if spread:
+            measured_cell += f" (IQR {_num(spread['q1'])}{DASH}{_num(spread['q3'])}, n={spread['n']})"
         lines.append(
             f"- {mark} {check.get('name')}: {measured_cell} (goal {goal_cell}; {check.get('detail')})"
         )

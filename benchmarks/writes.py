@@ -11,7 +11,9 @@
   publish-to-visible (a KafkaTableWriter's set, polled in a KafkaTable).
 
 Every sample writes fresh keys to a fresh, empty topic, so the big data topics
-are untouched.
+are untouched. The subjects take turns round by round (kvlog, the raw
+producer, then the visibility pair), and every row says which round each
+sample came from, so a ratio is the median of per-round ratios.
 """
 
 from __future__ import annotations
@@ -50,11 +52,17 @@ def run(ctx: Context) -> list[Row]:
     rows: list[Row] = []
     latencies: dict[str, dict[str, list[float]]] = {}  # subject -> p50/p99 samples (ms)
     rates: dict[str, list[float]] = {}
+    rounds: dict[str, list[int]] = {}  # series (a latency series or a rate's subject) -> rounds
 
-    def add_latency(subject: str, per_write: list[float]) -> None:
+    def add_latency(subject: str, per_write: list[float], round_: int) -> None:
         entry = latencies.setdefault(subject, {"p50": [], "p99": []})
         entry["p50"].append(percentile(per_write, 0.50) * 1000)
         entry["p99"].append(percentile(per_write, 0.99) * 1000)
+        rounds.setdefault(subject, []).append(round_)
+
+    def add_rate(subject: str, rate: float, round_: int) -> None:
+        rates.setdefault(subject, []).append(rate)
+        rounds.setdefault(f"rate {subject}", []).append(round_)
 
     for round_ in range(ctx.runs + 1):
         topic = create_topic(bs, "bench-writes")
@@ -73,8 +81,8 @@ def run(ctx: Context) -> list[Row]:
                 kv.update({f"batch:{start + j:09d}": objects[j] for j in range(BATCH)})
             rate = batched // BATCH * BATCH / (time.perf_counter() - started)
         if keep:
-            add_latency("single kvlog", per_write)
-            rates.setdefault("kvlog", []).append(rate)
+            add_latency("single kvlog", per_write, round_)
+            add_rate("kvlog", rate, round_)
 
         # -- raw producer -----------------------------------------------------
         producer = _raw_producer(bs)
@@ -99,13 +107,13 @@ def run(ctx: Context) -> list[Row]:
         finally:
             producer.close()
         if keep:
-            add_latency("single raw", per_write)
-            rates.setdefault(RAW, []).append(rate)
+            add_latency("single raw", per_write, round_)
+            add_rate(RAW, rate, round_)
 
         # -- cross-instance visibility ----------------------------------------
         per_write = _visibility(ctx, topic, objects)
         if keep:
-            add_latency("cross kvlog", per_write)
+            add_latency("cross kvlog", per_write, round_)
         try:
             per_write = ktables_bench.publish_to_visible_seconds(
                 bs, create_topic(bs, "bench-ktables-vis"), 100
@@ -115,7 +123,7 @@ def run(ctx: Context) -> list[Row]:
                 ctx.skip(WORKLOAD, "ktables", str(exc))
         else:
             if keep:
-                add_latency("cross ktables", per_write)
+                add_latency("cross ktables", per_write, round_)
 
     # What each latency series is: (case, subject, baseline, note).
     series = {
@@ -148,7 +156,17 @@ def run(ctx: Context) -> list[Row]:
         for name, entry in latencies.items():
             case, subject, baseline, note = series[name]
             rows.append(
-                Row(WORKLOAD, f"{case}, {q}", subject, "ms", entry[q], False, baseline=baseline, note=note)
+                Row(
+                    WORKLOAD,
+                    f"{case}, {q}",
+                    subject,
+                    "ms",
+                    entry[q],
+                    False,
+                    baseline=baseline,
+                    note=note,
+                    rounds=rounds[name],
+                )
             )
     for subject, samples in rates.items():
         rows.append(
@@ -161,6 +179,7 @@ def run(ctx: Context) -> list[Row]:
                 True,
                 baseline=None if subject == RAW else RAW,
                 note="" if subject == RAW else "kv.update(): acknowledged and visible in this cache",
+                rounds=rounds[f"rate {subject}"],
             )
         )
     for row in rows:
