@@ -411,9 +411,12 @@ def test_sigkill_while_replaying(tmp_path: Path, children: Children) -> None:
                 # the replay lock, then queue behind it.
                 company.pause_writers()
                 victim.send(f"backlog {seq} {BACKLOG}")
+                # Watch the replay lock from the moment the command is sent: the
+                # victim replays the backlog right after appending it, in ~10 ms,
+                # less than this process may take to notice "appended".
+                held = company.stop_holding(victim, replay_lock, 0.008)
                 victim.expect(f"appended {seq}")
                 company.acks["c-"].add([f"begin {seq} 0 {BACKLOG}", f"ack {seq}"])
-                held = company.stop_holding(victim, replay_lock, 0.008)
                 company.resume_writers()
                 if held:
                     ticks = len(reader.snapshot())
