@@ -261,6 +261,10 @@ def _pack(obj: Any) -> bytes:
     return packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
 
 
+def _as_stored(data: bytes) -> bytes:
+    return data
+
+
 #: What a point read that must be retried the slow way holds instead of a value.
 _RETRY_READ: Any = object()
 
@@ -343,6 +347,8 @@ class Cache:
         self._active_readers: list[None] = []
         self._readers_blocked = False
         self._resize_lock = threading.Lock()
+        # get(): the point read of value_reader, returning the stored bytes.
+        self._read_stored = self.value_reader(_as_stored)
         # One write transaction of this process at a time (LMDB allows one per
         # thread, but a resize or switch must not run under another thread's).
         self._write_lock = threading.RLock()
@@ -840,33 +846,7 @@ class Cache:
 
     def get(self, key: bytes) -> bytes | None:
         """Return the stored value bytes of ``key``, or ``None`` if absent."""
-        # The point-read hot path: one comparison with HEAD (a memory read of
-        # a mapped file) and _register_reader / _unregister_reader inlined.
-        if self._head_words[1] != self._generation:
-            return self._get_slowly(key)
-        active = self._active_readers
-        active.append(None)
-        if self._readers_blocked:
-            active.pop()
-            self._wait_and_register_reader()
-        try:
-            # begin/get/abort without the context manager and with a positional
-            # db: half the cost of the idiomatic form; a read transaction that
-            # raised is aborted when it is collected.
-            txn = self._begin(self._data)
-            value: bytes | None = txn.get(key)
-            txn.abort()
-            return value
-        except (lmdb.ReadersFullError, lmdb.MapResizedError):
-            pass
-        except lmdb.Error as exc:
-            raise self._damaged(exc) from exc
-        finally:
-            active.pop()
-            if self._readers_blocked:
-                with self._readers_gate:
-                    self._readers_gate.notify_all()
-        return self._get_slowly(key)
+        return self._read_stored(key, None)  # type: ignore[no-any-return]
 
     def value_reader(
         self, decode: Callable[[bytes], Any], unpack_msgpack: bool = False
@@ -882,6 +862,8 @@ class Cache:
         unpackb = msgpack.unpackb
 
         def read(key: bytes, default: Any) -> Any:
+            # The point-read hot path: one comparison with HEAD (a memory read
+            # of a mapped file) and _register_reader / _unregister_reader inlined.
             raw: bytes | None
             if cache._head_words[1] != cache._generation:
                 raw = cache._get_slowly(key)
@@ -892,6 +874,9 @@ class Cache:
                     active.pop()
                     cache._wait_and_register_reader()
                 try:
+                    # begin/get/abort without the context manager and with a positional
+                    # db: half the cost of the idiomatic form; a read transaction that
+                    # raised is aborted when it is collected.
                     txn = cache._begin(cache._data)
                     raw = txn.get(key)
                     txn.abort()
