@@ -17,7 +17,9 @@ end offsets are last stable offsets, which a committed reader can reach.
 
 The reader's consumer decodes what it fetches with :mod:`kvlog.log.recordbatch`
 instead of kafka-python's record decoder (see :func:`_install_decoder`);
-kafka-python still sends the fetches and keeps the positions.
+kafka-python still sends the fetches and keeps the positions, and its
+connections to the partition leaders read their sockets in large reads (see
+:func:`_install_receiver`).
 """
 
 from __future__ import annotations
@@ -338,6 +340,89 @@ def _install_decoder(consumer: KafkaConsumer) -> bool:
     return True
 
 
+#: How much one ``recv`` of the reader's socket may take. kafka-python reads
+#: 4 KiB at a time until the socket is empty: about 4,000 calls, each holding
+#: the GIL for its Python frame, for one 16 MiB fetch. Whole fetches in a few
+#: calls leave that time to decoding and applying.
+_RECV_BYTES = 256 * 1024
+
+
+def _read_available(sock: Any) -> tuple[bytes, Exception | None]:
+    """What ``sock`` has to read now, in large reads: kafka-python's ``_sock_recv`` with :data:`_RECV_BYTES` reads.
+
+    A short read means the socket is drained for now; the selector calls
+    again when more arrives (the loop stops there, where kafka-python's tries
+    once more and gets ``BlockingIOError``).
+    """
+    chunks: list[bytes] = []
+    while True:
+        try:
+            data = sock.recv(_RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            break
+        except Exception as e:
+            log.debug("error receiving from %s", sock, exc_info=True)
+            return b"".join(chunks), kerr.KafkaConnectionError(e)
+        if not data:
+            return b"".join(chunks), kerr.KafkaConnectionError("socket disconnected")
+        chunks.append(data)
+        if len(data) < _RECV_BYTES:
+            break
+    return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), None
+
+
+#: Per transport class: whether the receive hook fits it (see _receive_hook_fits).
+_receive_fits: dict[type, bool] = {}
+
+
+def _receive_hook_fits(transport_class: type) -> bool:
+    """Whether ``transport_class`` reads its socket only through ``self._sock_recv()``, returning ``(data, error)``."""
+    fits = _receive_fits.get(transport_class)
+    if fits is None:
+        fits = False
+        read = getattr(transport_class, "_read_from_sock", None)
+        if read is not None and callable(getattr(transport_class, "_sock_recv", None)):
+            try:
+                source = inspect.getsource(read)
+            except (TypeError, OSError):
+                pass
+            else:
+                fits = "recvd_data, err = self._sock_recv()" in source and ".recv(" not in source
+        _receive_fits[transport_class] = fits
+    return fits
+
+
+def _install_receiver(consumer: KafkaConsumer) -> bool:
+    """Make ``consumer``'s plain TCP connections read their sockets in large reads; return whether they will.
+
+    kafka-python 3 builds a transport per broker connection in its connection
+    manager (``_build_transport``); replacing that method on this consumer's
+    manager gives every transport it builds from now on, and no other
+    client's, a ``_sock_recv`` of :func:`_read_available`. TLS transports keep
+    their own (their reads go through the TLS record layer). Connections open
+    before the call (the bootstrap one) keep kafka-python's reads; fetches go
+    to the partition leaders' connections, made later.
+    """
+    manager = getattr(getattr(consumer, "_client", None), "_manager", None)
+    build = getattr(manager, "_build_transport", None)
+    try:
+        from kafka.net.transport import KafkaTCPTransport
+    except ImportError:
+        return False
+    if build is None or not inspect.iscoroutinefunction(build) or not _receive_hook_fits(KafkaTCPTransport):
+        return False
+
+    async def build_transport(*args: Any, **kwargs: Any) -> Any:
+        transport = await build(*args, **kwargs)
+        sock = getattr(transport, "_sock", None)
+        if type(transport) is KafkaTCPTransport and sock is not None:
+            transport._sock_recv = lambda: _read_available(sock)
+        return transport
+
+    manager._build_transport = build_transport  # type: ignore[union-attr]
+    return True
+
+
 class KafkaReader(LogReader):
     """Reads every partition of a topic with a group-less, manually assigned consumer."""
 
@@ -365,6 +450,7 @@ class KafkaReader(LogReader):
         )
         try:
             _install_decoder(self._consumer)
+            _install_receiver(self._consumer)
             self._consumer.assign(self._tps)
             for tp in self._tps:
                 self._consumer.seek(tp, positions[tp.partition])

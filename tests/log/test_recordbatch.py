@@ -50,7 +50,13 @@ with warnings.catch_warnings():
 
     import kvlog.log.kafka as kafka_log_module
     from kvlog.log import Record
-    from kvlog.log.kafka import KafkaLog, _decoder_hook_fits, _partition_records
+    from kvlog.log.kafka import (
+        KafkaLog,
+        _decoder_hook_fits,
+        _install_receiver,
+        _partition_records,
+        _receive_hook_fits,
+    )
     from kvlog.log.recordbatch import CRC_CHECK_AVAILABLE, LegacyRecordFormat, decode
 
 HERE = Path(__file__).resolve().parent
@@ -501,6 +507,23 @@ def test_the_hook_fits_this_kafka_python() -> None:
         assert use in fetcher_source, use
 
 
+def test_the_receive_hook_fits_this_kafka_python() -> None:
+    """What the large reads rely on in kafka-python's connections; a release that changes it fails here first."""
+    import inspect
+
+    from kafka.net.manager import KafkaConnectionManager
+    from kafka.net.transport import KafkaTCPTransport
+
+    assert _receive_hook_fits(KafkaTCPTransport)
+    assert inspect.iscoroutinefunction(KafkaConnectionManager._build_transport)
+    assert "self._sock = " in inspect.getsource(KafkaTCPTransport.__init__)
+    consumer = KafkaConsumer(bootstrap_servers="127.0.0.1:9", api_version=(4, 0))
+    try:
+        assert _install_receiver(consumer)
+    finally:
+        consumer.close()
+
+
 # -- topics written by real clients --------------------------------------------
 
 
@@ -663,6 +686,26 @@ def test_a_fetch_that_ends_in_a_partial_batch(
     got = assert_reads_like_kafka_python(kafka_log, bootstrap, topic)
     assert len(got.records) == 80
     assert any(size < length for length, size in seen), seen
+
+
+def test_the_reader_reads_whole_fetches_from_its_socket(
+    kafka_log: KafkaLog, bootstrap: str, topic: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The leader's connection hands over more than kafka-python's 4 KiB a read, and the records are kafka-python's."""
+    reads: list[int] = []
+    real_read = kafka_log_module._read_available
+
+    def recording_read(sock: Any) -> Any:
+        data, error = real_read(sock)
+        reads.append(len(data))
+        return data, error
+
+    monkeypatch.setattr(kafka_log_module, "_read_available", recording_read)
+    produce(bootstrap, topic, [(b"big:%d" % i, os.urandom(250_000), []) for i in range(40)])
+    got = assert_reads_like_kafka_python(kafka_log, bootstrap, topic)
+    assert len(got.records) == 40
+    assert max(reads) > 4096, reads
+    assert sum(reads) > 40 * 250_000
 
 
 @pytest.fixture(scope="session")
