@@ -140,18 +140,24 @@ def _bad_record(record: Any, reason: str) -> BadRecordError:
 
 
 class RecordColumns(Protocol):
-    """Records of one partition held column by column, in log order (the embedded log's reader makes them).
+    """Records of one partition held column by column, in log order (the logs' readers make them).
 
     ``offsets[i]``, ``keys[i]``, ``values[i]`` are the i-th record's (a value
-    of ``None`` is a tombstone) and ``tombstones`` the indexes of the
-    tombstones, ascending. See :meth:`Cache.apply_columns`.
+    of ``None`` is a tombstone; a key of ``None``, which a Kafka topic may
+    hold, is a bad record) and ``tombstones`` the indexes of the tombstones,
+    ascending. See :meth:`Cache.apply_columns`.
     """
 
-    partition: int
-    offsets: list[int]
-    keys: list[bytes]
-    values: list[bytes | None]
-    tombstones: list[int]
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offsets(self) -> Sequence[int]: ...
+    @property
+    def keys(self) -> Sequence[bytes | None]: ...
+    @property
+    def values(self) -> Sequence[bytes | None]: ...
+    @property
+    def tombstones(self) -> list[int]: ...
 
     def records(self) -> list[Record]:
         """Every record, in log order."""
@@ -170,7 +176,7 @@ def _columns_pass(columns: RecordColumns, check: Callable[[bytes], object] | Non
     order, and says why.
     """
     keys = columns.keys
-    if b"" in keys or max(map(len, keys)) > MAX_KEY_SIZE:
+    if None in keys or b"" in keys or max(map(len, keys)) > MAX_KEY_SIZE:  # type: ignore[arg-type]  # None is out
         return False
     if check is not None:
         values: Iterable[Any] = filter(_not_none, columns.values) if columns.tombstones else columns.values
@@ -184,8 +190,8 @@ def _columns_pass(columns: RecordColumns, check: Callable[[bytes], object] | Non
 def _put_runs(
     txn: lmdb.Transaction[Any],
     db: lmdb._Database,
-    keys: list[bytes],
-    values: list[bytes | None],
+    keys: Sequence[bytes | None],
+    values: Sequence[bytes | None],
     tombstones: list[int],
 ) -> None:
     """Put ``keys[i]: values[i]`` in order, deleting at the ``tombstones`` (the indexes of the ``None`` values).
@@ -201,7 +207,7 @@ def _put_runs(
     for tombstone in tombstones:
         if tombstone > start:
             putmulti(zip(keys[start:tombstone], values[start:tombstone], strict=True))  # type: ignore[arg-type]
-        txn.delete(keys[tombstone], db=db)
+        txn.delete(keys[tombstone], db=db)  # type: ignore[arg-type]  # the keys passed their check
         start = tombstone + 1
     if start < len(keys):
         putmulti(zip(keys[start:], values[start:], strict=True))  # type: ignore[arg-type]

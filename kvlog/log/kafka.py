@@ -153,6 +153,56 @@ _PARTITION_RECORDS_ARGS = (
 )
 
 
+class _KafkaColumns:
+    """Records of one partition, from one take of a decoded fetch, column by column, in log order.
+
+    What the replayer applies (see :meth:`kvlog.cache.Cache.apply_columns`):
+    the decoder's columns, sliced, and no object per record.
+    """
+
+    __slots__ = ("keys", "offsets", "partition", "tombstones", "values")
+
+    def __init__(
+        self,
+        partition: int,
+        offsets: Sequence[int],
+        keys: Sequence[bytes | None],
+        values: Sequence[bytes | None],
+    ) -> None:
+        self.partition = partition
+        self.offsets = offsets
+        self.keys = keys
+        self.values = values
+        #: The indexes of the tombstones, ascending (found by ``index``, a loop in C).
+        self.tombstones: list[int] = []
+        with contextlib.suppress(ValueError):
+            at = -1
+            while True:
+                at = values.index(None, at + 1)
+                self.tombstones.append(at)
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def records(self) -> list[Record]:
+        """Every record, in log order."""
+        return list(
+            map(_new_tuple, repeat(Record), zip(repeat(self.partition), self.offsets, self.keys, self.values))
+        )
+
+
+class _Taken:
+    """Stands in the fetcher's results for each record a take handed to the reader as columns."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<a record taken as columns>"
+
+
+_TAKEN = _Taken()
+
+
 class _DecodedPartitionRecords:
     """The records of one partition's fetch, decoded by :mod:`~kvlog.log.recordbatch`, as kafka-python's fetcher takes them.
 
@@ -170,6 +220,7 @@ class _DecodedPartitionRecords:
         "_decoded",
         "_metric_aggregator",
         "_on_drain",
+        "_sink",
         "_taken",
         "bytes_read",
         "fetch_offset",
@@ -186,6 +237,7 @@ class _DecodedPartitionRecords:
         decoded: DecodedRecords,
         metric_aggregator: Any,
         on_drain: Callable[[Any], None],
+        sink: list[_KafkaColumns] | None = None,
     ) -> None:
         self.fetch_offset = fetch_offset
         self.topic_partition = tp
@@ -197,6 +249,7 @@ class _DecodedPartitionRecords:
         self._taken = 0
         self._metric_aggregator = metric_aggregator
         self._on_drain = on_drain
+        self._sink = sink
 
     def __bool__(self) -> bool:
         return self._decoded is not None
@@ -209,8 +262,12 @@ class _DecodedPartitionRecords:
                 self._metric_aggregator.record(self.topic_partition, self.bytes_read, self.records_read)
             self._on_drain(self)
 
-    def take(self, n: int | None = None) -> list[Record]:
+    def take(self, n: int | None = None) -> list[Any]:
         """Up to ``n`` (all if ``None``) of the records not taken yet, in offset order.
+
+        With a ``sink``, the records go to it as one :class:`_KafkaColumns`,
+        and the list returned holds a :data:`_TAKEN` for each, which is all
+        the fetcher needs: it counts them and hands them on to ``poll``.
 
         Raises:
             kafka.errors.CorruptRecordError, kafka.errors.UnsupportedCodecError:
@@ -230,13 +287,25 @@ class _DecodedPartitionRecords:
         stop = total if n is None else min(total, start + n)
         offsets = decoded.offsets
         # (Slicing a whole tuple copies nothing.)
-        columns = zip(
-            repeat(self.topic_partition.partition),
-            offsets[start:stop],
-            decoded.keys[start:stop],
-            decoded.values[start:stop],
-        )
-        records: list[Record] = list(map(_new_tuple, repeat(Record), columns))
+        records: list[Any]
+        if self._sink is not None:
+            self._sink.append(
+                _KafkaColumns(
+                    self.topic_partition.partition,
+                    offsets[start:stop],
+                    decoded.keys[start:stop],
+                    decoded.values[start:stop],
+                )
+            )
+            records = [_TAKEN] * (stop - start)
+        else:
+            columns = zip(
+                repeat(self.topic_partition.partition),
+                offsets[start:stop],
+                decoded.keys[start:stop],
+                decoded.values[start:stop],
+            )
+            records = list(map(_new_tuple, repeat(Record), columns))
         self._taken = self.records_read = stop
         if stop < total:
             self.next_fetch_offset = offsets[stop - 1] + 1
@@ -254,7 +323,9 @@ class _DecodedPartitionRecords:
         return records
 
 
-def _partition_records(kafka_records: Callable[..., Any]) -> Callable[..., Any]:
+def _partition_records(
+    kafka_records: Callable[..., Any], sink: list[_KafkaColumns] | None = None
+) -> Callable[..., Any]:
     """A stand-in for ``Fetcher.PartitionRecords`` that decodes with :func:`~kvlog.log.recordbatch.decode`.
 
     ``kafka_records`` (kafka-python's own class) takes the record sets this
@@ -287,6 +358,7 @@ def _partition_records(kafka_records: Callable[..., Any]) -> Callable[..., Any]:
             decoded,
             kwargs.get("metric_aggregator"),
             kwargs.get("on_drain") or (lambda _: None),
+            sink,
         )
 
     return partition_records
@@ -317,7 +389,7 @@ def _decoder_hook_fits(fetcher_class: type) -> bool:
     return fits
 
 
-def _install_decoder(consumer: KafkaConsumer) -> bool:
+def _install_decoder(consumer: KafkaConsumer, sink: list[_KafkaColumns] | None = None) -> bool:
     """Make ``consumer`` decode fetched record sets with :mod:`kvlog.log.recordbatch`; return whether it does.
 
     kafka-python's fetcher turns each partition of a fetch response into a
@@ -328,7 +400,8 @@ def _install_decoder(consumer: KafkaConsumer) -> bool:
     ``next_fetch_offset`` the position. That class is looked up on the
     fetcher instance, so an instance attribute replaces it for this consumer
     only, and everything else (fetch requests, sessions, positions, retries,
-    offset validation) stays kafka-python's. Another kafka-python whose
+    offset validation) stays kafka-python's. With a ``sink``, taken records
+    go to it as columns (see :meth:`_DecodedPartitionRecords.take`). Another kafka-python whose
     fetcher does not build it that way keeps its own decoder (slower, as
     correct); ``tests/log/test_recordbatch.py`` pins this release's.
     """
@@ -336,7 +409,7 @@ def _install_decoder(consumer: KafkaConsumer) -> bool:
     if fetcher is None or not _decoder_hook_fits(type(fetcher)):
         log.warning("this kafka-python's fetcher does not fit kvlog's record decoder; using kafka-python's")
         return False
-    fetcher.PartitionRecords = _partition_records(type(fetcher).PartitionRecords)
+    fetcher.PartitionRecords = _partition_records(type(fetcher).PartitionRecords, sink)
     return True
 
 
@@ -449,7 +522,9 @@ class KafkaReader(LogReader):
             retry_backoff_ms=kafka_log._kafka_config.get("retry_backoff_ms", 10),
         )
         try:
-            _install_decoder(self._consumer)
+            #: What the fetcher took during the current poll, as columns (see poll_columns).
+            self._taken: list[_KafkaColumns] = []
+            _install_decoder(self._consumer, self._taken)
             _install_receiver(self._consumer)
             self._consumer.assign(self._tps)
             for tp in self._tps:
@@ -460,19 +535,54 @@ class KafkaReader(LogReader):
         self._closed = False
 
     def poll(self, timeout: float, max_records: int) -> list[Any]:
+        return [record for part in self.poll_columns(timeout, max_records) for record in part.records()]
+
+    def poll_columns(self, timeout: float, max_records: int) -> list[_KafkaColumns]:
+        """What :meth:`poll` returns, per partition and column by column (see :meth:`kvlog.cache.Cache.apply_columns`).
+
+        The decoder hands every take to the reader as columns; records that
+        kafka-python decoded itself (message formats v0 and v1) are put in
+        columns here, in their place in the partition's order.
+        """
         if self._closed or self._log._closed:
             raise ClosedError(f"a reader of {self._log.describe()} was used after close()")
+        taken = self._taken
+        taken.clear()
         with self._read_errors():
             batches = self._consumer.poll(timeout_ms=int(timeout * 1000), max_records=max_records)
         if not batches:
             return []
-        if len(batches) == 1:
-            only: list[Any] = next(iter(batches.values()))
-            return only
-        records: list[Any] = []
-        for batch in batches.values():
-            records.extend(batch)
-        return records
+        parts: list[_KafkaColumns] = []
+        if len(batches) == 1 and len(taken) == 1 and len(taken[0]) == len(next(iter(batches.values()))):
+            parts.append(taken[0])  # a poll of one take, the usual one
+        else:
+            pending = {
+                tp.partition: iter([part for part in taken if part.partition == tp.partition])
+                for tp in batches
+            }
+            for tp, items in batches.items():
+                i, n = 0, len(items)
+                while i < n:
+                    if items[i] is _TAKEN:
+                        part = next(pending[tp.partition])
+                        parts.append(part)
+                        i += len(part)
+                    else:
+                        j = i
+                        while j < n and items[j] is not _TAKEN:
+                            j += 1
+                        legacy = items[i:j]
+                        parts.append(
+                            _KafkaColumns(
+                                tp.partition,
+                                [r.offset for r in legacy],
+                                [r.key for r in legacy],
+                                [r.value for r in legacy],
+                            )
+                        )
+                        i = j
+        taken.clear()
+        return parts
 
     def positions(self) -> dict[int, int]:
         # timeout_ms=0: the positions this consumer holds, without a network

@@ -1,4 +1,4 @@
-"""``Cache.apply_columns`` (replay of the embedded log) does what ``Cache.apply`` does with the same records.
+"""``Cache.apply_columns`` (replay of either log) does what ``Cache.apply`` does with the same records.
 
 The same entries and checkpoint in LMDB, the same records skipped for the
 same reasons in the same order, the same record raised at with ``strict``,
@@ -23,6 +23,7 @@ from kvlog.cache import Cache
 from kvlog.codec import get_codec
 from kvlog.errors import BadRecordError
 from kvlog.log.base import Record
+from kvlog.log.kafka import _KafkaColumns
 from kvlog.log.local.segments import FrameColumns
 
 keys = st.one_of(
@@ -115,6 +116,60 @@ def test_apply_columns_leaves_what_apply_leaves(
     columns, records = _columns(batch)
     by_records = _fresh(tmp_path_factory.mktemp("records"), before)
     by_columns = _fresh(tmp_path_factory.mktemp("columns"), before)
+    try:
+        expected = _outcome(by_records.apply, records, strict, CHECKS[check]())
+        assert _outcome(by_columns.apply_columns, columns, strict, CHECKS[check]()) == expected
+        assert _contents(by_columns) == _contents(by_records)
+    finally:
+        by_records.close()
+        by_columns.close()
+
+
+def _kafka_columns(
+    batch: list[tuple[int, bytes | None, bytes | None]],
+) -> tuple[list[_KafkaColumns], list[Record]]:
+    """The batch as replay of a Kafka topic holds it: the decoder's tuples, one _KafkaColumns per run of a partition."""
+    runs: list[tuple[int, list[Record]]] = []
+    offsets = [0, 0, 0]
+    for partition, key, value in batch:
+        if not runs or runs[-1][0] != partition:
+            runs.append((partition, []))
+        runs[-1][1].append(Record(partition, offsets[partition], key, value))  # type: ignore[arg-type]
+        offsets[partition] += 2
+    columns = [
+        _KafkaColumns(
+            partition,
+            tuple(r.offset for r in run),
+            tuple(r.key for r in run),
+            tuple(r.value for r in run),
+        )
+        for partition, run in runs
+    ]
+    return columns, [record for _, run in runs for record in run]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    # A Kafka topic may hold records without a key: bad records, like an empty key.
+    batch=st.lists(
+        st.tuples(st.integers(min_value=0, max_value=2), st.one_of(keys, st.none()), msgpack_values),
+        max_size=40,
+    ),
+    strict=st.booleans(),
+    check=st.sampled_from(sorted(CHECKS)),
+)
+def test_kafka_columns_leave_what_apply_leaves(
+    tmp_path_factory: pytest.TempPathFactory,
+    batch: list[tuple[int, bytes | None, bytes | None]],
+    strict: bool,
+    check: str,
+) -> None:
+    columns, records = _kafka_columns(batch)
+    assert [record for part in columns for record in part.records()] == records
+    for part in columns:
+        assert part.tombstones == [i for i, value in enumerate(part.values) if value is None]
+    by_records = _fresh(tmp_path_factory.mktemp("records"), {b"a": b"0"})
+    by_columns = _fresh(tmp_path_factory.mktemp("columns"), {b"a": b"0"})
     try:
         expected = _outcome(by_records.apply, records, strict, CHECKS[check]())
         assert _outcome(by_columns.apply_columns, columns, strict, CHECKS[check]()) == expected
