@@ -35,13 +35,55 @@ from kafka import KafkaProducer
 from benchmarks import ktables_bench
 from benchmarks.data import create_topic
 from benchmarks.harness import Context, Row, Skipped, percentile, value_of_size
+from benchmarks.processes import Goal
 from kvlog import KVLog
 
-__all__ = ["run"]
+__all__ = ["GOALS", "run"]
 
 WORKLOAD = "writes"
 RAW = "raw kafka-python producer"
 BATCH = 1_000
+SINGLE = "single write kv[k] = v"
+CROSS = "cross-instance visibility"
+BATCHED = f"batched writes update(), {BATCH:,} per batch"
+
+#: The goals ``--check`` judges whenever this workload ran (see benchmarks/__main__.py).
+#: Latencies are compared as speeds (the baseline's time over kvlog's), so
+#: "at most 1.5x the raw producer's p50" is a ratio of at least 1 / 1.5.
+GOALS = (
+    Goal(
+        "single write p50 vs the raw producer",
+        WORKLOAD,
+        (f"{SINGLE}, p50",),
+        "kvlog",
+        1 / 1.5,
+        explain="kv[k] = v (acknowledged and applied here) at most 1.5x the p50 of send().get() with acks=all",
+    ),
+    Goal(
+        "single write p99 vs the raw producer",
+        WORKLOAD,
+        (f"{SINGLE}, p99",),
+        "kvlog",
+        1 / 2.0,
+        explain="at most 2x the raw producer's p99",
+    ),
+    Goal(
+        "cross-instance visibility p50 vs ktables",
+        WORKLOAD,
+        (f"{CROSS}, p50",),
+        "kvlog",
+        1.0,
+        explain="a write visible in another instance at most as late as ktables' publish-to-visible",
+    ),
+    Goal(
+        "update() vs the raw producer",
+        WORKLOAD,
+        (BATCHED,),
+        "kvlog",
+        0.9,
+        explain="update() of 1,000 records at least 0.9x the records/s of the raw producer sending and flushing",
+    ),
+)
 
 
 def _raw_producer(bootstrap: str) -> KafkaProducer:
@@ -135,25 +177,25 @@ def run(ctx: Context) -> list[Row]:
     # What each latency series is: (case, subject, baseline, note).
     series = {
         "single kvlog": (
-            "single write kv[k] = v",
+            SINGLE,
             "kvlog",
             RAW,
             "returns once acknowledged (acks=all) and visible in this cache",
         ),
         "single raw": (
-            "single write kv[k] = v",
+            SINGLE,
             RAW,
             None,
             "send().get(), same acks/idempotence: acknowledged, visible nowhere",
         ),
         "cross kvlog": (
-            "cross-instance visibility",
+            CROSS,
             "kvlog",
             "ktables",
             "from writer[k] = v to a following KVLog in another process serving it",
         ),
         "cross ktables": (
-            "cross-instance visibility",
+            CROSS,
             "ktables",
             None,
             "from KafkaTableWriter.set to a KafkaTable serving it (asyncio)",
@@ -179,7 +221,7 @@ def run(ctx: Context) -> list[Row]:
         rows.append(
             Row(
                 WORKLOAD,
-                f"batched writes update(), {BATCH:,} per batch",
+                BATCHED,
                 subject,
                 "records/s",
                 samples,

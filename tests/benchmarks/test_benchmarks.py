@@ -37,6 +37,13 @@ EMBEDDED_CHECKS = [
     "embedded log: cold replay vs raw read + py-lmdb load",
     "embedded log: batched writes fsync=always vs raw append+fdatasync per batch",
 ]
+#: The checks of the writes workload (Kafka).
+WRITES_CHECKS = [
+    "kafka writes: single write p50 vs the raw producer",
+    "kafka writes: single write p99 vs the raw producer",
+    "kafka writes: cross-instance visibility p50 vs ktables",
+    "kafka writes: update() vs the raw producer",
+]
 PROCESSES_CHECKS = [
     "processes: single write p50, fsync=never vs its raw floor",
     "processes: single write p50, fsync=always vs its raw floor",
@@ -314,6 +321,7 @@ def test_a_run_on_a_real_broker_measures_every_workload(bootstrap: str, tmp_path
         "cold replay vs raw kafka-python consumer",
         *PROCESSES_CHECKS,
         *EMBEDDED_CHECKS,
+        *WRITES_CHECKS,
     ]
     assert results["machine"]["cores"] and results["machine"]["packages"]["kvlog"]
     assert results["machine"]["kvlog_source"]["sha256"]
@@ -327,6 +335,43 @@ def test_a_run_on_a_real_broker_measures_every_workload(bootstrap: str, tmp_path
     assert len(list(out.glob("*.png"))) == 11  # six workloads, the four of processes, and the summary
     assert "check ok" not in proc.stdout  # no --check: no verdict lines
     assert "## point reads" in next(out.glob("*.md")).read_text()
+
+
+def _writes_rows(p50: float, p99: float, visible: float, rate: float) -> list[Row]:
+    """The writes workload's judged rows as it makes them: the raw producer at 1 ms / 2 ms, ktables at 1 ms."""
+    from benchmarks import writes as w
+
+    rounds = [1, 2, 3]
+    rows = []
+    for q, base, kvlog in (("p50", 1.0, p50), ("p99", 2.0, p99)):
+        rows.append(Row(w.WORKLOAD, f"{w.SINGLE}, {q}", w.RAW, "ms", [base] * 3, False, rounds=rounds))
+        rows.append(
+            Row(w.WORKLOAD, f"{w.SINGLE}, {q}", "kvlog", "ms", [kvlog] * 3, False, w.RAW, rounds=rounds)
+        )
+    rows.append(Row(w.WORKLOAD, f"{w.CROSS}, p50", "ktables", "ms", [1.0] * 3, False, rounds=rounds))
+    rows.append(
+        Row(w.WORKLOAD, f"{w.CROSS}, p50", "kvlog", "ms", [visible] * 3, False, "ktables", rounds=rounds)
+    )
+    rows.append(Row(w.WORKLOAD, w.BATCHED, w.RAW, "records/s", [100.0] * 3, True, rounds=rounds))
+    rows.append(Row(w.WORKLOAD, w.BATCHED, "kvlog", "records/s", [rate] * 3, True, w.RAW, rounds=rounds))
+    fill_ratios(rows)
+    return rows
+
+
+def test_each_kafka_writes_goal_is_judged_on_its_row_and_fails_on_its_own() -> None:
+    """p50 at most 1.5x the raw producer's, p99 at most 2x, visibility at most ktables', update() 0.9x."""
+    passing = (1.45, 3.9, 0.95, 91.0)
+    verdict = checks(_writes_rows(*passing), ["writes"])
+    assert [c["name"] for c in verdict] == WRITES_CHECKS
+    assert all(c["passed"] for c in verdict), verdict
+    assert all(c["spread"]["n"] == 3 for c in verdict)  # paired round by round
+    for i, missed in enumerate((1.55, 4.1, 1.05, 89.0)):
+        figures = list(passing)
+        figures[i] = missed
+        assert [c["name"] for c in checks(_writes_rows(*figures), ["writes"]) if not c["passed"]] == [
+            WRITES_CHECKS[i]
+        ]
+    assert "kafka writes" not in " ".join(c["name"] for c in checks(_writes_rows(*passing), ["embedded"]))
 
 
 def test_readme_block_is_replaced_and_the_rest_is_kept(tmp_path: Path) -> None:
