@@ -4,6 +4,10 @@
   (acks=all, idempotent) AND this process's cache shows it (read-your-writes).
   The baseline is a raw kafka-python producer with the same settings
   (``send(...).get()``): acknowledged only, visible nowhere.
+- The same single writes from a process that shares its cache directory with
+  another process that replays the topic for both (the workers of a service:
+  one of them follows the topic), so that no follower of its own competes
+  with them for the GIL.
 - Batched writes: ``kv.update(1,000 records)`` against the raw producer sending
   1,000 records and flushing.
 - Cross-instance visibility: one KVLog writes, a second KVLog, following the
@@ -133,6 +137,14 @@ def run(ctx: Context) -> list[Row]:
             add_latency("single kvlog", per_write, round_)
             add_rate("kvlog", rate, round_)
 
+        # -- kvlog in a process that does not replay ---------------------------
+        # The workers of a service share one cache directory, and one of them
+        # replays for all (see docs/design.md, "Processes"): the others' writes
+        # do not compete with a follower of their own.
+        per_write = _single_writes_beside_a_replayer(ctx, topic, objects, singles)
+        if keep:
+            add_latency("single kvlog, another process replays", per_write, round_)
+
         # -- raw producer -----------------------------------------------------
         producer = _raw_producer(bs)
         try:
@@ -181,6 +193,12 @@ def run(ctx: Context) -> list[Row]:
             "kvlog",
             RAW,
             "returns once acknowledged (acks=all) and visible in this cache",
+        ),
+        "single kvlog, another process replays": (
+            SINGLE,
+            "kvlog, another process replays",
+            RAW,
+            "a process sharing the cache directory with one that replays the topic for it",
         ),
         "single raw": (
             SINGLE,
@@ -237,6 +255,49 @@ def run(ctx: Context) -> list[Row]:
             flush=True,
         )
     return rows
+
+
+def _single_writes_beside_a_replayer(
+    ctx: Context, topic: str, objects: Sequence[object], count: int
+) -> list[float]:
+    """Seconds per ``kv[k] = v`` in a process whose cache directory another process replays into."""
+    path = ctx.subdir("writes-shared")
+    parent, child = multiprocessing.get_context("spawn").Pipe()
+    replayer = multiprocessing.get_context("spawn").Process(
+        target=_replay_for_others, args=(child, str(path), ctx.bootstrap_servers, topic), daemon=True
+    )
+    replayer.start()
+    try:
+        if not parent.poll(60):
+            raise AssertionError("the replaying process did not open its KVLog within 60 s")
+        parent.recv()
+        per_write: list[float] = []
+        with KVLog(path, bootstrap_servers=ctx.bootstrap_servers, topic=topic, create_topic=False) as kv:
+            if kv.stats()["replay_health"]["replaying_here"]:
+                raise AssertionError("the measured process took the replay role")
+            for i in range(count):
+                started = time.perf_counter()
+                kv[f"shared:{i:06d}"] = objects[i % len(objects)]
+                per_write.append(time.perf_counter() - started)
+        parent.send(None)
+        replayer.join(30)
+    finally:
+        if replayer.is_alive():
+            replayer.kill()
+        parent.close()
+    return per_write
+
+
+def _replay_for_others(conn: Connection, path: str, bootstrap: str, topic: str) -> None:
+    """Open ``path`` first, so that this process replays the topic into it; hold it until told."""
+    with KVLog(Path(path), bootstrap_servers=bootstrap, topic=topic, create_topic=False) as kv:
+        deadline = time.monotonic() + 30
+        while not kv.stats()["replay_health"]["replaying_here"]:
+            if time.monotonic() > deadline:
+                raise AssertionError("the replaying process did not take the replay role within 30 s")
+            time.sleep(0.01)
+        conn.send("replaying")
+        conn.recv()
 
 
 def _visibility(ctx: Context, topic: str, objects: Sequence[object]) -> list[float]:
