@@ -502,11 +502,14 @@ class KVLog(MutableMapping[Any, Any]):
                 return
             positions = applied
         else:
-            positions = self._log.append(records, timeout=self._timeout)
-            # Acknowledged: put them into the cache now if they are the next
-            # records (no waiting for the follower to fetch them back).
-            if self._replayer.apply_own(records, positions):
-                return
+            # Held until the records are in the cache, or left to replay: the
+            # log's readers in this process do not compete with the write.
+            with self._log.writing():
+                positions = self._log.append(records, timeout=self._timeout)
+                # Acknowledged: put them into the cache now if they are the next
+                # records (no waiting for the follower to fetch them back).
+                if self._replayer.apply_own(records, positions):
+                    return
         targets: dict[int, int] = {}
         for partition, offset in positions:
             if offset + 1 > targets.get(partition, -1):

@@ -14,6 +14,7 @@ position equals the end offset has read everything).
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -140,6 +141,15 @@ class Log(abc.ABC):
             LogUnavailableError: the log could not be reached within ``timeout``.
             WriteError: the log refused the write.
         """
+
+    def writing(self) -> contextlib.AbstractContextManager[None]:
+        """Held by a writer of this process from before its append until its records are applied (or left to replay).
+
+        A log may use it to keep its readers in this process from competing
+        with the write (see :class:`kvlog.log.kafka.KafkaLog`); by default it
+        does nothing.
+        """
+        return contextlib.nullcontext()
 
     @abc.abstractmethod
     def begin_offsets(self) -> dict[int, int]:

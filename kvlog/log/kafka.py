@@ -420,13 +420,58 @@ def _install_decoder(consumer: KafkaConsumer, sink: list[_KafkaColumns] | None =
 _RECV_BYTES = 256 * 1024
 
 
-def _read_available(sock: Any) -> tuple[bytes, Exception | None]:
+#: The longest a reader's network thread holds off reading while this
+#: process writes (see :class:`_ReadHold`): about a few writes' round trips.
+_HOLD_SECONDS = 0.005
+
+
+class _ReadHold:
+    """Counts this process's writes in flight; the reader's connections leave their sockets unread meanwhile.
+
+    A write on Kafka returns once the broker acknowledged it and the writer
+    applied it to the cache; the follower's fetch brings the same record back
+    at the moment the acknowledgement comes, and handling that response
+    (kafka-python's network thread, then the follower) takes about half a
+    millisecond of CPU under the same GIL as the producer's thread and the
+    writer, which wait for it. Holding the reader's reads until the write
+    is done (at most :data:`_HOLD_SECONDS`, so that a steady stream of writes
+    cannot starve replay) moves that work out of the write; the records are
+    then skipped, or applied, by the follower right after.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._writes = 0
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        with self._cond:
+            self._writes += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writes -= 1
+                if not self._writes:
+                    self._cond.notify_all()
+
+    def wait(self) -> None:
+        """Wait, for at most :data:`_HOLD_SECONDS`, until no write of this process is in flight."""
+        if self._writes:  # read without the lock: a stale answer only holds, or not, once
+            with self._cond:
+                self._cond.wait_for(lambda: not self._writes, _HOLD_SECONDS)
+
+
+def _read_available(sock: Any, hold: _ReadHold | None = None) -> tuple[bytes, Exception | None]:
     """What ``sock`` has to read now, in large reads: kafka-python's ``_sock_recv`` with :data:`_RECV_BYTES` reads.
 
     A short read means the socket is drained for now; the selector calls
     again when more arrives (the loop stops there, where kafka-python's tries
-    once more and gets ``BlockingIOError``).
+    once more and gets ``BlockingIOError``). With a ``hold``, it first waits
+    while this process writes (see :class:`_ReadHold`).
     """
+    if hold is not None:
+        hold.wait()
     chunks: list[bytes] = []
     while True:
         try:
@@ -465,7 +510,7 @@ def _receive_hook_fits(transport_class: type) -> bool:
     return fits
 
 
-def _install_receiver(consumer: KafkaConsumer) -> bool:
+def _install_receiver(consumer: KafkaConsumer, hold: _ReadHold | None = None) -> bool:
     """Make ``consumer``'s plain TCP connections read their sockets in large reads; return whether they will.
 
     kafka-python 3 builds a transport per broker connection in its connection
@@ -474,7 +519,8 @@ def _install_receiver(consumer: KafkaConsumer) -> bool:
     client's, a ``_sock_recv`` of :func:`_read_available`. TLS transports keep
     their own (their reads go through the TLS record layer). Connections open
     before the call (the bootstrap one) keep kafka-python's reads; fetches go
-    to the partition leaders' connections, made later.
+    to the partition leaders' connections, made later. With a ``hold``, each
+    read first waits while this process writes (see :class:`_ReadHold`).
     """
     manager = getattr(getattr(consumer, "_client", None), "_manager", None)
     build = getattr(manager, "_build_transport", None)
@@ -489,7 +535,7 @@ def _install_receiver(consumer: KafkaConsumer) -> bool:
         transport = await build(*args, **kwargs)
         sock = getattr(transport, "_sock", None)
         if type(transport) is KafkaTCPTransport and sock is not None:
-            transport._sock_recv = lambda: _read_available(sock)
+            transport._sock_recv = lambda: _read_available(sock, hold)
         return transport
 
     manager._build_transport = build_transport  # type: ignore[union-attr]
@@ -525,7 +571,7 @@ class KafkaReader(LogReader):
             #: What the fetcher took during the current poll, as columns (see poll_columns).
             self._taken: list[_KafkaColumns] = []
             _install_decoder(self._consumer, self._taken)
-            _install_receiver(self._consumer)
+            _install_receiver(self._consumer, kafka_log._read_hold)
             self._consumer.assign(self._tps)
             for tp in self._tps:
                 self._consumer.seek(tp, positions[tp.partition])
@@ -675,6 +721,8 @@ class KafkaLog(Log):
         self._producer_lock = threading.Lock()
         self._offsets_consumer: KafkaConsumer | None = None
         self._admin: KafkaAdminClient | None = None
+        #: This process's writes in flight, which its readers do not compete with.
+        self._read_hold = _ReadHold()
         try:
             self._admin = self._connect(
                 KafkaAdminClient, request_timeout_ms=self._timeout_ms, bootstrap_timeout_ms=self._timeout_ms
@@ -970,6 +1018,10 @@ class KafkaLog(Log):
     def _check_open(self) -> None:
         if self._closed:
             raise ClosedError(f"{self.describe()} is closed")
+
+    def writing(self) -> contextlib.AbstractContextManager[None]:
+        """While held, this log's readers in this process leave their sockets unread (see :class:`_ReadHold`)."""
+        return self._read_hold.writing()
 
     def append(self, records: Sequence[tuple[bytes, bytes | None]], timeout: float) -> list[tuple[int, int]]:
         self._check_open()

@@ -695,8 +695,8 @@ def test_the_reader_reads_whole_fetches_from_its_socket(
     reads: list[int] = []
     real_read = kafka_log_module._read_available
 
-    def recording_read(sock: Any) -> Any:
-        data, error = real_read(sock)
+    def recording_read(sock: Any, hold: Any = None) -> Any:
+        data, error = real_read(sock, hold)
         reads.append(len(data))
         return data, error
 
