@@ -585,7 +585,8 @@ def app(
             await run_in_threadpool(kv.update, items)
         except Exception as exc:  # noqa: BLE001
             error = _write_error(exc)
-            if error.status == 400:
+            if error.status in (400, 413) and "nothing was written" not in error.message:
+                # Refused by the checks update() makes before it sends anything.
                 error.message += "; nothing was written"
             raise error from None
         service.writes.inc(len(items))
