@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -153,3 +154,33 @@ def error_of(response: httpx.Response, status: int, *words: str) -> str:
     for word in words:
         assert word in message, f"{word!r} not in {message!r}"
     return message
+
+
+class LongPoll:
+    """A long-poll running in a thread: ``GET key?wait=S`` with ``If-None-Match`` the ETag held."""
+
+    def __init__(self, server: Served, key: str, etag: str | None, wait: float = 30.0) -> None:
+        self.response: httpx.Response | None = None
+        self.answered_at = 0.0
+        headers = {"If-None-Match": etag} if etag else {}
+
+        def run() -> None:
+            self.response = server.client.get(f"/v1/keys/{key}?wait={wait}", headers=headers)
+            self.answered_at = time.monotonic()
+
+        self._thread = threading.Thread(target=run)
+        self._thread.start()
+        self._server = server
+
+    def wait_until_waiting(self) -> None:
+        """Until the server counts this request among its waiting long-polls (a deadline-bounded poll)."""
+        deadline = time.monotonic() + PATIENCE
+        while self._server.client.get("/v1/stats").json()["server"]["longpolls_waiting"] < 1:
+            assert self.response is None, f"answered before any write: {self.response}"
+            assert time.monotonic() < deadline, "the long-poll never started waiting"
+            time.sleep(0.01)  # the polling interval of a deadline-bounded wait
+
+    def result(self) -> httpx.Response:
+        self._thread.join(PATIENCE)
+        assert self.response is not None, "the long-poll never answered"
+        return self.response

@@ -8,14 +8,12 @@ process of its own.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
-from http_helpers import PATIENCE, Served, kvlog, target_args
+from http_helpers import LongPoll, Served, kvlog, target_args
 
 
 @pytest.fixture(scope="module")
@@ -28,36 +26,6 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Serve
         Served(target_args(data), "--writable", log_dir=tmp, name="b") as b,
     ):
         yield data, a, b
-
-
-class LongPoll:
-    """A long-poll running in a thread: ``GET key?wait=S`` with ``If-None-Match`` the ETag held."""
-
-    def __init__(self, server: Served, key: str, etag: str | None, wait: float = 30.0) -> None:
-        self.response: httpx.Response | None = None
-        self.answered_at = 0.0
-        headers = {"If-None-Match": etag} if etag else {}
-
-        def run() -> None:
-            self.response = server.client.get(f"/v1/keys/{key}?wait={wait}", headers=headers)
-            self.answered_at = time.monotonic()
-
-        self._thread = threading.Thread(target=run)
-        self._thread.start()
-        self._server = server
-
-    def wait_until_waiting(self) -> None:
-        """Until the server counts this request among its waiting long-polls (a deadline-bounded poll)."""
-        deadline = time.monotonic() + PATIENCE
-        while self._server.client.get("/v1/stats").json()["server"]["longpolls_waiting"] < 1:
-            assert self.response is None, f"answered before any write: {self.response}"
-            assert time.monotonic() < deadline, "the long-poll never started waiting"
-            time.sleep(0.01)  # the polling interval of a deadline-bounded wait
-
-    def result(self) -> httpx.Response:
-        self._thread.join(PATIENCE)
-        assert self.response is not None, "the long-poll never answered"
-        return self.response
 
 
 def test_a_write_through_one_server_is_read_through_the_other_with_the_same_etag(

@@ -60,7 +60,7 @@ async function refreshStats() {
   }
   const s = await response.json();
   showError("");
-  $("describe").textContent = s.describe + " — " + s.path;
+  $("describe").textContent = s.describe;
   $("stats-time").textContent = "at " + new Date(s.server.time * 1000).toLocaleTimeString();
   $("stats-entries").textContent = number(s.entries);
   $("stats-codec").textContent = s.codec;
