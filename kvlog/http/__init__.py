@@ -47,12 +47,11 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 from urllib.parse import quote, unquote_to_bytes
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.applications import Starlette
@@ -82,6 +81,7 @@ SEEN_KEYS = 10_000
 QUARANTINED_SHOWN = 20
 
 _JSON = "application/json"
+_KEYS = b"/v1/keys/"
 _MSGPACK = "application/msgpack"
 _OCTETS = "application/octet-stream"
 
@@ -94,6 +94,36 @@ class HTTPError(Exception):
         self.status = status
         self.message = message
         self.headers = headers or {}
+
+
+class _Answer:
+    """A response whose headers are bytes already: the point read's, cheaper than a Starlette Response.
+
+    Starlette runs any ASGI callable an endpoint returns; this one sends the
+    start and the body and nothing else.
+    """
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes = b"") -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        headers = self.headers
+        if self.status != 304:
+            headers = [*headers, (b"content-length", str(len(self.body)).encode())]
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        await send({"type": "http.response.body", "body": self.body if scope["method"] != "HEAD" else b""})
+
+
+def _header(request: Request, name: bytes) -> str | None:
+    """A request header's value (latin-1), looked up in the raw list without building Headers."""
+    for key, value in request.scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
@@ -263,6 +293,30 @@ class _StatsCollector(Collector):
             yield family
 
 
+class _HTTPCollector(Collector):
+    """The HTTP counters of an app (plain integers the handlers add to), for its registry."""
+
+    def __init__(self, service: _Service) -> None:
+        self._service = service
+
+    def collect(self) -> Iterator[Any]:
+        service = self._service
+        for name, value, what in (
+            ("kvlog_http_reads", service.reads, "Key reads answered over HTTP (304s too)."),
+            ("kvlog_http_writes", service.writes, "Records written over HTTP (PUT, DELETE, batch)."),
+            ("kvlog_http_scanned", service.scanned, "Entries sent by scans."),
+            (
+                "kvlog_http_longpoll_notifications",
+                service.notified,
+                "Long-polls answered because the value changed.",
+            ),
+        ):
+            yield CounterMetricFamily(name, what, value=value)
+        yield GaugeMetricFamily(
+            "kvlog_http_longpolls_waiting", "Long-polls waiting now.", value=service.watcher.waiting
+        )
+
+
 class _Service:
     """The state of one app: the store, its options, the watcher, the metrics."""
 
@@ -276,18 +330,13 @@ class _Service:
         self.seen: OrderedDict[bytes, tuple[str | None, float]] = OrderedDict()
         self.watcher = ChangeWatcher(kv, poll_interval, self.note_seen)
         self.registry = CollectorRegistry()
-        self.reads = Counter("kvlog_http_reads", "Key reads answered over HTTP.", registry=self.registry)
-        self.writes = Counter(
-            "kvlog_http_writes", "Records written over HTTP (PUT, DELETE, batch).", registry=self.registry
-        )
-        self.scanned = Counter("kvlog_http_scanned", "Entries sent by scans.", registry=self.registry)
-        self.notified = Counter(
-            "kvlog_http_longpoll_notifications",
-            "Long-polls answered because the value changed.",
-            registry=self.registry,
-        )
-        waiting = Gauge("kvlog_http_longpolls_waiting", "Long-polls waiting now.", registry=self.registry)
-        waiting.set_function(lambda: self.watcher.waiting)
+        # Plain integers, read by _HTTPCollector at each scrape: an increment on the
+        # hot path costs an add, not a Prometheus counter's lock.
+        self.reads = 0
+        self.writes = 0
+        self.scanned = 0
+        self.notified = 0
+        self.registry.register(_HTTPCollector(self))
         self.registry.register(_StatsCollector(kv))
         limit = kv.log.max_record_bytes
         #: The largest record the log takes (key + stored value); None: no limit.
@@ -334,6 +383,8 @@ class _Service:
 
 
 def _check_params(request: Request, allowed: tuple[str, ...]) -> None:
+    if not request.scope.get("query_string"):
+        return  # no query string: nothing to parse (the common point read)
     unknown = sorted({name for name in request.query_params if name not in allowed})
     if unknown:
         accepted = ", ".join(allowed) if allowed else "none"
@@ -344,9 +395,12 @@ def _key_of(request: Request) -> str:
     """The key in the path, from the raw bytes the client sent: must be UTF-8 and fit the cache."""
     scope = request.scope
     raw = scope.get("raw_path")
-    prefix = quote(scope.get("root_path", "")).encode() + b"/v1/keys/"
+    root = scope.get("root_path")
+    prefix = quote(root).encode() + _KEYS if root else _KEYS
     if isinstance(raw, bytes) and raw.startswith(prefix):
-        data = unquote_to_bytes(raw[len(prefix) :])
+        data = raw[len(prefix) :]
+        if b"%" in data:
+            data = unquote_to_bytes(data)
     else:  # a server that gives no raw path: the decoded one
         data = str(request.path_params["key"]).encode("utf-8", "surrogateescape")
     if not data:
@@ -363,6 +417,8 @@ def _key_of(request: Request) -> str:
 
 
 def _wait_seconds(request: Request) -> float | None:
+    if not request.scope.get("query_string"):
+        return None
     text = request.query_params.get("wait")
     if text is None:
         return None
@@ -466,22 +522,27 @@ def app(
 
     # -- keys --------------------------------------------------------------------
 
-    def value_response(request: Request, key: str, stored: bytes | None, etag: str | None) -> Response:
-        service.reads.inc()
+    json_type = (b"content-type", _JSON.encode())
+    stored_type = (b"content-type", raw_type.encode())
+
+    def value_response(request: Request, key: str, stored: bytes | None, etag: str | None) -> Any:
+        service.reads += 1
         if stored is None or etag is None:
             return _error(404, f"key not found: {key}")
-        headers = {"ETag": etag, "Cache-Control": "no-cache"}
         seen = service.note_seen(key.encode(), etag)
-        headers["X-Kvlog-Seen-At"] = datetime.fromtimestamp(seen, UTC).isoformat(timespec="milliseconds")
-        if "raw" in request.query_params:
-            return Response(stored, media_type=raw_type, headers=headers)
+        # When this server first saw this value, as epoch seconds (the console shows it).
+        headers = [(b"etag", etag.encode()), (b"x-kvlog-seen-at", b"%.3f" % seen)]
+        if request.scope.get("query_string") and "raw" in request.query_params:
+            headers.append(stored_type)
+            return _Answer(200, headers, stored)
         try:
             value = decode(stored)
         except Exception as exc:  # noqa: BLE001 - a value the codec cannot read is the server's problem
             return _error(500, f"the stored value of {key} cannot be decoded: {exc}")
-        return Response(_jsonable_body(value), media_type=_JSON, headers=headers)
+        headers.append(json_type)
+        return _Answer(200, headers, _jsonable_body(value))
 
-    async def get_key(request: Request) -> Response:
+    async def get_key(request: Request) -> Any:
         """The value of a key; 304 if If-None-Match names its ETag; ?wait=S long-polls for a change."""
         _check_params(request, ("raw", "wait"))
         key = _key_of(request)
@@ -490,7 +551,7 @@ def app(
         # pool: it runs on the event loop (so do the watcher's re-reads).
         stored = get_stored(key)
         etag = None if stored is None else etag_of(stored)
-        header = request.headers.get("if-none-match")
+        header = _header(request, b"if-none-match")
         tags = _etags(header) if header is not None else set()
         matches = etag is not None and (etag in tags or "*" in tags)
         if wait is not None and (header is None or matches):
@@ -499,15 +560,15 @@ def app(
             # value's at request time (None: absent, so a creation answers). A
             # client holding another value than the current one is answered now.
             if not await service.watcher.wait_change(key, etag, wait):
-                return Response(status_code=304, headers={"ETag": etag} if etag else None)
-            service.notified.inc()
+                return _Answer(304, [(b"etag", etag.encode())] if etag else [])
+            service.notified += 1
             stored = get_stored(key)
             etag = None if stored is None else etag_of(stored)
             return value_response(request, key, stored, etag)
         if matches:
             assert etag is not None
-            service.reads.inc()
-            return Response(status_code=304, headers={"ETag": etag})
+            service.reads += 1
+            return _Answer(304, [(b"etag", etag.encode())])
         return value_response(request, key, stored, etag)
 
     async def put_key(request: Request) -> Response:
@@ -534,7 +595,7 @@ def app(
             await run_in_threadpool(kv.__setitem__, key, value)
         except Exception as exc:  # noqa: BLE001 - each kind is answered by _write_error
             raise _write_error(exc) from None
-        service.writes.inc()
+        service.writes += 1
         etag = etag_of(stored)
         service.note_seen(key.encode(), etag)
         return _json({"key": key, "etag": etag}, headers={"ETag": etag})
@@ -558,7 +619,7 @@ def app(
             raise _write_error(exc) from None
         if not found:
             raise HTTPError(404, f"key not found: {key}")
-        service.writes.inc()
+        service.writes += 1
         service.note_seen(key.encode(), None)
         return _json({"key": key, "deleted": True})
 
@@ -589,7 +650,7 @@ def app(
                 # Refused by the checks update() makes before it sends anything.
                 error.message += "; nothing was written"
             raise error from None
-        service.writes.inc(len(items))
+        service.writes += len(items)
         return _json({"written": len(items)})
 
     # -- scan, stats -----------------------------------------------------------
@@ -635,7 +696,7 @@ def app(
                     return
                 count = chunk.count("\n")
                 sent += count
-                service.scanned.inc(count)
+                service.scanned += count
                 yield chunk.encode()
                 if count < room:
                     return

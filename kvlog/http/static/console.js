@@ -116,7 +116,7 @@ function showValue(key, response, text) {
   $("value").textContent = text;
   $("etag").textContent = response.headers.get("ETag") || "–";
   const seen = response.headers.get("X-Kvlog-Seen-At");
-  $("seen-at").textContent = seen ? new Date(seen).toLocaleString() : "–";
+  $("seen-at").textContent = seen ? new Date(parseFloat(seen) * 1000).toLocaleString() : "–";
 }
 
 async function lookUp(key) {
