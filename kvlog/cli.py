@@ -70,6 +70,7 @@ from typing import IO, Any, NoReturn
 
 from .codec import encode_key, get_codec
 from .dumpfile import DumpLineError, dump_line, read_dump
+from .dumpfile import jsonable as _jsonable
 from .errors import CacheError, KVLogError
 from .terminal import ReplayBar, count_bar, interruptible, offsets, rate, signals_ignored
 
@@ -456,24 +457,6 @@ def _codec(args: argparse.Namespace, target: Target) -> str:
 
 
 # -- printing values and keys ---------------------------------------------------
-
-
-def _jsonable(value: Any) -> Any:
-    """Make a value printable as JSON for ``get`` (bytes become text where they decode, else hex)."""
-    if isinstance(value, bytes):
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError:
-            return value.hex()
-    if isinstance(value, dict):
-        return {str(_jsonable(k)): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return repr(value)  # a msgpack ExtType or Timestamp
 
 
 def _show_key(key: bytes) -> str:

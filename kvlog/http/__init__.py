@@ -12,20 +12,18 @@ and any Starlette or FastAPI service can mount it::
 
 Routes (every one answers errors as ``{"error": "..."}``):
 
-=======================  ==========================================================
-``GET /v1/keys/{key}``   the value as JSON (``?raw``: the stored bytes), with an
-                         ``ETag`` of the stored bytes; ``If-None-Match`` gives 304;
-                         ``?wait=S`` long-polls up to S seconds for a change
-``PUT /v1/keys/{key}``   write the JSON body as the value (``writable`` only)
-``DELETE /v1/keys/{key}``write a tombstone (``writable`` only)
-``POST /v1/batch``       write a JSON object of key -> value with one ``kv.update``
-``GET /v1/scan``         JSON lines in key order (``prefix``, ``start``, ``stop``, ``limit``)
-``GET /v1/stats``        ``kv.stats()`` as JSON
-``GET /healthz``         alive
-``GET /readyz``          200 while the cache is within ``max_lag`` records of the log end
-``GET /metrics``         Prometheus text format (a registry of this app's own)
-``GET /``                the operator console (static files shipped with kvlog)
-=======================  ==========================================================
+- ``GET /v1/keys/{key}``: the value as JSON (``?raw``: the stored bytes), with
+  an ``ETag`` of the stored bytes; ``If-None-Match`` gives 304; ``?wait=S``
+  long-polls up to S seconds for a change;
+- ``PUT /v1/keys/{key}``: the JSON body becomes the value (``writable`` only);
+- ``DELETE /v1/keys/{key}``: a tombstone (``writable`` only);
+- ``POST /v1/batch``: a JSON object of key -> value, with one ``kv.update``;
+- ``GET /v1/scan``: JSON lines in key order (``prefix``, ``start``, ``stop``, ``limit``);
+- ``GET /v1/stats``: ``kv.stats()`` as JSON;
+- ``GET /healthz``: alive; ``GET /readyz``: 200 while the cache is within
+  ``max_lag`` records of the log end;
+- ``GET /metrics``: Prometheus text format (a registry of this app's own);
+- ``GET /``: the operator console (static files shipped with kvlog).
 
 How a long-poll learns of a write made by another process (another ``kvlog
 serve``, ``kvlog put``, a worker) is in docs/design.md, "Serving over HTTP":
@@ -61,7 +59,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from ..codec import MAX_KEY_SIZE
-from ..dumpfile import dump_line
+from ..dumpfile import dump_line, jsonable
 from ..errors import KVLogError, RecordTooLargeError
 from ..store import UPDATE_BATCH, KVLog
 
@@ -158,9 +156,7 @@ def _jsonable_body(value: Any) -> bytes:
     try:
         return json.dumps(value, ensure_ascii=False, allow_nan=False).encode()
     except (TypeError, ValueError):
-        from ..cli import _jsonable  # bytes as text or hex, NaN as a string, what `kvlog get` prints
-
-        return json.dumps(_jsonable(value), ensure_ascii=False).encode()
+        return json.dumps(jsonable(value), ensure_ascii=False).encode()
 
 
 class ChangeWatcher:

@@ -249,3 +249,74 @@ def test_keep_alive_requests_do_not_wait_for_a_delayed_ack(server: Served) -> No
         assert server.client.get("/v1/keys/order:00001").status_code == 200
         took.append(time.monotonic() - started)
     assert sorted(took)[len(took) // 2] < 0.02, sorted(took)
+
+
+MOUNTED_SERVICE = """
+import socket, sys
+import uvicorn
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Mount, Route
+import kvlog.http
+from kvlog import KVLog
+
+kv = KVLog(sys.argv[1])
+service = Starlette(routes=[
+    Route("/", lambda request: PlainTextResponse("the user's own route")),
+    Mount("/kv", app=kvlog.http.app(kv, writable=True)),
+])
+sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+sock.bind(("127.0.0.1", 0))
+print(f"serving at http://127.0.0.1:{sock.getsockname()[1]}/ (mounted)", flush=True)
+try:
+    uvicorn.Server(uvicorn.Config(service, log_level="warning")).run(sockets=[sock])
+except KeyboardInterrupt:
+    pass
+kv.close()
+"""
+
+
+def test_the_app_mounted_under_a_path_in_a_users_starlette_service(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from http_helpers import clean_env
+
+    data = tmp_path / "data"
+    kvlog(target_args(data), "put", "a/b", '"mounted"')
+    program = tmp_path / "service.py"
+    program.write_text(MOUNTED_SERVICE)
+    proc = subprocess.Popen(
+        [sys.executable, str(program), str(data)], stdout=subprocess.PIPE, text=True, env=clean_env()
+    )
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().split(" at ")[1].split("/ ")[0]
+        with httpx.Client(base_url=url, timeout=PATIENCE) as client:
+            deadline = time.monotonic() + PATIENCE
+            while True:
+                try:
+                    if client.get("/kv/healthz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline and proc.poll() is None, (
+                    "the mounted service never answered"
+                )
+                time.sleep(0.02)  # the polling interval of a deadline-bounded wait
+            assert client.get("/").text == "the user's own route"
+            assert client.get("/kv/v1/keys/a/b").json() == "mounted"
+            assert client.get("/kv/v1/keys/a%2Fb").json() == "mounted"
+            assert client.put("/kv/v1/keys/c%20d", json=[1]).status_code == 200
+            assert kvlog(target_args(data), "get", "c d").stdout.strip() == "[1]"
+            assert 'href="console.css"' in client.get("/kv/").text
+            assert client.get("/kv/console.js").status_code == 200
+            assert [json.loads(line)["key"] for line in client.get("/kv/v1/scan").text.splitlines()] == [
+                "a/b",
+                "c d",
+            ]
+    finally:
+        proc.terminate()
+        proc.wait(PATIENCE)
+        if proc.stdout is not None:
+            proc.stdout.close()
