@@ -35,6 +35,10 @@ Workloads (``--only`` takes these names):
              zipfian mixed load in 1, 2 and 4 processes vs SQLite WAL
              (synchronous=FULL and NORMAL) and diskcache; read-only point reads
              vs SQLite WAL's point SELECT (see benchmarks/processes.py)
+  http       GET/s and p50/p99 through kvlog serve on loopback vs a bare
+             Starlette route on the same uvicorn setup (the HTTP floor) and
+             Redis GET; long-poll notification latency from another process's
+             write (see benchmarks/http.py)
 
 ``--check`` exits 1 if a goal of the workloads that ran is missed. With the
 reads and replay workloads (both, always together): kvlog's point reads reach
@@ -50,8 +54,11 @@ update() with fsync="always" 0.6x writing the same records by hand with one
 fdatasync per batch. With the writes workload (Kafka): a single write's p50
 is at most 1.5x the raw producer's and its p99 at most 2x, a write is
 visible in another instance at most as late as ktables' (p50), and update()
-reaches 0.9x the raw producer. ``--check`` needs the reads and replay
-workloads, or processes, embedded or writes, or any of them together. The goals' verdicts are in
+reaches 0.9x the raw producer. With the http workload: GET/s through
+``kvlog serve`` at least 0.8x the HTTP floor's, and a long-poll's
+notification p50 at most 2 ms. ``--check`` needs the reads and replay
+workloads, or processes, embedded, writes or http, or any of them together.
+The goals' verdicts are in
 the report whether or not ``--check`` is given; only ``--check`` turns a miss
 into the exit status.
 """
@@ -76,14 +83,14 @@ from benchmarks.harness import Context, LoadMeter, Row, fill_ratios, machine_inf
 if TYPE_CHECKING:
     from benchmarks.processes import Goal
 
-WORKLOADS = ("reads", "replay", "restart", "writes", "footprint", "embedded", "processes")
+WORKLOADS = ("reads", "replay", "restart", "writes", "footprint", "embedded", "processes", "http")
 #: Workloads with goals: the reads and replay goals are judged together, processes' and embedded's on their own.
 PAIRED_CHECKS = ("reads", "replay")
 #: Workloads whose module declares its own ``GOALS`` (see :func:`_goal_checks`), with the prefix of their names.
-OWN_GOALS = {"processes": "processes", "embedded": "embedded log", "writes": "kafka writes"}
+OWN_GOALS = {"processes": "processes", "embedded": "embedded log", "writes": "kafka writes", "http": "http"}
 _EMBEDDED_PREFIX = OWN_GOALS["embedded"]
 #: Workloads that need no Kafka broker.
-EMBEDDED_ONLY = frozenset({"embedded", "processes"})
+EMBEDDED_ONLY = frozenset({"embedded", "processes", "http"})
 #: The default of ``--nice``: on a machine that does other work, the measured
 #: processes then run first whenever they are runnable (see _raise_priority).
 DEFAULT_NICE = -10
@@ -119,6 +126,10 @@ def _workload(name: str) -> Callable[[Context], list[Row]]:
         from benchmarks import processes
 
         return processes.run
+    if name == "http":
+        from benchmarks import http
+
+        return http.run
     from benchmarks import embedded
 
     return embedded.run
@@ -186,6 +197,10 @@ def checks(rows: list[Row], workloads: Sequence[str] = PAIRED_CHECKS) -> list[di
         from benchmarks.writes import GOALS as WRITES_GOALS
 
         found.extend(_goal_checks(rows, WRITES_GOALS, OWN_GOALS["writes"]))
+    if "http" in workloads:
+        from benchmarks.http import GOALS as HTTP_GOALS
+
+        found.extend(_goal_checks(rows, HTTP_GOALS, OWN_GOALS["http"]))
     return found
 
 
@@ -442,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--check judges the reads and replay goals together: run both workloads or neither")
     if args.check and not paired and not set(OWN_GOALS) & set(selected):
         parser.error(
-            "--check needs the reads and replay workloads, or the processes, embedded or writes workload"
+            "--check needs the reads and replay workloads, or the processes, embedded, writes or http workload"
         )
 
     # Before anything starts: the broker, the workers and the children inherit it.

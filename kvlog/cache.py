@@ -919,6 +919,22 @@ class Cache:
         except lmdb.Error as exc:
             raise self._damaged(exc) from exc
 
+    def version(self) -> tuple[int, int]:
+        """A pair that changes whenever the cache may have changed, in this process or any other.
+
+        ``(generation HEAD names, last committed transaction id of this
+        process's environment)``: two memory reads of mapped pages (HEAD and
+        LMDB's meta page, through ``mdb_env_info``), no transaction and no
+        lock, so it can be polled every millisecond. Every commit moves it (a
+        replay batch, a writer's own apply, a ``mark_current``), and so does a
+        switch to a rebuilt generation, even before this process follows it.
+        Equal pairs mean nothing was committed in between; a different pair
+        may come from a commit that changed no value.
+        """
+        if self._closed:
+            raise self._closed_error()
+        return int(self._head_words[1]), int(self._env.info()["last_txnid"])
+
     def __len__(self) -> int:
         try:
             with self._reading() as txn:

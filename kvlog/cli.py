@@ -21,6 +21,7 @@ Usage (also ``python -m kvlog``)::
     kvlog ... rewarm [--resume]                     # rebuild the cache by replay; Ctrl-C is safe
     kvlog ... verify [--show N]                     # replay into a scratch cache and compare; exit 1 on differences
     kvlog ... compact [--json]                      # compact the embedded log now
+    kvlog ... serve [--host H] [--port P] [--writable] [--token T] [--max-lag N]   # HTTP (kvlog[server])
     kvlog broker [--port 9092] [--dir DIR]          # a local Kafka broker for development (source checkout)
 
 Values are decoded with the codec the cache records (the one the store was
@@ -69,6 +70,7 @@ from typing import IO, Any, NoReturn
 
 from .codec import encode_key, get_codec
 from .dumpfile import DumpLineError, dump_line, read_dump
+from .dumpfile import jsonable as _jsonable
 from .errors import CacheError, KVLogError
 from .terminal import ReplayBar, count_bar, interruptible, offsets, rate, signals_ignored
 
@@ -88,6 +90,13 @@ _BUILTIN_CODECS = ("msgpack", "json", "str", "bytes")
 
 #: Records per ``kv.update`` call in ``load`` and ``demo`` (one log append and one wait each).
 LOAD_BATCH = 10_000
+#: Where ``kvlog serve`` listens unless told otherwise: this machine only.
+DEFAULT_SERVE_HOST = "127.0.0.1"
+DEFAULT_SERVE_PORT = 8765
+#: The command that installs what ``kvlog serve`` needs.
+SERVER_EXTRA = "pip install 'kvlog[server]'"
+#: Seconds ``kvlog serve`` gives open requests (long-polls) to finish when asked to stop.
+SERVE_GRACE = 3
 #: Seconds an opening replay runs before its progress bar appears (fast opens show none).
 OPEN_BAR_DELAY = 1.0
 
@@ -124,6 +133,14 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(text)
+    return value
+
+
+_port.__name__ = "port number"
 _non_negative.__name__ = "non-negative integer"  # argparse names the type in its message
 _positive.__name__ = "positive integer"
 _seconds.__name__ = "positive number of seconds"
@@ -219,6 +236,38 @@ def _parser() -> argparse.ArgumentParser:
         "--scratch", default=None, metavar="DIR", help="where to put the scratch cache (default: $TMPDIR)"
     )
 
+    serve = sub.add_parser(
+        "serve",
+        help="serve the database over HTTP: keys, scans, stats, long-polls, metrics, a console",
+        description="Serve the database over HTTP (Starlette on uvicorn; pip install 'kvlog[server]'). "
+        "Routes: GET/PUT/DELETE /v1/keys/KEY, POST /v1/batch, GET /v1/scan, GET /v1/stats, "
+        "/healthz, /readyz, /metrics, and the operator console at /.",
+    )
+    serve.add_argument(
+        "--host",
+        default=None,
+        help=f"address to listen on (default: {DEFAULT_SERVE_HOST}, this machine only)",
+    )
+    serve.add_argument(
+        "--port",
+        type=_port,
+        default=DEFAULT_SERVE_PORT,
+        help=f"default: {DEFAULT_SERVE_PORT}; 0 picks a free one",
+    )
+    serve.add_argument("--writable", action="store_true", help="accept PUT, DELETE and POST /v1/batch")
+    serve.add_argument(
+        "--token",
+        default=None,
+        help="require Authorization: Bearer TOKEN on every route but /healthz and /readyz (env KVLOG_TOKEN)",
+    )
+    serve.add_argument(
+        "--max-lag",
+        type=_non_negative,
+        default=None,
+        help="/readyz answers 200 while the cache is at most this many records behind the log end "
+        "(default: 1000)",
+    )
+
     compact = sub.add_parser("compact", help="compact the embedded log now (Kafka compacts by itself)")
     compact.add_argument("--json", action="store_true", help="print the report as one JSON object")
     return parser
@@ -276,8 +325,19 @@ def _target(args: argparse.Namespace) -> Target:
     return Target("local", Path("./data"))
 
 
-def _open(args: argparse.Namespace, target: Target, *, progress: Any = None, **kwargs: Any) -> Any:
-    """Open the store for a command: no follower thread (the cache moves only when asked), no topic creation."""
+def _open(
+    args: argparse.Namespace,
+    target: Target,
+    *,
+    progress: Any = None,
+    background_compaction: bool = False,
+    **kwargs: Any,
+) -> Any:
+    """Open the store for a command: no follower thread (the cache moves only when asked), no topic creation.
+
+    ``kvlog serve``, which runs for long, asks for the follower (``follow=True``)
+    and the embedded log's background compaction.
+    """
     from .store import KVLog
 
     _check_not_a_file(target)
@@ -305,7 +365,7 @@ def _open(args: argparse.Namespace, target: Target, *, progress: Any = None, **k
 
             # No background compaction in a short-lived command: it would make
             # `kvlog get` wait for a pass at close. `kvlog compact` runs one.
-            log = LocalLog(target.path / "log", background_compaction=False)
+            log = LocalLog(target.path / "log", background_compaction=background_compaction)
             try:
                 codec = _codec(args, target)
             except BaseException:
@@ -397,24 +457,6 @@ def _codec(args: argparse.Namespace, target: Target) -> str:
 
 
 # -- printing values and keys ---------------------------------------------------
-
-
-def _jsonable(value: Any) -> Any:
-    """Make a value printable as JSON for ``get`` (bytes become text where they decode, else hex)."""
-    if isinstance(value, bytes):
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError:
-            return value.hex()
-    if isinstance(value, dict):
-        return {str(_jsonable(k)): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return repr(value)  # a msgpack ExtType or Timestamp
 
 
 def _show_key(key: bytes) -> str:
@@ -717,6 +759,96 @@ def _cmd_load(args: argparse.Namespace, target: Target) -> int:
     return EXIT_OK
 
 
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine only (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _serve_host(args: argparse.Namespace, token: str | None) -> str:
+    """The address to bind: loopback unless ``--host`` names another, which needs a token or says so."""
+    if args.host is None:
+        return DEFAULT_SERVE_HOST
+    host = str(args.host)
+    if not _is_loopback(host) and token is None:
+        # Asked for in so many words: allowed (behind a proxy that checks
+        # clients, say), but never by default and never silently.
+        print(
+            f"kvlog: warning: serving on {host} without --token: anyone who reaches this address "
+            "can read" + (" and write" if args.writable else "") + " the database",
+            file=sys.stderr,
+        )
+    return host
+
+
+def _cmd_serve(args: argparse.Namespace, target: Target) -> int:
+    try:
+        import uvicorn
+
+        from . import http as kvlog_http
+    except ImportError as exc:
+        raise UsageError(f"kvlog serve needs the server extra ({exc}): {SERVER_EXTRA}") from None
+    import socket
+
+    token = args.token if args.token is not None else os.environ.get("KVLOG_TOKEN") or None
+    if token is not None and not token.strip():
+        raise UsageError("--token is empty")
+    host = _serve_host(args, token)
+    # Bound before the store opens: a port in use fails at once, and --port 0
+    # is resolved to the port printed below.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        info = socket.getaddrinfo(host, args.port, family, socket.SOCK_STREAM)[0]
+        # proto=IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets
+        # that say they are TCP, and without it every keep-alive answer (head and
+        # body written apart) waits out a delayed ACK: ~40 ms a request.
+        sock = socket.socket(info[0], socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(info[4])
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {host}:{args.port}: {exc}") from None
+    sock.set_inheritable(True)
+    port = sock.getsockname()[1]
+    kv = _open(args, target, follow=True, background_compaction=True)
+    try:
+        application = kvlog_http.app(
+            kv,
+            writable=args.writable,
+            token=token,
+            max_lag=kvlog_http.DEFAULT_MAX_LAG if args.max_lag is None else args.max_lag,
+        )
+        config = uvicorn.Config(
+            application,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=SERVE_GRACE,
+            lifespan="on",
+        )
+        server = uvicorn.Server(config)
+        shown = f"[{host}]" if ":" in host else host
+        mode = "read-write" if args.writable else "read-only"
+        print(
+            f"kvlog: serving {kv.log.describe()} at http://{shown}:{port}/ ({mode}"
+            f"{', token required' if token else ''})",
+            flush=True,
+        )
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:
+            pass  # uvicorn stopped on SIGINT or SIGTERM and passed the signal on: a clean stop
+    finally:
+        sock.close()
+        with signals_ignored():
+            kv.close()
+    return EXIT_OK
+
+
 def _cmd_compact(args: argparse.Namespace, target: Target) -> int:
     if target.kind == "kafka":
         raise UsageError(
@@ -931,6 +1063,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Target], int]] = {
     "dump": _cmd_dump,
     "load": _cmd_load,
     "compact": _cmd_compact,
+    "serve": _cmd_serve,
     "verify": _cmd_verify,
     "rewarm": _cmd_rewarm,
 }

@@ -52,6 +52,7 @@ __all__ = [
     "DumpLineError",
     "dump_line",
     "dump_record",
+    "jsonable",
     "parse_dump_line",
     "read_dump",
 ]
@@ -87,6 +88,28 @@ def dump_record(key: bytes, value: Any) -> dict[str, Any]:
     else:
         record["value_msgpack_b64"] = _msgpack_b64(value)
     return record
+
+
+def jsonable(value: Any) -> Any:
+    """A value made printable as JSON, as ``kvlog get`` and ``kvlog serve`` show it (lossy, unlike a dump line).
+
+    Bytes become text where they decode as UTF-8, else hex; a float that is
+    not finite becomes its string; anything else JSON cannot hold, its repr.
+    """
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value.hex()
+    if isinstance(value, dict):
+        return {str(jsonable(k)): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return repr(value)  # a msgpack ExtType or Timestamp
 
 
 def dump_line(key: bytes, value: Any) -> str:

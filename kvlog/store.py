@@ -578,6 +578,39 @@ class KVLog(MutableMapping[Any, Any]):
             data = encode_key(key)
         return self._read(data, default)
 
+    def get_stored(self, key: str | bytes, default: Any = None) -> Any:
+        """Return the bytes of ``key``'s value as the cache stores them (the codec's encoding), or ``default``.
+
+        The bytes are the record's value as it is in the log, not decoded:
+        every process reading the same value gets the same bytes, so a hash of
+        them identifies the value (``kvlog serve`` makes its ETags so).
+        ``codec.decode`` of them is what :meth:`get` returns.
+        """
+        self._check_open()
+        assert self._cache is not None
+        value = self._cache.get(encode_key(key))
+        return default if value is None else value
+
+    @property
+    def codec(self) -> Codec:
+        """The codec values are stored with (``codec.decode(get_stored(k))`` is ``get(k)``)."""
+        return self._codec
+
+    def cache_version(self) -> tuple[int, int]:
+        """A value that changes whenever the shared cache may have changed, whoever changed it.
+
+        Cheap enough to poll every millisecond (two reads of mapped memory, no
+        LMDB transaction): compare it with the one read before, and re-read
+        the keys of interest only when it moved. Every write applied to the
+        cache by any process sharing it (or by this store's follower) moves
+        it; it may also move without any value changing. ``kvlog serve``'s
+        long-polls learn of other processes' writes this way (docs/design.md,
+        "Serving over HTTP").
+        """
+        self._check_open()
+        assert self._cache is not None
+        return self._cache.version()
+
     def __contains__(self, key: object) -> bool:
         if self._closed:
             self._reopen_after_fork()  # raises ClosedError unless this is a forked child

@@ -44,6 +44,11 @@ WRITES_CHECKS = [
     "kafka writes: cross-instance visibility p50 vs ktables",
     "kafka writes: update() vs the raw producer",
 ]
+#: The checks of ``--only http``.
+HTTP_CHECKS = [
+    "http: GET/s through kvlog serve vs a bare Starlette route",
+    "http: long-poll notification p50",
+]
 PROCESSES_CHECKS = [
     "processes: single write p50, fsync=never vs its raw floor",
     "processes: single write p50, fsync=always vs its raw floor",
@@ -311,6 +316,7 @@ def test_a_run_on_a_real_broker_measures_every_workload(bootstrap: str, tmp_path
         "footprint",
         "embedded log",
         *PROCESSES_WORKLOADS,
+        "http",
     }
     # (The cross-process visibility rows have no baseline: their goal is a bound in µs.)
     kvlog_rows = [r for r in results["rows"] if r["subject"] == "kvlog" and r["baseline"]]
@@ -322,6 +328,7 @@ def test_a_run_on_a_real_broker_measures_every_workload(bootstrap: str, tmp_path
         *PROCESSES_CHECKS,
         *EMBEDDED_CHECKS,
         *WRITES_CHECKS,
+        *HTTP_CHECKS,
     ]
     assert results["machine"]["cores"] and results["machine"]["packages"]["kvlog"]
     assert results["machine"]["kvlog_source"]["sha256"]
@@ -332,7 +339,7 @@ def test_a_run_on_a_real_broker_measures_every_workload(bootstrap: str, tmp_path
     assert results["checks"][0]["spread"]["n"] in (20, 40, 60, 80)
     assert 3 <= results["checks"][1]["spread"]["n"] <= 6  # the cold-replay pair: 3 rounds a run, or up to 6
     assert set(results["load"]) == set(results["args"]["workloads"])
-    assert len(list(out.glob("*.png"))) == 11  # six workloads, the four of processes, and the summary
+    assert len(list(out.glob("*.png"))) == 12  # seven workloads, the four of processes, and the summary
     assert "check ok" not in proc.stdout  # no --check: no verdict lines
     assert "## point reads" in next(out.glob("*.md")).read_text()
 
@@ -741,3 +748,47 @@ def test_more_rounds_are_taken_only_while_the_median_ratio_is_imprecise() -> Non
     assert not more_rounds(steady, 0.02, taken=40, budget=80)
     assert more_rounds(scattered, 0.02, taken=40, budget=80)
     assert not more_rounds(scattered, 0.02, taken=80, budget=80)  # the budget is spent
+
+
+def test_a_quick_run_of_the_http_workload_measures_every_subject(tmp_path: Path) -> None:
+    """``--only http`` with tiny sizes: kvlog serve, the HTTP floor and the notification rows; no broker."""
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--only",
+            "http",
+            "--keys",
+            "1000",
+            "--runs",
+            "1",
+            "--reads",
+            "2000",
+            "--check",
+            "--nice",
+            "0",
+            "--no-install",
+            "--out",
+            str(out),
+            "--workdir",
+            str(tmp_path / "work"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    # Exit status 1 is a missed goal: figures are not judged here, only the shape of the results.
+    assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "starting a local Kafka" not in proc.stdout
+    (result_file,) = out.glob("*.json")
+    results = json.loads(result_file.read_text())
+    rows = {(r["case"], r["subject"]): r for r in results["rows"]}
+    assert {r["workload"] for r in results["rows"]} == {"http"}
+    kvlog_rate = rows[("GET/s, 8 connections, vs the HTTP floor", "kvlog serve")]
+    assert kvlog_rate["baseline"] == "bare Starlette route (HTTP floor)" and kvlog_rate["ratio"] > 0
+    assert rows[("long-poll notification p50, from the write's return", "kvlog serve")]["median"] > 0
+    assert [c["name"] for c in results["checks"]] == HTTP_CHECKS
+    assert all(c["detail"] != "not measured" for c in results["checks"])
