@@ -927,11 +927,30 @@ class KafkaLog(Log):
             time.sleep(0.05)  # polling interval while the metadata propagates
 
     def _describe_configs(self) -> dict[str, Any]:
+        """The topic's configuration, from a broker that knows the topic (waiting up to the timeout for one).
+
+        A broker asked about a topic it has not heard of yet answers with no
+        configuration at all, and no error: read as it is, that is the
+        default ``cleanup.policy=delete``. On a cluster, a topic just created
+        (by this store or another) is such a topic on some brokers for a
+        moment. Every topic a broker knows has a configuration (the defaults
+        at least), so an empty one is asked for again.
+        """
         assert self._admin is not None
-        result = self._admin.describe_configs(
-            [ConfigResource(ConfigResourceType.TOPIC, self.topic)], config_filter="all"
-        )
-        return dict(result["topic"][self.topic])
+        deadline = time.monotonic() + self.timeout
+        while True:
+            result = self._admin.describe_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, self.topic)], config_filter="all"
+            )
+            configs = dict(result["topic"].get(self.topic) or {})
+            if configs:
+                return configs
+            if time.monotonic() >= deadline:
+                raise TopicConfigError(
+                    f"no broker at {self.bootstrap_servers} reported the configuration of topic "
+                    f"{self.topic!r} within {self.timeout:g}s"
+                )
+            time.sleep(0.05)  # polling interval while the metadata propagates
 
     def _check_policy(self, allow_non_compacted: bool) -> None:
         entry = self.topic_configs.get("cleanup.policy", {"value": "delete"})
