@@ -79,6 +79,8 @@ PAIRED_CHECKS = ("reads", "replay")
 #: Workloads whose module declares its own ``GOALS`` (see :func:`_goal_checks`), with the prefix of their names.
 OWN_GOALS = {"processes": "processes", "embedded": "embedded log"}
 _EMBEDDED_PREFIX = OWN_GOALS["embedded"]
+#: Workloads whose scale goals (benchmarks/scale.py) are judged whenever they ran, on their own.
+SCALE_CHECKS = ("replay", "restart")
 #: Workloads that need no Kafka broker.
 EMBEDDED_ONLY = frozenset({"embedded", "processes"})
 #: The default of ``--nice``: on a machine that does other work, the measured
@@ -431,10 +433,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.keys < 1_000 or args.runs < 1 or args.reads < 1:
         parser.error("--keys must be at least 1000, --runs and --reads at least 1")
     paired = set(PAIRED_CHECKS) & set(selected)
-    if args.check and paired and paired != set(PAIRED_CHECKS):
+    scaled = set(SCALE_CHECKS) & set(selected)
+    if args.check and paired and paired != set(PAIRED_CHECKS) and not scaled:
         parser.error("--check judges the reads and replay goals together: run both workloads or neither")
-    if args.check and not paired and not set(OWN_GOALS) & set(selected):
-        parser.error("--check needs the reads and replay workloads, or the processes or embedded workload")
+    if args.check and not paired and not scaled and not set(OWN_GOALS) & set(selected):
+        parser.error(
+            "--check needs the reads and replay workloads, replay or restart (scale goals), "
+            "or the processes or embedded workload"
+        )
 
     # Before anything starts: the broker, the workers and the children inherit it.
     niceness = _raise_priority(args.nice)
@@ -495,6 +501,10 @@ def main(argv: list[str] | None = None) -> int:
     if set(PAIRED_CHECKS) <= set(selected):
         judged[:0] = PAIRED_CHECKS
     found = checks(rows, judged) if judged else []
+    if scaled:
+        from benchmarks import scale
+
+        found.extend(scale.checks(rows, scaled))
     results: dict[str, Any] = {
         "started": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "duration_seconds": round(time.perf_counter() - clock, 1),
@@ -518,6 +528,9 @@ def main(argv: list[str] | None = None) -> int:
     paths = report.write(results, args.out)
     if args.readme:
         report.update_readme(README, results, paths)
+        from benchmarks import scale
+
+        scale.update_readme(README, args.out)  # every size's latest run, this one included
         paths["readme"] = README
     print()
     print(report.markdown(results))
