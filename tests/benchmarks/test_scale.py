@@ -331,3 +331,29 @@ def test_a_quick_checked_run_of_replay_and_restart_measures_scale(bootstrap: str
     report = next(out.glob("*.md")).read_text()
     assert "## The physical floor" in report
     assert "## replay at scale" in report
+
+
+@pytest.mark.parametrize("size", [10, 100, 300, 1_000])
+def test_the_bulk_load_packs_the_values_of_the_data_set_byte_for_byte(size: int) -> None:
+    from benchmarks.data import packed_value
+
+    for i in [*range(0, 300_000, 1_009), 99_990, 99_991, 9_999_999]:
+        assert packed_value(i, size) == msgpack.packb(value_of_size(i, size)), (i, size)
+
+
+def test_a_bulk_load_batch_reads_back_as_written_with_a_valid_crc() -> None:
+    from kafka.record.memory_records import MemoryRecords
+
+    from benchmarks.data import encode_batch
+    from kvlog.log.recordbatch import decode
+
+    records = [(f"order:{i:09d}".encode(), b"v" * (i % 700)) for i in range(3_000)]
+    data = encode_batch(records, 1_700_000_000_000)
+    decoded = decode(data, 0, read_committed=True, aborted_transactions=None, check_crc=True)
+    assert decoded.error is None
+    assert list(decoded.offsets) == list(range(3_000)) and decoded.next_offset == 3_000
+    assert list(decoded.keys) == [k for k, _ in records]
+    assert list(decoded.values) == [v for _, v in records]
+    batch = MemoryRecords(data).next_batch()
+    assert batch.validate_crc()
+    assert [(r.offset, r.timestamp) for r in batch][-1] == (2_999, 1_700_000_000_000)
