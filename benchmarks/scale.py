@@ -54,9 +54,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import msgpack
-
-from benchmarks.data import topic_for
+from benchmarks.data import packed_value, topic_for
 from benchmarks.harness import Context, Row, Skipped, settle, spread, turns, value_of_size
 
 __all__ = [
@@ -209,7 +207,7 @@ def _embedded_log(ctx: Context, keys: int) -> Path:
 
 
 def _pairs(ctx: Context) -> list[tuple[bytes, bytes]]:
-    return [(ctx.key(i).encode(), msgpack.packb(value_of_size(i, VALUE_SIZE))) for i in range(ctx.keys)]
+    return [(ctx.key(i).encode(), packed_value(i, VALUE_SIZE)) for i in range(ctx.keys)]
 
 
 # -- the floors --------------------------------------------------------------------------
