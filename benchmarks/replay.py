@@ -147,7 +147,9 @@ def _interleaved(
     After those, the pair alone takes more rounds, up to ``PAIR_BUDGET``
     times as many, while the median of its per-round ratios is less precise
     than ``PAIR_PRECISION``. Above :data:`benchmarks.scale.LARGE` keys, where
-    a sample takes a minute, the pair takes ``ctx.runs`` rounds, no more.
+    a sample takes a minute, the pair takes ``ctx.runs`` rounds, no more, and
+    there is no warm-up round: the topic was just written, and a sample long
+    enough to amortise what a warm-up would pay for.
     """
     if pair is not None and tuple(subjects)[:2] != pair:
         raise ValueError(f"the pair {pair} must be the first two subjects")
@@ -156,7 +158,7 @@ def _interleaved(
     budget = 1 if large else budget
     planned = ctx.runs * every
     samples: dict[str, tuple[list[float], list[int]]] = {name: ([], []) for name in subjects}
-    round_ = 0
+    round_ = 1 if large else 0
     while round_ <= planned or (
         pair is not None
         and all(name in samples for name in pair)

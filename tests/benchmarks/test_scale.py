@@ -357,3 +357,29 @@ def test_a_bulk_load_batch_reads_back_as_written_with_a_valid_crc() -> None:
     batch = MemoryRecords(data).next_batch()
     assert batch.validate_crc()
     assert [(r.offset, r.timestamp) for r in batch][-1] == (2_999, 1_700_000_000_000)
+
+
+def test_above_large_the_replay_pair_takes_runs_rounds_and_no_warm_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmarks import replay
+
+    monkeypatch.setattr(scale, "LARGE", 500)
+    calls: list[str] = []
+    noise = iter([1.0, 2.0, 0.5, 1.5, 0.7, 3.0] * 100)  # a scattered ratio: no extra rounds all the same
+
+    def measure(name: str) -> float:
+        calls.append(name)
+        return next(noise) if name == "kvlog" else 1.0
+
+    ctx = Context(keys=1_000, runs=2, workdir=tmp_path, bootstrap_servers="", reads=1, install=False)
+    names = ("raw", "kvlog", "other")
+    samples = replay._interleaved(
+        ctx, {n: (lambda n=n: measure(n)) for n in names}, "test", pair=("raw", "kvlog")
+    )
+    assert {name: rounds for name, (_, rounds) in samples.items()} == {
+        "raw": [1, 2],
+        "kvlog": [1, 2],
+        "other": [1, 2],
+    }
+    assert len(calls) == 6  # two rounds of three, no warm-up
