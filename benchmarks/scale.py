@@ -676,17 +676,24 @@ def latest_per_size(results_dir: Path) -> dict[int, tuple[Path, dict[str, Any]]]
     return dict(sorted(found.items()))
 
 
+def _tick(value: float, _pos: Any = None) -> str:
+    if value >= 1e6:
+        return f"{value / 1e6:g} M/s"
+    return f"{value / 1e3:g} k/s" if value else "0"
+
+
 def scale_chart(entries: Mapping[int, Mapping[str, Any]], path: Path) -> Path:
     """Replay rate (records/s) against keys, one line per log kind, log-scaled keys."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     from benchmarks.report import DPI, KVLOG_SHADES, _style
 
     with plt.rc_context(_style()):
-        fig, ax = plt.subplots(figsize=(9, 4.8), dpi=DPI)
+        fig, ax = plt.subplots(figsize=(9, 5.2), dpi=DPI)
         sizes = sorted(entries)
         for field, label, color in (
             ("kafka", "kvlog cold replay from Kafka", KVLOG_SHADES[0]),
@@ -702,12 +709,15 @@ def scale_chart(entries: Mapping[int, Mapping[str, Any]], path: Path) -> Path:
         ax.set_xscale("log")
         ax.set_xticks(sizes)
         ax.set_xticklabels([f"{k:,}" for k in sizes])
-        ax.set_xlabel("keys (~100 B values)")
+        ax.xaxis.set_minor_locator(ticker.NullLocator())
+        ax.set_xlim(min(sizes) / 2, max(sizes) * 2)
+        ax.set_xlabel("keys (~100 B values), one run per size")
         ax.set_ylabel("records/s (median)")
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(bottom=0, top=ax.get_ylim()[1] * 1.15)
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(_tick))
         ax.grid(True, axis="y")
         ax.set_title("Cold replay rate by size")
-        ax.legend(loc="lower left", frameon=False)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path)
@@ -766,6 +776,8 @@ def scale_block(readme: Path, results_dir: Path) -> list[str]:
     floor = [line.replace("## ", "#### ", 1) for line in floor_lines(largest)]
     if floor:
         lines += ["", *floor[:2], f"From the {max(latest):,}-key run ({largest_path.stem}).", "", *floor[2:]]
+    while lines[-1] == "":
+        lines.pop()
     lines += ["", SCALE_END]
     return lines
 
