@@ -472,7 +472,9 @@ def run(ctx: Context) -> list[Row]:
         note = ""
         if name in floor_bytes:
             mb_s = statistics.median(extra for _, _, extra in samples)
-            note = f"{floor_bytes[name] / 1e6:,.3g} MB, {mb_s:,.0f} MB/s"
+            megabytes = floor_bytes[name] / 1e6
+            note = f"{megabytes:,.0f} MB" if megabytes >= 10 else f"{megabytes:.3g} MB"
+            note += f", {mb_s:,.0f} MB/s"
         if name == FLOOR_LMDB:
             note = f"{LOAD_TRANSACTION:,} records a transaction, sync=False"
         rows.append(
