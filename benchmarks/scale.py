@@ -755,7 +755,9 @@ def scale_block(readme: Path, results_dir: Path) -> list[str]:
         f"measured in the same run (goal ≥ {SCALE_GOAL}{TIMES}); *peak RssAnon* is the highest anonymous "
         "memory of the replaying process over every sample (goal < "
         f"{MEMORY_GOAL_MB:.0f} MB), *warm restart* the median time to reopen a cache already caught up "
-        f"(goal ≤ {RESTART_GOAL_S} s).",
+        f"(goal ≤ {RESTART_GOAL_S} s). From row to row the rates compare different runs, made under "
+        "whatever load the machine had (each report records it): the ratios, paired within a run, are "
+        "what the goals judge.",
         "",
         "| keys | Kafka replay | embedded-log replay | vs | warm restart | peak RssAnon | run |",
         "|--:|--:|--:|---|--:|--:|---|",
