@@ -383,3 +383,34 @@ def test_above_large_the_replay_pair_takes_runs_rounds_and_no_warm_up(
         "other": [1, 2],
     }
     assert len(calls) == 6  # two rounds of three, no warm-up
+
+
+def test_above_large_cold_replay_keeps_the_small_values_and_the_judged_pair_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmarks import replay
+
+    monkeypatch.setattr(scale, "LARGE", 500)
+    monkeypatch.setattr(scale, "run", lambda ctx: [])
+    monkeypatch.setattr(replay, "topic_for", lambda ctx, size, **kw: f"topic-{size}")
+    monkeypatch.setattr(replay, "_end_offset", lambda bs, topic: 1_000)
+    measured: list[tuple[str, ...]] = []
+
+    def interleaved(ctx: Context, subjects: dict[str, Any], label: str, **kw: Any) -> dict[str, Any]:
+        measured.append(tuple(subjects))
+        return {name: ([1.0], [1]) for name in subjects}
+
+    monkeypatch.setattr(replay, "_interleaved", interleaved)
+    ctx = Context(keys=1_000, runs=1, workdir=tmp_path, bootstrap_servers="", reads=1, install=False)
+    rows = replay.run_cold(ctx)
+    assert measured == [(replay.RAW, "kvlog")]  # one case, the judged pair only
+    assert {r.case for r in rows} == {"~100 B values"}
+    skipped = {item["subject"]: item["why"] for item in ctx.skipped}
+    assert set(skipped) == {
+        "~1 KB values",
+        "kvlog rewarm()",
+        f"{replay.RAW} (defaults)",
+        "dict consumer (hand-rolled)",
+        "ktables",
+    }
+    assert all("above 500 keys" in why for why in skipped.values())
