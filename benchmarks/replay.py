@@ -48,7 +48,7 @@ from typing import Any
 import msgpack
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from benchmarks import ktables_bench
+from benchmarks import ktables_bench, scale
 from benchmarks.data import topic_for
 from benchmarks.harness import Context, Row, Skipped, more_rounds, settle, turns, value_of_size
 from kvlog import KVLog
@@ -136,6 +136,7 @@ def _interleaved(
     subjects: dict[str, Callable[[], float]],
     label: str,
     pair: tuple[str, str] | None = None,
+    budget: int = PAIR_BUDGET,
 ) -> dict[str, tuple[list[float], list[int]]]:
     """Each subject's samples and the rounds they were taken in, after one warm-up round.
 
@@ -145,14 +146,19 @@ def _interleaved(
     ctx.runs``, back to back; the others then in every ``PAIR_ROUNDS``-th.
     After those, the pair alone takes more rounds, up to ``PAIR_BUDGET``
     times as many, while the median of its per-round ratios is less precise
-    than ``PAIR_PRECISION``.
+    than ``PAIR_PRECISION``. Above :data:`benchmarks.scale.LARGE` keys, where
+    a sample takes a minute, the pair takes ``ctx.runs`` rounds, no more, and
+    there is no warm-up round: the topic was just written, and a sample long
+    enough to amortise what a warm-up would pay for.
     """
     if pair is not None and tuple(subjects)[:2] != pair:
         raise ValueError(f"the pair {pair} must be the first two subjects")
-    every = PAIR_ROUNDS if pair is not None else 1
+    large = scale.is_large(ctx.keys)
+    every = PAIR_ROUNDS if pair is not None and not large else 1
+    budget = 1 if large else budget
     planned = ctx.runs * every
     samples: dict[str, tuple[list[float], list[int]]] = {name: ([], []) for name in subjects}
-    round_ = 0
+    round_ = 1 if large else 0
     while round_ <= planned or (
         pair is not None
         and all(name in samples for name in pair)
@@ -161,7 +167,7 @@ def _interleaved(
             [a / b for a, b in zip(samples[pair[0]][0], samples[pair[1]][0], strict=True)],
             PAIR_PRECISION,
             round_ - 1,
-            PAIR_BUDGET * planned,
+            budget * planned,
         )
     ):
         # Round 0 warms up the broker's page cache, its JIT and the clients.
@@ -194,11 +200,29 @@ def _interleaved(
     return samples
 
 
+#: Above benchmarks.scale.LARGE keys, only these subjects replay (the others take minutes a sample).
+LARGE_SUBJECTS = (RAW, "kvlog")
+
+
 def run_cold(ctx: Context) -> list[Row]:
-    """Cold replay of the whole topic, for ~100 B and ~1 KB values."""
+    """Cold replay of the whole topic, for ~100 B and ~1 KB values; then replay at scale (benchmarks/scale.py).
+
+    Above :data:`benchmarks.scale.LARGE` keys, only ~100 B values: ~1 KB
+    values would take a topic of over 10 GB per 10M keys and as much again
+    in every cache a sample builds, and minutes a sample.
+    """
     rows: list[Row] = []
     for size, case in SIZES.items():
+        if size > 100 and scale.is_large(ctx.keys):
+            ctx.skip(
+                COLD,
+                case,
+                f"above {scale.LARGE:,} keys only ~100 B values are replayed "
+                f"(~1 KB values: {ctx.keys * size / 1e9:,.0f} GB of topic and as much per cache, minutes a sample)",
+            )
+            continue
         rows.extend(_cold_case(ctx, size, case))
+    rows.extend(scale.run(ctx))
     return rows
 
 
@@ -207,11 +231,16 @@ def _cold_case(ctx: Context, size: int, case: str) -> list[Row]:
     topic = topic_for(ctx, size)
     end = _end_offset(bs, topic)
     rewarm_path = ctx.subdir("replay-rewarm")
-    rewarm_kv = KVLog(rewarm_path, bootstrap_servers=bs, topic=topic, create_topic=False, follow=False)
+    # Opened at its first sample (the warm-up round): a subject skipped at scale costs no replay.
+    rewarm_kv: list[KVLog] = []
 
     def rewarm() -> float:
+        if not rewarm_kv:
+            rewarm_kv.append(
+                KVLog(rewarm_path, bootstrap_servers=bs, topic=topic, create_topic=False, follow=False)
+            )
         started = time.perf_counter()
-        rewarm_kv.rewarm()
+        rewarm_kv[0].rewarm()
         return time.perf_counter() - started
 
     def ktables() -> float:
@@ -228,10 +257,17 @@ def _cold_case(ctx: Context, size: int, case: str) -> list[Row]:
         "dict consumer (hand-rolled)": lambda: _consume(bs, topic, end, {}),
         "ktables": ktables,
     }
+    if scale.is_large(ctx.keys):
+        for name in [n for n in subjects if n not in LARGE_SUBJECTS]:
+            ctx.skip(
+                COLD, name, f"above {scale.LARGE:,} keys only the checked pair replays (minutes a sample)"
+            )
+            del subjects[name]
     try:
         samples = _interleaved(ctx, subjects, COLD, pair=(RAW, "kvlog"))
     finally:
-        rewarm_kv.close()
+        for kv in rewarm_kv:
+            kv.close()
         shutil.rmtree(rewarm_path, ignore_errors=True)
     rows = []
     for name, (seconds, rounds) in samples.items():
@@ -303,7 +339,15 @@ def run_restart(ctx: Context) -> list[Row]:
             },
         ),
     ):
-        samples = _interleaved(ctx, dict(subjects), RESTART)
+        subjects = dict(subjects)
+        if scale.is_large(ctx.keys):
+            ctx.skip(
+                RESTART,
+                f"ktables (always replays), {case}",
+                f"above {scale.LARGE:,} keys: a cold load of every record into a dict, minutes a sample",
+            )
+            del subjects["ktables (always replays)"]
+        samples = _interleaved(ctx, subjects, RESTART)
         for name, (seconds, rounds) in samples.items():
             baseline = None if name == "kvlog cold replay" else "kvlog cold replay"
             row = Row(RESTART, case, name, "s", seconds, False, baseline=baseline, rounds=rounds)

@@ -399,6 +399,9 @@ def markdown(results: Mapping[str, Any], images: Mapping[str, str] | None = None
             lines += ["", f"![{workload}]({images[workload]})"]
         lines.append("")
 
+    from benchmarks.scale import report_lines
+
+    lines += report_lines(results)
     checks = results.get("checks") or []
     if checks:
         lines += [

@@ -49,6 +49,13 @@ HTTP_CHECKS = [
     "http: GET/s through kvlog serve vs a bare Starlette route",
     "http: long-poll notification p50",
 ]
+#: The checks of the replay and restart workloads' scale part at 1,000 keys (see tests/benchmarks/test_scale.py).
+SCALE_CHECKS = [
+    "scale: cold replay from Kafka at this run's keys vs kvlog at 100 keys",
+    "scale: cold replay from the embedded log at this run's keys vs kvlog at 100 keys",
+    "scale: peak RssAnon of the replaying process",
+    "scale: warm restart",
+]
 PROCESSES_CHECKS = [
     "processes: single write p50, fsync=never vs its raw floor",
     "processes: single write p50, fsync=always vs its raw floor",
@@ -311,6 +318,8 @@ def test_a_run_on_a_real_broker_measures_every_workload(bootstrap: str, tmp_path
     assert workloads == {
         "point reads",
         "cold replay",
+        "replay at scale",
+        "physical floor",
         "restart (time to ready)",
         "writes",
         "footprint",
@@ -329,6 +338,7 @@ def test_a_run_on_a_real_broker_measures_every_workload(bootstrap: str, tmp_path
         *EMBEDDED_CHECKS,
         *WRITES_CHECKS,
         *HTTP_CHECKS,
+        *SCALE_CHECKS,
     ]
     assert results["machine"]["cores"] and results["machine"]["packages"]["kvlog"]
     assert results["machine"]["kvlog_source"]["sha256"]
@@ -339,7 +349,8 @@ def test_a_run_on_a_real_broker_measures_every_workload(bootstrap: str, tmp_path
     assert results["checks"][0]["spread"]["n"] in (20, 40, 60, 80)
     assert 3 <= results["checks"][1]["spread"]["n"] <= 6  # the cold-replay pair: 3 rounds a run, or up to 6
     assert set(results["load"]) == set(results["args"]["workloads"])
-    assert len(list(out.glob("*.png"))) == 12  # seven workloads, the four of processes, and the summary
+    # Seven workloads, replay's two of scale, the four of processes, and the summary.
+    assert len(list(out.glob("*.png"))) == 14
     assert "check ok" not in proc.stdout  # no --check: no verdict lines
     assert "## point reads" in next(out.glob("*.md")).read_text()
 
@@ -484,7 +495,7 @@ def test_the_processes_goals_are_checked_on_their_own_rows() -> None:
     "argv",
     [
         ["--check", "--only", "reads"],
-        ["--check", "--only", "replay,processes"],
+        ["--check", "--only", "reads,processes"],
         ["--only", "threads"],
     ],
 )
