@@ -279,7 +279,7 @@ def test_check_takes_the_scale_goals_of_replay_or_restart_alone(capsys: pytest.C
     from benchmarks.__main__ import main
 
     with pytest.raises(SystemExit) as exc:
-        main(["--check", "--only", "writes"])
+        main(["--check", "--only", "footprint"])
     assert exc.value.code == 2
     assert "replay or restart" in capsys.readouterr().err
 
