@@ -26,10 +26,11 @@ sample came from, so a ratio is the median of per-round ratios.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -257,34 +258,45 @@ def run(ctx: Context) -> list[Row]:
     return rows
 
 
+@contextlib.contextmanager
+def _child(what: str, target: Callable[..., None], *args: object) -> Iterator[Connection]:
+    """A spawned process running ``target(conn, *args)``, once it sent its first message; told to stop after.
+
+    ``what`` names it in the errors. The process is told to stop (``None``),
+    and killed if it has not ended 30 s later.
+    """
+    parent, child = multiprocessing.get_context("spawn").Pipe()
+    process = multiprocessing.get_context("spawn").Process(target=target, args=(child, *args), daemon=True)
+    process.start()
+    try:
+        if not parent.poll(60):
+            raise AssertionError(f"{what} did not open its KVLog within 60 s")
+        parent.recv()
+        yield parent
+        parent.send(None)
+        process.join(30)
+    finally:
+        if process.is_alive():
+            process.kill()
+        parent.close()
+
+
 def _single_writes_beside_a_replayer(
     ctx: Context, topic: str, objects: Sequence[object], count: int
 ) -> list[float]:
     """Seconds per ``kv[k] = v`` in a process whose cache directory another process replays into."""
     path = ctx.subdir("writes-shared")
-    parent, child = multiprocessing.get_context("spawn").Pipe()
-    replayer = multiprocessing.get_context("spawn").Process(
-        target=_replay_for_others, args=(child, str(path), ctx.bootstrap_servers, topic), daemon=True
-    )
-    replayer.start()
-    try:
-        if not parent.poll(60):
-            raise AssertionError("the replaying process did not open its KVLog within 60 s")
-        parent.recv()
-        per_write: list[float] = []
-        with KVLog(path, bootstrap_servers=ctx.bootstrap_servers, topic=topic, create_topic=False) as kv:
-            if kv.stats()["replay_health"]["replaying_here"]:
-                raise AssertionError("the measured process took the replay role")
-            for i in range(count):
-                started = time.perf_counter()
-                kv[f"shared:{i:06d}"] = objects[i % len(objects)]
-                per_write.append(time.perf_counter() - started)
-        parent.send(None)
-        replayer.join(30)
-    finally:
-        if replayer.is_alive():
-            replayer.kill()
-        parent.close()
+    per_write: list[float] = []
+    with (
+        _child("the replaying process", _replay_for_others, str(path), ctx.bootstrap_servers, topic),
+        KVLog(path, bootstrap_servers=ctx.bootstrap_servers, topic=topic, create_topic=False) as kv,
+    ):
+        if kv.stats()["replay_health"]["replaying_here"]:
+            raise AssertionError("the measured process took the replay role")
+        for i in range(count):
+            started = time.perf_counter()
+            kv[f"shared:{i:06d}"] = objects[i % len(objects)]
+            per_write.append(time.perf_counter() - started)
     return per_write
 
 
@@ -304,37 +316,23 @@ def _visibility(ctx: Context, topic: str, objects: Sequence[object]) -> list[flo
     """Seconds from starting ``writer[k] = v`` to a KVLog following the topic in another process serving ``v``."""
     bs = ctx.bootstrap_servers
     per_write: list[float] = []
-    parent, child = multiprocessing.get_context("spawn").Pipe()
-    follower = multiprocessing.get_context("spawn").Process(
-        target=_follow, args=(child, str(ctx.subdir("writes-reader")), bs, topic), daemon=True
-    )
-    follower.start()
-    try:
-        with KVLog(
-            ctx.subdir("writes-writer"), bootstrap_servers=bs, topic=topic, create_topic=False
-        ) as writer:
-            if not parent.poll(60):
-                raise AssertionError("the following process did not open its KVLog within 60 s")
-            parent.recv()  # open
-            for i in range(100):
-                key = f"visible:{i:06d}"
-                value = {"n": i, "body": objects[i % len(objects)]}
-                parent.send((key, i))
-                if not parent.poll(10):
-                    raise AssertionError("the following process did not start watching within 10 s")
-                parent.recv()  # watching
-                started = time.perf_counter()
-                writer[key] = value
-                if not parent.poll(10):
-                    raise AssertionError(f"{key} not visible in the following process after 10 s")
-                seen: float = parent.recv()
-                per_write.append(seen - started)
-        parent.send(None)
-        follower.join(30)
-    finally:
-        if follower.is_alive():
-            follower.kill()
-        parent.close()
+    with (
+        KVLog(ctx.subdir("writes-writer"), bootstrap_servers=bs, topic=topic, create_topic=False) as writer,
+        _child("the following process", _follow, str(ctx.subdir("writes-reader")), bs, topic) as follower,
+    ):
+        for i in range(100):
+            key = f"visible:{i:06d}"
+            value = {"n": i, "body": objects[i % len(objects)]}
+            follower.send((key, i))
+            if not follower.poll(10):
+                raise AssertionError("the following process did not start watching within 10 s")
+            follower.recv()  # watching
+            started = time.perf_counter()
+            writer[key] = value
+            if not follower.poll(10):
+                raise AssertionError(f"{key} not visible in the following process after 10 s")
+            seen: float = follower.recv()
+            per_write.append(seen - started)
     return per_write
 
 
