@@ -598,16 +598,6 @@ class KafkaReader(LogReader):
         """
         if self._closed or self._log._closed:
             raise ClosedError(f"a reader of {self._log.describe()} was used after close()")
-        if timeout <= 0 and not self._fetched_and_unread():
-            # Nothing to hand out without waiting. kafka-python would wait 0 ms
-            # for its fetch in flight and raise, and catch, a timeout error
-            # whose traceback and the frames it holds form a reference cycle:
-            # with them, until the collector runs, this step's records and the
-            # fetch responses the frames hold. Replay polls so at the end of
-            # every large batch, and allocates too few container objects for
-            # the collector to run often: a cold replay of 10 million records
-            # grew to 530 MB of RssAnon.
-            return []
         taken = self._taken
         taken.clear()
         with self._read_errors():
@@ -645,14 +635,6 @@ class KafkaReader(LogReader):
                         i = j
         taken.clear()
         return parts
-
-    def _fetched_and_unread(self) -> bool:
-        """Whether the consumer holds fetched records not handed out yet (``True`` if it cannot tell)."""
-        fetcher = getattr(self._consumer, "_fetcher", None)
-        completed = getattr(fetcher, "_completed_fetches", None)
-        if completed is None or not hasattr(fetcher, "_next_partition_records"):
-            return True
-        return bool(completed) or bool(fetcher._next_partition_records)  # type: ignore[union-attr]
 
     def positions(self) -> dict[int, int]:
         # timeout_ms=0: the positions this consumer holds, without a network
