@@ -708,6 +708,60 @@ def test_the_reader_reads_whole_fetches_from_its_socket(
     assert sum(reads) > 40 * 250_000
 
 
+def test_a_poll_that_finds_nothing_leaves_no_garbage_behind(
+    kafka_log: KafkaLog, bootstrap: str, topic: str
+) -> None:
+    """Replay polls without waiting after every large batch; such a poll leaves no reference cycle behind.
+
+    kafka-python, asked to wait 0 ms while its next fetch is on the way,
+    raises and catches a timeout error whose traceback and frames form a
+    cycle; the frames hold the caller's records and fetch responses until the
+    garbage collector runs, which a replay allocating few objects makes rare.
+    """
+    import gc
+
+    produce(bootstrap, topic, [(b"big:%d" % i, os.urandom(250_000), []) for i in range(200)])
+    reader = kafka_log.open_reader({0: 0})
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        deadline = time.monotonic() + 60
+        read = empty = 0
+        while read < 200:
+            assert time.monotonic() < deadline, f"read {read} of 200 records"
+            read += len(reader.poll(0.5, 100_000))
+            while more := len(reader.poll(0.0, 100_000)):  # as replay fills a batch
+                read += more
+            empty += 1
+        gc.collect()
+        left = sorted({type(o).__name__ for o in gc.garbage})
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+        reader.close()
+    assert empty >= 2  # the data took more than one fetch
+    assert "traceback" not in left and "KafkaTimeoutError" not in left, left
+
+
+def test_a_reader_polled_only_without_waiting_still_reads_everything(
+    kafka_log: KafkaLog, bootstrap: str, topic: str
+) -> None:
+    """Polls that never wait still send fetches and hand out what they bring back."""
+    produce(bootstrap, topic, [(b"k:%d" % i, b"v" * 1000, []) for i in range(3000)])
+    reader = kafka_log.open_reader({0: 0})
+    try:
+        read: list[int] = []
+        deadline = time.monotonic() + 30
+        while len(read) < 3000:
+            assert time.monotonic() < deadline, f"read {len(read)} of 3000 records with polls of 0 s"
+            read.extend(r.offset for r in reader.poll(0.0, 1000))
+        assert read == list(range(3000))
+    finally:
+        reader.close()
+
+
 @pytest.fixture(scope="session")
 def java_producer(kafka_broker: Any, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], None]:
     """``run(topic, mode)``: RecordBatchProducer.java, compiled once, run against the session broker."""
