@@ -53,7 +53,9 @@ with warnings.catch_warnings():
     from kvlog.log.kafka import (
         KafkaLog,
         _decoder_hook_fits,
+        _FrameReceiver,
         _install_receiver,
+        _parser_fits,
         _partition_records,
         _receive_hook_fits,
     )
@@ -524,6 +526,61 @@ def test_the_receive_hook_fits_this_kafka_python() -> None:
         consumer.close()
 
 
+def test_the_frame_receiver_fits_this_kafka_python() -> None:
+    """What decoding responses in place relies on in kafka-python's parser; a release that changes it fails here."""
+    from kafka.protocol.parser import KafkaProtocol
+
+    assert _parser_fits(KafkaProtocol)
+    parser = KafkaProtocol()
+    assert not parser._receiving and parser._header.tell() == 0
+
+
+def _recording_parser() -> Any:
+    """A real kafka-python parser whose responses are what a decoder would read of each: the header's 4 bytes, the rest."""
+    from kafka.protocol.parser import KafkaProtocol
+
+    parser = KafkaProtocol(receive_message_max_bytes=100_000)
+
+    def process(buffer: Any) -> tuple[bytes, bytes, int]:
+        head = bytes(buffer.read(4))
+        rest = bytes(buffer.read())
+        return head, rest, buffer.tell()
+
+    parser._process_response = process
+    return parser
+
+
+@given(
+    frames=st.lists(st.binary(min_size=4, max_size=3_000), max_size=8),
+    cuts=st.lists(st.integers(min_value=0, max_value=30_000), max_size=12),
+)
+@settings(max_examples=300, deadline=None)
+def test_the_frame_receiver_reads_responses_as_kafka_python_does(
+    frames: list[bytes], cuts: list[int]
+) -> None:
+    """Responses arriving in any pieces come out of the receiver as out of kafka-python's parser, in the same calls."""
+    stream = b"".join(len(f).to_bytes(4, "big") + f for f in frames)
+    bounds = sorted({0, len(stream), *(c for c in cuts if c < len(stream))})
+    pieces = [stream[a:b] for a, b in itertools.pairwise(bounds)]
+    theirs, ours = _recording_parser(), _recording_parser()
+    receive = _FrameReceiver(ours)
+    for piece in pieces:
+        assert receive(piece) == theirs.receive_bytes(piece)
+    assert _FrameReceiver(_recording_parser())(stream) == [(f[:4], f[4:], len(f)) for f in frames]
+
+
+def test_the_frame_receiver_refuses_an_impossible_size_as_kafka_python_does() -> None:
+    """A size past the limit (or negative) raises kafka-python's own error."""
+    import kafka.errors as kerr
+
+    for size in (200_000, -5):
+        data = size.to_bytes(4, "big", signed=True) + b"x" * 10
+        with pytest.raises(kerr.InvalidReceiveError):
+            _recording_parser().receive_bytes(data)
+        with pytest.raises(kerr.InvalidReceiveError):
+            _FrameReceiver(_recording_parser())(data)
+
+
 # -- topics written by real clients --------------------------------------------
 
 
@@ -701,11 +758,21 @@ def test_the_reader_reads_whole_fetches_from_its_socket(
         return data, error
 
     monkeypatch.setattr(kafka_log_module, "_read_available", recording_read)
+    received: list[int] = []
+    real_receive = _FrameReceiver.__call__
+
+    def recording_receive(self: _FrameReceiver, data: bytes) -> Any:
+        received.append(len(data))
+        return real_receive(self, data)
+
+    monkeypatch.setattr(_FrameReceiver, "__call__", recording_receive)
     produce(bootstrap, topic, [(b"big:%d" % i, os.urandom(250_000), []) for i in range(40)])
     got = assert_reads_like_kafka_python(kafka_log, bootstrap, topic)
     assert len(got.records) == 40
     assert max(reads) > 4096, reads
     assert sum(reads) > 40 * 250_000
+    # ...and its responses are decoded where they were received, not copied by kafka-python's parser.
+    assert sum(received) == sum(reads)
 
 
 def test_a_poll_that_finds_nothing_leaves_no_garbage_behind(
