@@ -620,8 +620,13 @@ class _FrameReceiver:
                 responses.append(self._process(_Frame(view[pos + 4 : pos + 4 + size])))
                 pos += 4 + size
         if pos:
-            # The start of the next response, if any, moves to the front (a few bytes, usually none).
-            self._buf[: have - pos] = self._buf[pos:have]
+            if pos == have and len(self._buf) > _RECV_BYTES and pos - 4 * len(responses) < _RECV_BYTES // 4:
+                # Small responses again (a follower at the end of the log): the
+                # buffer a cold replay grew goes back to the OS.
+                self._buf = bytearray(_RECV_BYTES)
+            else:
+                # The start of the next response, if any, moves to the front (a few bytes, usually none).
+                self._buf[: have - pos] = self._buf[pos:have]
             self._have = have - pos
         return responses
 

@@ -625,6 +625,18 @@ def test_the_frame_receiver_reads_responses_from_its_socket(frames: list[int], c
     assert got == [(b[:4], b[4:], len(b)) for b in bodies]
 
 
+def test_the_frame_receiver_gives_back_what_large_responses_grew() -> None:
+    """A follower at the end of the log holds no buffer the size of the cold replay's fetches."""
+    parser = _recording_parser()
+    parser._validate_frame_size = lambda size: None
+    receiver = _FrameReceiver(parser)
+    big = os.urandom(3_000_000)
+    assert receiver(len(big).to_bytes(4, "big") + big) == [(big[:4], big[4:], len(big))]
+    assert len(receiver._buf) >= 3_000_000
+    assert receiver(b"\x00\x00\x00\x05small") == [(b"smal", b"l", 5)]
+    assert len(receiver._buf) <= 256 * 1024
+
+
 # -- topics written by real clients --------------------------------------------
 
 
