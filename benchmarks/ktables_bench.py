@@ -11,6 +11,8 @@ an asyncio program. These synchronous wrappers run one event loop each
 * :func:`publish_to_visible_seconds`: ``await writer.set(k, v)`` until
   ``table.get(k)`` returns ``v`` in the same process (ktables has no
   read-your-writes; this is the broker round trip plus the reader's fetch).
+* :func:`publish_to_visible_elsewhere_seconds`: the same, with the table in
+  another process, as another instance of a service would hold it.
 
 Both use ktables' defaults except where noted: ``catchup_timeout`` is raised
 (its default, 30 s, would let a large topic come up "degraded", i.e. partial,
@@ -21,6 +23,7 @@ and the timing would stop early), and the writer is idempotent with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -32,7 +35,7 @@ import msgpack
 
 from benchmarks.harness import Skipped, value_of_size
 
-__all__ = ["cold_load_seconds", "publish_to_visible_seconds"]
+__all__ = ["cold_load_seconds", "publish_to_visible_elsewhere_seconds", "publish_to_visible_seconds"]
 
 #: Long enough for any topic the benchmarks fill: the time is measured, not bounded.
 CATCHUP_TIMEOUT = 3600.0
@@ -159,3 +162,95 @@ def publish_to_visible_seconds(bootstrap: str, topic: str | None, samples: int) 
 
     with _quiet_logs():
         return asyncio.run(measure())
+
+
+def _table_elsewhere(conn: Any, bootstrap: str, topic: str) -> None:
+    """The other instance: a KafkaTable on ``topic``; per request, spin until it serves the value asked for."""
+    ktables = _ktables()
+
+    async def serve() -> None:
+        table = ktables.KafkaTable(
+            connection=bootstrap, topic=topic, value_decoder=_decode, catchup_timeout=CATCHUP_TIMEOUT
+        )
+        loop = asyncio.get_running_loop()
+        async with table:
+            conn.send(table.status)
+            # The pipe is read in a thread: the loop stays free for the table's reader task.
+            while (request := await loop.run_in_executor(None, conn.recv)) is not None:
+                key, value = request
+                conn.send("watching")
+                deadline = time.perf_counter() + VISIBLE_DEADLINE
+                while table.get(key) != value:
+                    if time.perf_counter() > deadline:
+                        conn.send(None)
+                        return
+                    await asyncio.sleep(0)  # each turn lets the table's reader task run; nothing sleeps
+                conn.send(time.perf_counter())
+
+    with _quiet_logs():
+        asyncio.run(serve())
+
+
+def publish_to_visible_elsewhere_seconds(bootstrap: str, topic: str, samples: int) -> list[float]:
+    """Per-write seconds from ``await writer.set(k, v)`` to a ``KafkaTable`` in another process serving ``v``.
+
+    ``topic`` must be a fresh one of the caller's. The table runs in a
+    spawned process, polled in a loop of ``await asyncio.sleep(0)`` as in
+    :func:`publish_to_visible_seconds`; the clock (``time.perf_counter``,
+    the system's monotonic clock) is the same in both processes. One
+    unmeasured write first.
+
+    Raises:
+        Skipped: ktables is not installed.
+        RuntimeError: the table did not come up, or a write was not visible
+            within :data:`VISIBLE_DEADLINE` seconds.
+    """
+    ktables = _ktables()
+    import multiprocessing
+
+    prefix = f"visible-elsewhere:{uuid.uuid4().hex[:8]}"
+    ours, theirs = multiprocessing.get_context("spawn").Pipe()
+    child = multiprocessing.get_context("spawn").Process(
+        target=_table_elsewhere, args=(theirs, bootstrap, topic), daemon=True
+    )
+    child.start()
+    try:
+        if not ours.poll(60):
+            raise RuntimeError("the ktables table in another process did not come up within 60 s")
+        status = ours.recv()
+        if status != "caught_up":
+            raise RuntimeError(f"ktables table on {topic!r} came up {status!r}, not caught_up")
+
+        async def measure() -> list[float]:
+            writer = ktables.KafkaTableWriter(
+                connection=bootstrap, topic=topic, value_encoder=_encode, enable_idempotence=True, acks="all"
+            )
+            latencies: list[float] = []
+            async with writer:
+                for i in range(samples + 1):
+                    key, value = f"{prefix}:{i:06d}", value_of_size(i, 100)
+                    ours.send((key, value))
+                    if not ours.poll(VISIBLE_DEADLINE) or ours.recv() != "watching":
+                        raise RuntimeError("the ktables table in another process stopped answering")
+                    started = time.perf_counter()
+                    await writer.set(key, value)
+                    if not ours.poll(VISIBLE_DEADLINE + 5):
+                        raise RuntimeError("the ktables table in another process stopped answering")
+                    seen = ours.recv()
+                    if seen is None:
+                        raise RuntimeError(
+                            f"ktables: {key!r} not visible in another process {VISIBLE_DEADLINE:g}s after set()"
+                        )
+                    if i > 0:  # the first write warms the producer up
+                        latencies.append(seen - started)
+            return latencies
+
+        with _quiet_logs():
+            return asyncio.run(measure())
+    finally:
+        with contextlib.suppress(OSError, BrokenPipeError):
+            ours.send(None)
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+            child.join()

@@ -356,7 +356,9 @@ def test_a_run_on_a_real_broker_measures_every_workload(bootstrap: str, tmp_path
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (result_file,) = out.glob("*.json")
+    result_files = list(out.glob("*.json"))
+    assert len(result_files) == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (result_file,) = result_files
     results = json.loads(result_file.read_text())
     workloads = {r["workload"] for r in results["rows"]}
     assert workloads == {
@@ -617,7 +619,9 @@ def test_a_quick_run_of_the_processes_workload_measures_every_part(tmp_path: Pat
     # Exit status 1 is a missed goal: figures are not judged here, only the shape of the results.
     assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "starting a local Kafka" not in proc.stdout  # the embedded log needs no broker
-    (result_file,) = out.glob("*.json")
+    result_files = list(out.glob("*.json"))
+    assert len(result_files) == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (result_file,) = result_files
     results = json.loads(result_file.read_text())
     rows = results["rows"]
     assert {r["workload"] for r in rows} == set(PROCESSES_WORKLOADS)
@@ -839,7 +843,9 @@ def test_a_quick_run_of_the_http_workload_measures_every_subject(tmp_path: Path)
     # Exit status 1 is a missed goal: figures are not judged here, only the shape of the results.
     assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "starting a local Kafka" not in proc.stdout
-    (result_file,) = out.glob("*.json")
+    result_files = list(out.glob("*.json"))
+    assert len(result_files) == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (result_file,) = result_files
     results = json.loads(result_file.read_text())
     rows = {(r["case"], r["subject"]): r for r in results["rows"]}
     assert {r["workload"] for r in results["rows"]} == {"http"}
