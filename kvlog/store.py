@@ -462,6 +462,8 @@ class KVLog(MutableMapping[Any, Any]):
             identity=self._identity,
             on_rebuild=self.rebuilds.append,
             check=self._codec.value_check(),
+            # The values kvlog's msgpack codec wrote (the embedded log's frames say which).
+            checked_codec="msgpack" if self._codec is _MSGPACK else None,
             on_bad_record=self._on_bad_record,
             # One process per cache follows a topic; on the embedded log every writer replays.
             single_replayer=not isinstance(self._log, LocalLog),
@@ -541,7 +543,13 @@ class KVLog(MutableMapping[Any, Any]):
             nonlocal done
             done = apply(records, before, after)
 
-        positions = self._log.append(records, timeout=self._timeout, on_appended=on_appended)
+        positions = self._log.append(
+            records,
+            timeout=self._timeout,
+            on_appended=on_appended,
+            # Its msgpack codec encoded (and so checked) every value: replay need not again.
+            msgpack_values=self._codec is _MSGPACK,
+        )
         return None if done else positions
 
     # -- the mapping --------------------------------------------------------
@@ -646,7 +654,9 @@ class KVLog(MutableMapping[Any, Any]):
         assert replayer is not None
         replayer.check_usable()
         started = time.monotonic()
-        p, offset, applied = local.append_one(data, encoded, self._apply_appended_one)
+        p, offset, applied = local.append_one(
+            data, encoded, self._apply_appended_one, msgpack_values=self._codec is _MSGPACK
+        )
         if not applied:
             replayer.wait_for({p: offset + 1}, max(0.001, self._timeout - (time.monotonic() - started)))
 

@@ -54,13 +54,15 @@ from .segments import (
     MAGIC,
     MAX_FRAME,
     PREALLOCATE_BYTES,
+    READABLE_FORMATS,
     BadFrame,
     Frame,
     Segment,
+    encode_batch,
     encode_frame,
-    encode_frames,
     only_zeros,
     parse_frames,
+    record_bytes,
     segment_name,
 )
 
@@ -122,7 +124,9 @@ def _followed(
 
     The hash of every key (see :func:`~kvlog.log.local.sample.key_hash`) is
     computed and compared in C loops; only the followed records, a few
-    thousand keys' worth at most, are looked at in Python.
+    thousand keys' worth at most, are looked at in Python. A record's size is
+    what it takes in the batch frames :func:`~kvlog.log.local.segments.encode_batch`
+    writes (:func:`~kvlog.log.local.segments.record_bytes`).
     """
     hashes = list(
         map(operator.and_, map(operator.mul, crcs, itertools.repeat(HASH_MIX)), itertools.repeat(HASH_MASK))
@@ -131,11 +135,9 @@ def _followed(
     make = tuple.__new__  # SeenRecord(...) runs a Python __new__; this builds the same tuple in C
     for i in itertools.compress(itertools.count(), map(threshold.__gt__, hashes)):
         key, value = records[i]
-        if value is None:
-            seen.append(make(SeenRecord, (key, hashes[i], offset + i, FRAME_OVERHEAD + len(key), timestamp)))
-        else:
-            size = FRAME_OVERHEAD + len(key) + len(value)
-            seen.append(make(SeenRecord, (key, hashes[i], offset + i, size, -1)))
+        size = record_bytes(key, value)
+        tombstone = timestamp if value is None else -1
+        seen.append(make(SeenRecord, (key, hashes[i], offset + i, size, tombstone)))
     return seen
 
 
@@ -298,7 +300,7 @@ class LocalLog(Log):
             raise LogCorruptError(f"cannot read {meta_path}: {exc}") from exc
         ok = (
             isinstance(meta, dict)
-            and meta.get("format") == FORMAT_VERSION
+            and meta.get("format") in READABLE_FORMATS
             and isinstance(meta.get("log_id"), str)
             and isinstance(meta.get("partitions"), int)
             and not isinstance(meta.get("partitions"), bool)
@@ -307,7 +309,8 @@ class LocalLog(Log):
         )
         if not ok:
             raise LogCorruptError(
-                f"{meta_path} is not the metadata of a kvlog log of format {FORMAT_VERSION}: {meta!r}"
+                f"{meta_path} is not the metadata of a kvlog log of format "
+                f"{' or '.join(map(str, READABLE_FORMATS))}: {meta!r}"
             )
         for p in range(meta["partitions"]):
             directory = self.path / str(p)
@@ -318,6 +321,11 @@ class LocalLog(Log):
                     f"partition {p} of the log at {self.path} is missing ({directory} has no segments); "
                     "restore it, or move the log away to start a new one"
                 )
+        if meta["format"] != FORMAT_VERSION:
+            # Appends write batch frames, which an older kvlog would misread: from now on
+            # it refuses the log (under the write lock, before anything is written).
+            meta["format"] = FORMAT_VERSION
+            self._save_json(meta_path, meta)
         return dict(meta)
 
     def _create(self, meta_path: Path, partitions: int) -> dict[str, Any]:
@@ -691,6 +699,7 @@ class LocalLog(Log):
         timeout: float = 30.0,
         *,
         on_appended: Callable[[dict[int, int], list[tuple[int, int]], dict[int, int]], object] | None = None,
+        msgpack_values: bool = False,
     ) -> list[tuple[int, int]]:
         """Append records; return after they are written (and synced, per the fsync policy).
 
@@ -702,6 +711,12 @@ class LocalLog(Log):
         raises, the records stay appended and the exception propagates. It is
         not called for an empty ``records``.
 
+        ``msgpack_values``: kvlog's msgpack codec encoded every value (the
+        store says so for its own writes); the frames carry the flag that
+        lets a store with that codec replay them without checking each value
+        again. A caller that sets it for other bytes makes such a store serve
+        them unchecked.
+
         Raises:
             RecordTooLargeError: a key + value is larger than ``max_record_bytes`` (nothing written).
             WriteError: the disk refused the write (nothing of the failed partition's batch stays).
@@ -710,7 +725,7 @@ class LocalLog(Log):
             key, value = records[0]
             if len(key) + (0 if value is None else len(value)) <= self._max_record_bytes:
                 if on_appended is None:
-                    p, offset, _ = self.append_one(key, value)
+                    p, offset, _ = self.append_one(key, value, msgpack_values=msgpack_values)
                     return [(p, offset)]
                 then = on_appended
 
@@ -719,7 +734,7 @@ class LocalLog(Log):
                 ) -> None:
                     then({**ends, p: offset}, [(p, offset)], dict(ends))
 
-                p, offset, _ = self.append_one(key, value, adapted)
+                p, offset, _ = self.append_one(key, value, adapted, msgpack_values=msgpack_values)
                 return [(p, offset)]
         self._check_open()
         if not records:
@@ -748,7 +763,7 @@ class LocalLog(Log):
                 crcs = list(map(zlib.crc32, map(_first, records)))
                 words[W_WRITING] = 1  # bytes past the published ends from here on: see _sync_locked
                 if self._partitions == 1:
-                    self._append_partition(0, records, crcs, timestamp, None, result)
+                    self._append_partition(0, records, crcs, timestamp, None, result, msgpack_values)
                 else:
                     result.extend(itertools.repeat((0, 0), len(records)))
                     by_partition: dict[int, list[int]] = {}
@@ -762,6 +777,7 @@ class LocalLog(Log):
                             timestamp,
                             indexes,
                             result,
+                            msgpack_values,
                         )
                 words[W_WRITING] = 0
                 if on_appended is not None:
@@ -826,6 +842,8 @@ class LocalLog(Log):
         key: bytes,
         value: bytes | None,
         on_appended: Callable[[bytes, bytes | None, int, int, dict[int, int]], T] | None = None,
+        *,
+        msgpack_values: bool = False,
     ) -> tuple[int, int, T | None]:
         """:meth:`append` of one record: the single write, whose latency is mostly Python.
 
@@ -834,7 +852,7 @@ class LocalLog(Log):
         the record is written, synced and published. ``ends`` is the end
         offset of every partition just after this append (the log's own
         mapping: read it, do not keep it). No other append, in any process,
-        comes in between.
+        comes in between. ``msgpack_values``: as :meth:`append`'s.
 
         Returns:
             ``(partition, offset, what on_appended returned)`` (``None`` without it).
@@ -866,7 +884,7 @@ class LocalLog(Log):
                 start_size = segment.size
                 offset = self._end[p]
                 timestamp = time.time_ns() // 1_000_000
-                frame = encode_frame(offset, timestamp, key, value)
+                frame = encode_frame(offset, timestamp, key, value, msgpack_values=msgpack_values)
                 size = len(frame)
                 words[W_WRITING] = 1  # bytes past the published ends from here on: see _sync_locked
                 self._write_frames(segment, self._active_fd[p], frame, start_size)
@@ -902,6 +920,7 @@ class LocalLog(Log):
         timestamp: int,
         indexes: Sequence[int] | None,
         result: list[tuple[int, int]],
+        msgpack_values: bool = False,
     ) -> None:
         """Write ``records`` (``crcs``: their keys' crc32) to partition ``p``; their positions go to ``result``.
 
@@ -912,8 +931,13 @@ class LocalLog(Log):
         start_size = segment.size
         offset = self._end[p]
         indexed = segment.index_positions
-        data, index_entries = encode_frames(
-            records, offset, timestamp, start_size, indexed[-1] + INDEX_INTERVAL if indexed else 0
+        data, index_entries = encode_batch(
+            records,
+            offset,
+            timestamp,
+            start_size,
+            indexed[-1] + INDEX_INTERVAL if indexed else 0,
+            msgpack_values=msgpack_values,
         )
         end = offset + len(records)
         sample = self._cleaner.samples[p]
