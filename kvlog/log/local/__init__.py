@@ -62,7 +62,6 @@ from .segments import (
     encode_frame,
     only_zeros,
     parse_frames,
-    record_bytes,
     segment_name,
 )
 
@@ -135,9 +134,15 @@ def _followed(
     make = tuple.__new__  # SeenRecord(...) runs a Python __new__; this builds the same tuple in C
     for i in itertools.compress(itertools.count(), map(threshold.__gt__, hashes)):
         key, value = records[i]
-        size = record_bytes(key, value)
-        tombstone = timestamp if value is None else -1
-        seen.append(make(SeenRecord, (key, hashes[i], offset + i, size, tombstone)))
+        # record_bytes(key, value), inline: a fifth of the cost of a followed record.
+        n = len(key)
+        size = n + (2 if n < 256 else 3 if n < 65536 else 5)
+        if value is None:
+            seen.append(make(SeenRecord, (key, hashes[i], offset + i, size + 1, timestamp)))
+        else:
+            n = len(value)
+            size += n + (2 if n < 256 else 3 if n < 65536 else 5)
+            seen.append(make(SeenRecord, (key, hashes[i], offset + i, size, -1)))
     return seen
 
 
