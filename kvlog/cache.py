@@ -1294,7 +1294,7 @@ class Cache:
                     # A batch (update()): putmulti is a loop in C, about a third of the cost of put() calls.
                     values = list(map(_second, records))
                     if all(values):  # no tombstone (None is false; so is an empty value, looked at below)
-                        txn.cursor(data).putmulti(zip(map(_first, records), values, strict=True))
+                        txn.cursor(data).putmulti(records)  # type: ignore[arg-type]  # no None: all(values)
                     else:
                         _put_runs(txn, data, list(map(_first, records)), values, _tombstones_of(values))
                 else:

@@ -89,9 +89,9 @@ def format_1_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path,
         # What append() wrote then: one record frame per record, only the last a batch end.
         patch.setattr(
             local_module,
-            "encode_batch",
-            lambda records, offset, timestamp, position, index_at, **_: encode_frames(
-                records, offset, timestamp, position, index_at
+            "encode_columns",
+            lambda offset, keys, values, timestamp, position, index_at, **_: encode_frames(
+                list(zip(keys, values, strict=True)), offset, timestamp, position, index_at
             ),
         )
         log = LocalLog(log_dir, segment_bytes=1024, background_compaction=False, fsync="never")

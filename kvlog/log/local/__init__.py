@@ -58,7 +58,7 @@ from .segments import (
     BadFrame,
     Frame,
     Segment,
-    encode_batch,
+    encode_columns,
     encode_frame,
     only_zeros,
     parse_frames,
@@ -113,7 +113,8 @@ _first, _second = operator.itemgetter(0), operator.itemgetter(1)
 
 
 def _followed(
-    records: Sequence[tuple[bytes, bytes | None]],
+    keys: Sequence[bytes],
+    values: Sequence[bytes | None],
     crcs: Sequence[int],
     offset: int,
     timestamp: int,
@@ -133,7 +134,7 @@ def _followed(
     seen = []
     make = tuple.__new__  # SeenRecord(...) runs a Python __new__; this builds the same tuple in C
     for i in itertools.compress(itertools.count(), map(threshold.__gt__, hashes)):
-        key, value = records[i]
+        key, value = keys[i], values[i]
         # record_bytes(key, value), inline: a fifth of the cost of a followed record.
         n = len(key)
         size = n + (2 if n < 256 else 3 if n < 65536 else 5)
@@ -746,9 +747,10 @@ class LocalLog(Log):
             return []
         # The longest key plus the longest value bound every record's size (loops in C); only a
         # batch they do not clear is looked at record by record.
-        longest = max(map(len, map(_first, records))) + max(
-            map(len, filter(None, map(_second, records))), default=0
-        )
+        # The two columns, taken once: for the size check, the routing and the frames.
+        keys = list(map(_first, records))
+        values = list(map(_second, records))
+        longest = max(map(len, keys)) + max(map(len, filter(None, values)), default=0)
         if longest > self._max_record_bytes:
             oversize = oversize_record(records, self._max_record_bytes)
             if oversize is not None:
@@ -765,10 +767,10 @@ class LocalLog(Log):
                 timestamp = time.time_ns() // 1_000_000
                 result: list[tuple[int, int]] = []
                 # Each key's crc32 routes it to its partition and feeds the dirt sample.
-                crcs = list(map(zlib.crc32, map(_first, records)))
+                crcs = list(map(zlib.crc32, keys))
                 words[W_WRITING] = 1  # bytes past the published ends from here on: see _sync_locked
                 if self._partitions == 1:
-                    self._append_partition(0, records, crcs, timestamp, None, result, msgpack_values)
+                    self._append_partition(0, keys, values, crcs, timestamp, None, result, msgpack_values)
                 else:
                     result.extend(itertools.repeat((0, 0), len(records)))
                     by_partition: dict[int, list[int]] = {}
@@ -777,7 +779,8 @@ class LocalLog(Log):
                     for p, indexes in by_partition.items():
                         self._append_partition(
                             p,
-                            [records[i] for i in indexes],
+                            [keys[i] for i in indexes],
+                            [values[i] for i in indexes],
                             [crcs[i] for i in indexes],
                             timestamp,
                             indexes,
@@ -920,14 +923,17 @@ class LocalLog(Log):
     def _append_partition(
         self,
         p: int,
-        records: Sequence[tuple[bytes, bytes | None]],
+        keys: Sequence[bytes],
+        values: Sequence[bytes | None],
         crcs: Sequence[int],
         timestamp: int,
         indexes: Sequence[int] | None,
         result: list[tuple[int, int]],
         msgpack_values: bool = False,
     ) -> None:
-        """Write ``records`` (``crcs``: their keys' crc32) to partition ``p``; their positions go to ``result``.
+        """Write the records ``keys[i]: values[i]`` (``crcs``: the keys' crc32) to partition ``p``.
+
+        Their positions go to ``result``.
 
         ``indexes`` are the records' places in ``result`` (``None``: in order).
         """
@@ -936,19 +942,20 @@ class LocalLog(Log):
         start_size = segment.size
         offset = self._end[p]
         indexed = segment.index_positions
-        data, index_entries = encode_batch(
-            records,
+        data, index_entries = encode_columns(
             offset,
+            keys,
+            values,
             timestamp,
             start_size,
             indexed[-1] + INDEX_INTERVAL if indexed else 0,
             msgpack_values=msgpack_values,
         )
-        end = offset + len(records)
+        end = offset + len(keys)
         sample = self._cleaner.samples[p]
         # The records of the keys the dirt sample follows (read without the
         # lock: its level only rises, and observe() checks again under it).
-        seen = _followed(records, crcs, offset, timestamp, sample.threshold)
+        seen = _followed(keys, values, crcs, offset, timestamp, sample.threshold)
         if indexes is None:
             result[:] = zip(itertools.repeat(p), range(offset, end))
         else:
