@@ -147,6 +147,10 @@ class Replayer:
             behind for longer than the log keeps tombstones, a recreated topic).
         check: run on every value replayed (the codec's ``value_check``); a
             value it raises on is a bad record.
+        checked_codec: the name of the codec ``check`` belongs to if it is
+            kvlog's own msgpack codec: columns whose ``values_codec`` is that
+            name (the embedded log's frames written by a store with it) are
+            not checked again.
         on_bad_record: ``"quarantine"`` (skip, count, log) or ``"raise"``.
         single_replayer: one process per cache directory replays (a Kafka
             topic: the follower that holds the replay lock); otherwise any
@@ -163,6 +167,7 @@ class Replayer:
         identity: Callable[[], Mapping[str, Any]] | None = None,
         on_rebuild: Callable[[str], None] | None = None,
         check: Callable[[bytes], object] | None = None,
+        checked_codec: str | None = None,
         on_bad_record: str = "quarantine",
         single_replayer: bool = False,
         lock: bool = True,
@@ -174,6 +179,7 @@ class Replayer:
         self._identity = identity
         self._on_rebuild = on_rebuild
         self._check = check
+        self._checked_codec = checked_codec
         self._strict = on_bad_record == "raise"
         self._on_bad_record = on_bad_record
         self._single = single_replayer
@@ -522,16 +528,26 @@ class Replayer:
 
     def _apply(self, records: list[Any] | _Columns, positions: dict[int, int]) -> None:
         bad: list[tuple[Any, str]] = []
-        columns = isinstance(records, _Columns)
         try:
-            applied, skipped = (self._cache.apply_columns if columns else self._cache.apply)(
-                records.columns if isinstance(records, _Columns) else records,
-                positions,
-                expect=self._stored,
-                check=self._check,
-                on_bad=lambda r, why: bad.append((r, why)),
-                strict=self._strict,
-            )
+            if isinstance(records, _Columns):
+                applied, skipped = self._cache.apply_columns(
+                    records.columns,
+                    positions,
+                    expect=self._stored,
+                    check=self._check,
+                    checked_codec=self._checked_codec,
+                    on_bad=lambda r, why: bad.append((r, why)),
+                    strict=self._strict,
+                )
+            else:
+                applied, skipped = self._cache.apply(
+                    records,
+                    positions,
+                    expect=self._stored,
+                    check=self._check,
+                    on_bad=lambda r, why: bad.append((r, why)),
+                    strict=self._strict,
+                )
         except CheckpointMoved:
             raise
         except BadRecordError as exc:
@@ -1038,6 +1054,7 @@ class Replayer:
                 builder,
                 identity=lambda: identity,
                 check=self._check,
+                checked_codec=self._checked_codec,
                 on_bad_record=self._on_bad_record,
                 lock=False,
             )

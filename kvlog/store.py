@@ -29,6 +29,7 @@ failure does.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import operator
 import os
@@ -111,7 +112,47 @@ os.register_at_fork(after_in_child=_forget_caches_in_child)
 #: Value types the msgpack codec takes as they are, and the map keys it reads back (see _encode_records).
 _MSGPACK_LEAVES = frozenset((str, bytes, int, float, bool, type(None)))
 _MSGPACK_MAP_KEYS = frozenset((str, bytes))
+_MSGPACK_LEAVES_AND_DICT = _MSGPACK_LEAVES | {dict}
+_STR = frozenset((str,))
+_DICT_ITEMS: type[Any] = type({}.items())
 _first, _second = operator.itemgetter(0), operator.itemgetter(1)
+
+
+def _encode_msgpack_batch(
+    keys: list[Any], values: list[Any], pack: Callable[[Any], bytes]
+) -> list[tuple[bytes, bytes]] | None:
+    """:func:`_encode_records` with the msgpack codec, whole columns at a time; None if it cannot be.
+
+    Only for the batch it is cheap for: every key a short ``str`` and every
+    value a leaf or a flat dict of leaves with ``str`` or ``bytes`` keys, all
+    checked by C loops over the whole batch (the record-by-record fast case of
+    _encode_records, without a Python statement per record). Anything else,
+    or a key or value that fails to encode, gives None: the caller encodes
+    record by record, which raises the documented errors.
+    """
+    if not keys or not _STR.issuperset(map(type, keys)):
+        return None
+    if min(map(len, keys)) == 0 or max(map(len, keys)) > _FAST_KEY_CHARS:
+        return None
+    value_types = set(map(type, values))
+    if not _MSGPACK_LEAVES.issuperset(value_types):
+        if not _MSGPACK_LEAVES_AND_DICT.issuperset(value_types):
+            return None
+        if len(value_types) == 1:
+            dicts = values  # (the common batch: every value a dict)
+        else:
+            dicts = list(
+                itertools.compress(values, map(operator.is_, map(type, values), itertools.repeat(dict)))
+            )
+        chain = itertools.chain.from_iterable
+        if not _MSGPACK_MAP_KEYS.issuperset(map(type, chain(dicts))) or not _MSGPACK_LEAVES.issuperset(
+            map(type, chain(map(dict.values, dicts)))
+        ):
+            return None
+    try:
+        return list(zip(map(str.encode, keys), map(pack, values), strict=True))
+    except (UnicodeEncodeError, TypeError, ValueError, OverflowError):
+        return None  # a lone surrogate, an int msgpack cannot hold: found again record by record
 
 
 def _encode_records(items: Iterable[tuple[Any, Any]], codec: Codec) -> list[tuple[bytes, bytes]]:
@@ -126,14 +167,24 @@ def _encode_records(items: Iterable[tuple[Any, Any]], codec: Codec) -> list[tupl
     any other value, or one that fails to pack, goes through ``codec.encode``,
     which checks it exactly and raises the error it documents.
     """
-    records: list[tuple[bytes, bytes]] = []
-    add = records.append
-    encode = codec.encode
     msgpack_codec = codec is _MSGPACK
     # A packer per call, set up as the codec sets up its own: update() may run in several
     # threads at once. It packs only values whose types run no Python code while packed.
     pack = msgpack.Packer(use_bin_type=True).pack
     leaves, map_keys = _MSGPACK_LEAVES, _MSGPACK_MAP_KEYS
+    if msgpack_codec:
+        if type(items) is _DICT_ITEMS:
+            # update(a dict): its keys and values as lists straight from the dict.
+            mapping = items.mapping  # type: ignore[attr-defined]  # (checked just above)
+            fast = _encode_msgpack_batch(list(mapping), list(mapping.values()), pack)
+        else:
+            items = list(items)  # (read once: it may be an iterator)
+            fast = _encode_msgpack_batch(list(map(_first, items)), list(map(_second, items)), pack)
+        if fast is not None:
+            return fast
+    records: list[tuple[bytes, bytes]] = []
+    add = records.append
+    encode = codec.encode
     for k, v in items:
         if type(k) is str and 0 < len(k) <= _FAST_KEY_CHARS:
             try:
@@ -462,6 +513,8 @@ class KVLog(MutableMapping[Any, Any]):
             identity=self._identity,
             on_rebuild=self.rebuilds.append,
             check=self._codec.value_check(),
+            # The values kvlog's msgpack codec wrote (the embedded log's frames say which).
+            checked_codec="msgpack" if self._codec is _MSGPACK else None,
             on_bad_record=self._on_bad_record,
             # One process per cache follows a topic; on the embedded log every writer replays.
             single_replayer=not isinstance(self._log, LocalLog),
@@ -541,7 +594,13 @@ class KVLog(MutableMapping[Any, Any]):
             nonlocal done
             done = apply(records, before, after)
 
-        positions = self._log.append(records, timeout=self._timeout, on_appended=on_appended)
+        positions = self._log.append(
+            records,
+            timeout=self._timeout,
+            on_appended=on_appended,
+            # Its msgpack codec encoded (and so checked) every value: replay need not again.
+            msgpack_values=self._codec is _MSGPACK,
+        )
         return None if done else positions
 
     # -- the mapping --------------------------------------------------------
@@ -646,7 +705,9 @@ class KVLog(MutableMapping[Any, Any]):
         assert replayer is not None
         replayer.check_usable()
         started = time.monotonic()
-        p, offset, applied = local.append_one(data, encoded, self._apply_appended_one)
+        p, offset, applied = local.append_one(
+            data, encoded, self._apply_appended_one, msgpack_values=self._codec is _MSGPACK
+        )
         if not applied:
             replayer.wait_for({p: offset + 1}, max(0.001, self._timeout - (time.monotonic() - started)))
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgpack
+
 from kvlog.cache import Cache
 from kvlog.log.local import LocalLog
 
@@ -39,10 +41,10 @@ class Tail:
 
     ``cut``: the bytes after the end of the last whole frame that ends an
     ``append()`` batch (flag 2), which recovery cuts; ``last``: that frame's
-    offset (None if the segment has none); ``frames_end``: the file position
-    after the last whole frame; ``batch_records``: whole frames after the cut
-    point (records of a batch the kill tore, cut with it); ``torn_magic``: the
-    file is shorter than the magic.
+    last offset (None if the segment has none); ``frames_end``: the file
+    position after the last whole frame; ``batch_records``: the records of the
+    whole frames after the cut point (of a batch the kill tore, cut with it);
+    ``torn_magic``: the file is shorter than the magic.
     """
 
     cut: int
@@ -50,6 +52,25 @@ class Tail:
     frames_end: int
     batch_records: int
     torn_magic: bool
+
+
+def frame_records(body: bytes) -> tuple[list[int], list[bytes], list[bytes | None]]:
+    """The offsets, keys and values of a frame's body, as docs/design.md ("Segment and frame format") documents it.
+
+    A record frame (flags without 4) holds one record; a batch frame (flag 4)
+    holds ``count`` records in msgpack columns, with an offsets column if
+    flag 8 is set and consecutive offsets from its first otherwise.
+    """
+    offset, _timestamp, flags, count = struct.unpack_from("<qqBI", body, 0)
+    if not flags & 4:
+        return [offset], [body[21 : 21 + count]], [None if flags & 1 else body[21 + count :]]
+    keys_bytes, values_bytes = struct.unpack_from("<II", body, 21)
+    keys = msgpack.unpackb(body[29 : 29 + keys_bytes])
+    values = msgpack.unpackb(body[29 + keys_bytes : 29 + keys_bytes + values_bytes])
+    rest = body[29 + keys_bytes + values_bytes :]
+    offsets = msgpack.unpackb(rest) if flags & 8 else list(range(offset, offset + count))
+    assert len(keys) == len(values) == len(offsets) == count, f"a batch frame of {count} records holds others"
+    return offsets, keys, values
 
 
 def torn_tail(segment: Path) -> Tail:
@@ -71,11 +92,12 @@ def torn_tail(segment: Path) -> Tail:
             break
         body = data[pos + 8 : pos + 8 + length]
         assert zlib.crc32(body) == crc, f"a whole frame with a bad CRC at {segment}:{pos} after a SIGKILL"
-        offset, _timestamp, flags = struct.unpack_from("<qqB", body, 0)
+        flags = body[16]
+        offsets, _, _ = frame_records(body)
         pos += 8 + length
-        pending += 1
-        if flags & 2:  # the last record of an append() batch: the batch is whole up to here
-            good, last, pending = pos, offset, 0
+        pending += len(offsets)
+        if flags & 2:  # the frame ends an append() batch: the batch is whole up to here
+            good, last, pending = pos, offsets[-1], 0
     return Tail(len(data) - good, last, pos, pending, torn_magic=False)
 
 

@@ -2,16 +2,18 @@
 
 Replay reads frames with ``scan_frames`` (and steps over those below its
 position with ``skip_frames``), and ``append`` writes a batch with
-``encode_frames``. Each must give exactly what ``parse_frames`` and
-``encode_frame`` give, the same frames and the same error at the same file
-position, on any bytes: whole, torn, or with any byte flipped or any length
-field rewritten.
+``encode_batch``. Each must give exactly what ``parse_frames`` and
+``encode_frame`` give, the same records and the same error at the same file
+position, on any bytes: record frames and batch frames (with gaps in their
+offsets or none), whole, torn, or with any byte flipped or any length field
+rewritten.
 """
 
 from __future__ import annotations
 
 import itertools
 import struct
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,8 @@ from kvlog.log.local.segments import (
     MAX_FRAME,
     BadFrame,
     FrameColumns,
+    encode_batch,
+    encode_columns,
     encode_frame,
     encode_frames,
     parse_frames,
@@ -36,30 +40,49 @@ from kvlog.log.local.segments import (
 )
 
 #: A record as the strategies draw it: key, value (None: a tombstone), offset step (0 or less: out of order).
-records = st.lists(
-    st.tuples(
-        st.binary(max_size=12),
-        st.one_of(st.none(), st.binary(max_size=40)),
-        st.integers(min_value=-2, max_value=3),
-    ),
-    max_size=12,
+record = st.tuples(
+    st.binary(max_size=12),
+    st.one_of(st.none(), st.binary(max_size=40)),
+    st.integers(min_value=-2, max_value=3),
 )
 
 
 @st.composite
 def frame_buffers(draw: st.DrawFn) -> tuple[bytes, int, int, int]:
-    """``(buffer, start, file_pos, after)``: frames after a prefix, then maybe damaged.
+    """``(buffer, start, file_pos, after)``: record and batch frames after a prefix, then maybe damaged.
 
-    Damage: cut the buffer anywhere (a torn tail), flip any byte, or rewrite
-    a frame's length field (an impossible length, or one pointing into the
-    next frame), or append garbage.
+    A batch frame holds 2 to 6 records whose offsets increase, by 1 or with
+    gaps (its first may still be out of order with the frame before). Damage:
+    cut the buffer anywhere (a torn tail), flip any byte, or rewrite a frame's
+    length field (an impossible length, or one pointing into the next frame),
+    or append garbage.
     """
     prefix = draw(st.binary(max_size=9))
     offset = draw(st.integers(min_value=-1, max_value=2**40))
     frames = []
-    for key, value, step in draw(records):
-        offset += step
-        frames.append(encode_frame(offset, 1_700_000_000_000, key, value, batch_end=draw(st.booleans())))
+    for _ in range(draw(st.integers(min_value=0, max_value=8))):
+        if draw(st.booleans()):
+            key, value, step = draw(record)
+            offset += step
+            frames.append(encode_frame(offset, 1_700_000_000_000, key, value, batch_end=draw(st.booleans())))
+            continue
+        drawn = draw(st.lists(record, min_size=2, max_size=6))
+        offset += drawn[0][2]
+        offsets = [offset]
+        gaps = draw(st.booleans())
+        for _key, _value, step in drawn[1:]:
+            offset += max(1, step) if gaps else 1
+            offsets.append(offset)
+        data, _ = encode_columns(
+            offsets,
+            [key for key, _, _ in drawn],
+            [value for _, value, _ in drawn],
+            1_700_000_000_000,
+            0,
+            0,
+            batch_end=draw(st.booleans()),
+        )
+        frames.append(data)
     buf = bytearray(prefix + b"".join(frames))
     damage = draw(st.sampled_from(["none", "cut", "flip", "length", "garbage"]))
     if damage == "cut" and buf:
@@ -78,86 +101,142 @@ def frame_buffers(draw: st.DrawFn) -> tuple[bytes, int, int, int]:
     return bytes(buf), len(prefix), file_pos, after
 
 
-def _plain(buf: bytes, start: int, file_pos: int, after: int, limit: int) -> tuple[list[Any], Any]:
-    """What parse_frames yields (at most ``limit``), and the (position, reason) it raised, if it did."""
+def _plain(
+    buf: bytes, start: int, file_pos: int, after: int, limit: int, position: int = -1
+) -> tuple[list[Any], Any, tuple[int, int]]:
+    """What a reader taking ``limit`` records at or past ``position`` from parse_frames gets.
+
+    The records, the (position, reason) parse_frames raised if it did, and
+    where the next read starts with the offset it must exceed: after the last
+    frame passed whole, or at the start of a batch frame the limit cut.
+    """
     taken: list[Any] = []
+    pos = start
+    if limit <= 0:
+        return taken, None, (pos, after)
     try:
-        for frame in itertools.islice(parse_frames(buf, start, file_pos, MAX_FRAME, after), limit):
-            taken.append((frame.offset, frame.key, frame.value, frame.end - file_pos))
+        for frame in parse_frames(buf, start, file_pos, MAX_FRAME, after):
+            if frame.offset >= position:
+                taken.append((frame.offset, frame.key, frame.value))
+            after = frame.offset
+            if frame.last:
+                pos = frame.end - file_pos
+            if len(taken) == limit:
+                break
     except BadFrame as bad:
-        return taken, (bad.position, bad.reason)
-    return taken, None
+        return taken, (bad.position, bad.reason), (pos, after)
+    return taken, None, (pos, after)
 
 
-def _scanned(buf: bytes, start: int, file_pos: int, after: int, limit: int) -> tuple[list[Any], Any, Any]:
+def _scanned(
+    buf: bytes, start: int, file_pos: int, after: int, limit: int, position: int = -1
+) -> tuple[list[Any], Any, Any]:
     columns = FrameColumns(7)
     try:
-        pos, last = scan_frames(buf, start, file_pos, after, limit, columns)
+        got: Any = scan_frames(buf, start, file_pos, after, limit, columns, position)
     except BadFrame as bad:
         error: Any = (bad.position, bad.reason)
-        pos = last = None
+        got = None
     else:
         error = None
     assert len(columns.keys) == len(columns.values) == len(columns.offsets)
     assert columns.tombstones == [i for i, value in enumerate(columns.values) if value is None]
-    return list(zip(columns.offsets, columns.keys, columns.values, strict=True)), error, (pos, last)
+    return list(zip(columns.offsets, columns.keys, columns.values, strict=True)), error, got
 
 
-@settings(max_examples=600, deadline=None)
-@given(frame_buffers(), st.integers(min_value=0, max_value=14))
+@settings(max_examples=800, deadline=None)
+@given(frame_buffers(), st.integers(min_value=0, max_value=14), st.integers(min_value=-1, max_value=2**40))
 def test_scan_frames_takes_and_refuses_what_parse_frames_does(
-    case: tuple[bytes, int, int, int], limit: int
+    case: tuple[bytes, int, int, int], limit: int, position: int
 ) -> None:
     buf, start, file_pos, after = case
-    plain, plain_error = _plain(buf, start, file_pos, after, limit)
-    scanned, error, (pos, last) = _scanned(buf, start, file_pos, after, limit)
-    assert [frame[:3] for frame in plain] == scanned
+    if position > 0 and buf:
+        # A position inside the frames drawn, now and then (the offsets start anywhere below 2**40).
+        offsets = [f.offset for f in _frames_before_damage(buf, start, file_pos, after)]
+        if offsets:
+            position = offsets[position % len(offsets)] + position % 2
+    plain, plain_error, plain_next = _plain(buf, start, file_pos, after, limit, position)
+    scanned, error, got = _scanned(buf, start, file_pos, after, limit, position)
+    assert plain == scanned
     assert error == plain_error
     if error is None:
-        # Where the next read starts: after the last frame taken, whose offset the next must exceed.
-        assert pos == (plain[-1][3] if plain else start)
-        assert last == (plain[-1][0] if plain else after)
+        assert got == plain_next
 
 
-@settings(max_examples=200, deadline=None)
-@given(frame_buffers(), st.integers(min_value=0, max_value=14))
-def test_the_general_scan_for_huge_buffers_agrees_too(case: tuple[bytes, int, int, int], limit: int) -> None:
+def _frames_before_damage(buf: bytes, start: int, file_pos: int, after: int) -> list[seg.Frame]:
+    frames: list[seg.Frame] = []
+    try:
+        frames.extend(parse_frames(buf, start, file_pos, MAX_FRAME, after))
+    except BadFrame:
+        pass
+    return frames
+
+
+@settings(max_examples=300, deadline=None)
+@given(frame_buffers(), st.integers(min_value=0, max_value=14), st.integers(min_value=-1, max_value=2**40))
+def test_the_general_scan_for_huge_buffers_agrees_too(
+    case: tuple[bytes, int, int, int], limit: int, position: int
+) -> None:
     """The path scan_frames takes for a buffer longer than a frame may be (read whole by parse_frames)."""
     buf, start, file_pos, after = case
-    plain, plain_error = _plain(buf, start, file_pos, after, limit)
+    offsets = [f.offset for f in _frames_before_damage(buf, start, file_pos, after)]
+    if offsets:
+        position = offsets[position % len(offsets)] + position % 2
+    plain, plain_error, plain_next = _plain(buf, start, file_pos, after, limit, position)
     columns = FrameColumns(0)
     try:
-        seg._scan_frames_generally(buf, start, file_pos, after, limit, columns)
+        got = seg._scan_frames_generally(buf, start, file_pos, after, limit, columns, position)
     except BadFrame as bad:
         assert (bad.position, bad.reason) == plain_error
     else:
         assert plain_error is None
-    assert [frame[:3] for frame in plain] == list(
-        zip(columns.offsets, columns.keys, columns.values, strict=True)
-    )
+        assert got == plain_next
+    assert plain == list(zip(columns.offsets, columns.keys, columns.values, strict=True))
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(frame_buffers(), st.integers(min_value=-1, max_value=2**40), st.sampled_from([1, 40, 1 << 16]))
-def test_skip_frames_passes_what_a_reader_seeking_with_parse_frames_passes(
-    case: tuple[bytes, int, int, int], position: int, interval: int
-) -> None:
-    buf, start, file_pos, after = case
-    # The plain seek: parse_frames, stepping over the frames below the position and
-    # indexing one every INDEX_INTERVAL bytes (the first included).
-    expected_entries: list[tuple[int, int]] = []
-    expected_pos, expected_after, expected_error = start, after, None
-    next_entry = start
+def _plain_seek(
+    buf: bytes, start: int, file_pos: int, after: int, position: int, interval: int
+) -> tuple[Any, Any]:
+    """The plain seek: parse_frames, stepping over the frames whose records are all below ``position``.
+
+    Indexing the first record of one frame every ``interval`` bytes (the first
+    included). Returns ``skip_frames``' answer and the error, if one was raised.
+    """
+    entries: list[tuple[int, int]] = []
+    pos, next_entry, first = start, start, None
     try:
         for frame in parse_frames(buf, start, file_pos, MAX_FRAME, after):
             if frame.offset >= position:
                 break
+            if first is None:
+                first = frame.offset
+            if not frame.last:
+                continue
             if frame.position - file_pos >= next_entry:
-                expected_entries.append((frame.offset, frame.position))
+                entries.append((first, frame.position))
                 next_entry = frame.position - file_pos + interval
-            expected_after, expected_pos = frame.offset, frame.end - file_pos
+            after, pos, first = frame.offset, frame.end - file_pos, None
     except BadFrame as bad:
-        expected_error = (bad.position, bad.reason)
+        return None, (bad.position, bad.reason)
+    return (pos, after, entries), None
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    frame_buffers(),
+    st.integers(min_value=-1, max_value=2**40),
+    st.sampled_from([1, 40, 1 << 16]),
+    st.booleans(),
+)
+def test_skip_frames_passes_what_a_reader_seeking_with_parse_frames_passes(
+    case: tuple[bytes, int, int, int], position: int, interval: int, inside: bool
+) -> None:
+    buf, start, file_pos, after = case
+    if inside:
+        offsets = [f.offset for f in _frames_before_damage(buf, start, file_pos, after)]
+        if offsets:
+            position = offsets[position % len(offsets)]
+    expected, expected_error = _plain_seek(buf, start, file_pos, after, position, interval)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(
             seg, "INDEX_INTERVAL", interval
@@ -167,8 +246,10 @@ def test_skip_frames_passes_what_a_reader_seeking_with_parse_frames_passes(
         except BadFrame as bad:
             assert (bad.position, bad.reason) == expected_error
             return
-    assert expected_error is None
-    assert got == (expected_pos, expected_after, expected_entries)
+        assert expected_error is None
+        assert got == expected
+        # The general path, for buffers longer than a frame may be, agrees.
+        assert seg._skip_frames_generally(buf, start, file_pos, after, position) == expected
 
 
 @settings(max_examples=300, deadline=None)
@@ -182,6 +263,7 @@ def test_skip_frames_passes_what_a_reader_seeking_with_parse_frames_passes(
 def test_encode_frames_writes_the_frames_encode_frame_writes(
     batch: list[tuple[bytes, bytes | None]], offset: int, position: int, index_at: int, interval: int
 ) -> None:
+    """The format-1 writer (record frames only), kept for tests that need a log as older versions wrote it."""
     last = len(batch) - 1
     expected = [
         encode_frame(offset + i, 42, key, value, batch_end=i == last) for i, (key, value) in enumerate(batch)
@@ -196,6 +278,126 @@ def test_encode_frames_writes_the_frames_encode_frame_writes(
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(seg, "INDEX_INTERVAL", interval)
         assert encode_frames(batch, offset, 42, position, index_at) == (b"".join(expected), entries)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.binary(max_size=20), st.one_of(st.none(), st.binary(max_size=300))), min_size=1),
+    st.lists(st.integers(min_value=1, max_value=3), min_size=1),
+    st.integers(min_value=0, max_value=2**40),
+    st.integers(min_value=8, max_value=1 << 20),
+    st.sampled_from([1, 100, 1 << 16]),
+    st.sampled_from([2, 3, 4096]),
+    st.sampled_from([30, 1 << 20]),
+)
+def test_batch_frames_read_back_as_the_records_written(
+    batch: list[tuple[bytes, bytes | None]],
+    steps: list[int],
+    offset: int,
+    position: int,
+    interval: int,
+    frame_records: int,
+    frame_bytes: int,
+) -> None:
+    """encode_columns' frames, with or without gaps and split at any bounds, read back whole and indexed.
+
+    Only the last frame ends the batch; each frame is a batch frame, even one
+    of one record; each index entry is a frame's first record.
+    """
+    offsets = list(
+        itertools.accumulate(itertools.islice(itertools.cycle(steps), len(batch) - 1), initial=offset)
+    )
+    keys, values = [k for k, _ in batch], [v for _, v in batch]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(seg, "INDEX_INTERVAL", interval)
+        patch.setattr(seg, "BATCH_FRAME_RECORDS", frame_records)
+        patch.setattr(seg, "BATCH_FRAME_BYTES", frame_bytes)
+        data, entries = encode_columns(offsets, keys, values, 42, position, 0)
+        if offsets == list(range(offset, offset + len(batch))):
+            assert encode_batch(batch, offset, 42, position, 0) == (data, entries)
+    frames = list(parse_frames(data, 0, position, MAX_FRAME, -1))
+    assert [(f.offset, f.key, f.value, f.timestamp) for f in frames] == [
+        (o, k, v, 42) for o, (k, v) in zip(offsets, batch, strict=True)
+    ]
+    assert [f.batch_end for f in frames] == [False] * (len(batch) - 1) + [True]
+    starts = sorted({f.position for f in frames})
+    assert frames[-1].end == position + len(data)
+    firsts = {f.position: f.offset for f in reversed(frames)}
+    assert all(e in [(firsts[s], s) for s in starts] for e in entries) and entries[0] == (
+        offsets[0],
+        position,
+    )
+    for start in starts:
+        records = [f for f in frames if f.position == start]
+        assert len(records) <= frame_records
+        assert len(records) == 1 or sum(len(f.key) + len(f.value or b"") for f in records) <= frame_bytes
+        assert data[start - position + 24] & 4  # the batch flag, even on a frame of one record
+    columns = FrameColumns(0)
+    assert scan_frames(data, 0, position, -1, len(batch) + 1, columns) == (len(data), offsets[-1])
+    assert columns.records() == [Record(0, o, k, v) for o, (k, v) in zip(offsets, batch, strict=True)]
+
+
+def _foreign_batch(head: tuple[int, int, int, int], columns: list[bytes], keys_bytes: int = -1) -> bytes:
+    """A batch frame with a good CRC around whatever columns a foreign writer put in it."""
+    offset, flags, count, _ = head
+    keys_len = len(columns[0]) if keys_bytes < 0 else keys_bytes
+    body = struct.pack("<qqBIII", offset, 0, flags, count, keys_len, len(columns[1])) + b"".join(columns)
+    return struct.pack("<II", len(body), zlib.crc32(body)) + body
+
+
+_K, _V = msgpack.packb([b"a", b"b"]), msgpack.packb([b"1", None])
+
+
+@pytest.mark.parametrize(
+    ("frame", "reason"),
+    [
+        (_foreign_batch((5, 4 | 2, 2, 0), [_K, _V]), None),
+        (_foreign_batch((5, 4 | 2, 3, 0), [_K, _V]), "not 3 keys"),
+        (_foreign_batch((5, 4 | 2, 0, 0), [msgpack.packb([]), msgpack.packb([])]), "do not fill"),
+        (_foreign_batch((5, 4 | 2, 2, 0), [_K, _V, b"\x00"]), "do not fill"),
+        (_foreign_batch((5, 4 | 2, 2, 0), [_K, _V], keys_bytes=len(_K) - 1), "do not fill"),
+        (_foreign_batch((5, 4 | 2, 2, 0), [_K[:-1], _V]), "not msgpack"),
+        (_foreign_batch((5, 4 | 2, 2, 0), [msgpack.packb(["a", "b"]), _V]), "not 2 keys"),
+        (_foreign_batch((5, 4 | 2, 2, 0), [_K, msgpack.packb([b"1", 2])]), "not 2 keys"),
+        (_foreign_batch((5, 4 | 2, 2, 0), [_K, msgpack.packb({b"1": None})]), "not 2 keys"),
+        (_foreign_batch((5, 4 | 8 | 2, 2, 0), [_K, _V, msgpack.packb([5, 7])]), None),
+        (_foreign_batch((5, 4 | 8 | 2, 2, 0), [_K, _V, msgpack.packb([5, 5])]), "increase"),
+        (_foreign_batch((5, 4 | 8 | 2, 2, 0), [_K, _V, msgpack.packb([6, 7])]), "increase"),
+        (_foreign_batch((5, 4 | 8 | 2, 2, 0), [_K, _V, msgpack.packb([5, True])]), "increase"),
+        (_foreign_batch((5, 4 | 8 | 2, 2, 0), [_K, _V, msgpack.packb([5])]), "not 2 keys"),
+        (_foreign_batch((5, 4 | 2, 2, 0), [_K + _V, b""]), "not msgpack"),
+    ],
+)
+def test_a_batch_frame_a_foreign_writer_got_wrong_is_refused_everywhere(
+    frame: bytes, reason: str | None
+) -> None:
+    """A batch frame with a good CRC whose columns break the format is corruption to every reader, never records."""
+    buf = seg.MAGIC + frame
+    paths: list[Any] = [
+        lambda: list(parse_frames(buf, 8, 0, MAX_FRAME, -1)),
+        lambda: scan_frames(buf, 8, 0, -1, 10, FrameColumns(0)),
+        lambda: seg._scan_frames_generally(buf, 8, 0, -1, 10, FrameColumns(0)),
+        lambda: skip_frames(buf, 8, 0, -1, 100),
+    ]
+    for path in paths:
+        if reason is None:
+            path()
+        else:
+            with pytest.raises(BadFrame, match=reason) as info:
+                path()
+            assert info.value.position == 8
+
+
+def test_encoding_refuses_what_no_reader_would_take() -> None:
+    with pytest.raises(TypeError):
+        encode_batch([(b"a", b"1"), ("b", b"2")], 0, 0, 8, 0)  # type: ignore[list-item]
+    with pytest.raises(TypeError):
+        encode_batch([(b"a", b"1"), (b"b", 2)], 0, 0, 8, 0)  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="increase"):
+        encode_columns([3, 3], [b"a", b"b"], [b"1", b"2"], 0, 8, 0)
+    # bytearray and memoryview are bytes to the log, as concatenation took them before.
+    data, _ = encode_batch([(bytearray(b"a"), b"1"), (b"b", memoryview(b"2"))], 0, 0, 8, 0)  # type: ignore[list-item]
+    assert [(f.key, f.value) for f in parse_frames(data, 0, 8, MAX_FRAME, -1)] == [(b"a", b"1"), (b"b", b"2")]
 
 
 def test_frame_columns_give_records() -> None:

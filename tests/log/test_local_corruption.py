@@ -37,11 +37,12 @@ from typing import Any
 
 import pytest
 from _head import read_head, set_entry, simulate_os_crash, to_old_layout
-from ondisk import cache_env_dir
+from ondisk import cache_env_dir, frame_records
 
 from kvlog import KVLog, LogCorruptError
 from kvlog.codec import get_codec
 from kvlog.log.local import LocalLog, encode_frame
+from kvlog.log.local import segments as segment_format
 
 MAGIC = b"KVLSEG1\n"
 MSGPACK = get_codec("msgpack")
@@ -54,9 +55,14 @@ Record = tuple[int, bytes, bytes | None]  # offset, key, value (None: tombstone)
 
 @dataclass(frozen=True)
 class Frame:
-    """A frame of a segment: ``u32 length | u32 crc | i64 offset | i64 timestamp | u8 flags | u32 key length | key | value``.
+    """A record of a segment, and where its frame lies (``position`` to ``end``; a batch frame's records share it).
 
-    ``flags``: 1 = tombstone, 2 = the last record of an ``append()`` batch (``batch_end``).
+    A record frame is ``u32 length | u32 crc | i64 offset | i64 timestamp |
+    u8 flags | u32 key length | key | value``; a batch frame (flag 4) is
+    ``u32 length | u32 crc | i64 first offset | i64 timestamp | u8 flags | u32
+    count | u32 keys bytes | u32 values bytes | keys | values [| offsets]``.
+    ``flags``: 1 = tombstone, 2 = the frame ends an ``append()`` batch: ``batch_end``
+    is set on its last record.
     """
 
     position: int
@@ -65,26 +71,28 @@ class Frame:
     key: bytes
     value: bytes | None
     batch_end: bool
+    #: For a record of a batch frame: the byte sizes of its keys and values columns.
+    columns: tuple[int, int] | None = None
 
     def field_at(self, position: int) -> str:
-        """The name of the field the byte at file ``position`` belongs to."""
-        key_start = self.position + 8 + 21
-        for name, stop in (
-            ("length", self.position + 4),
-            ("crc", self.position + 8),
-            ("offset", self.position + 16),
-            ("timestamp", self.position + 24),
-            ("flags", self.position + 25),
-            ("key length", key_start),
-            ("key", key_start + len(self.key)),
-        ):
+        """The name of the field of this record's frame the byte at file ``position`` belongs to."""
+        start = self.position + 8
+        names = [("length", self.position + 4), ("crc", start), ("offset", start + 8)]
+        names += [("timestamp", start + 16), ("flags", start + 17)]
+        if self.columns is None:
+            names += [("key length", start + 21), ("key", start + 21 + len(self.key))]
+        else:
+            keys, values = self.columns
+            names += [("count", start + 21), ("keys bytes", start + 25), ("values bytes", start + 29)]
+            names += [("keys", start + 29 + keys), ("values", start + 29 + keys + values)]
+        for name, stop in names:
             if position < stop:
                 return name
-        return "value"
+        return "value" if self.columns is None else "offsets"
 
 
 def read_frames(segment: Path) -> list[Frame]:
-    """Every frame of a good segment (asserting that it is good)."""
+    """Every record of a good segment, in order (asserting that it is good)."""
     data = segment.read_bytes()
     assert data[:8] == MAGIC
     frames, pos = [], 8
@@ -92,10 +100,12 @@ def read_frames(segment: Path) -> list[Frame]:
         length, crc = struct.unpack_from("<II", data, pos)
         body = data[pos + 8 : pos + 8 + length]
         assert len(body) == length and zlib.crc32(body) == crc, f"{segment} is damaged at {pos}"
-        offset, _timestamp, flags, key_len = struct.unpack_from("<qqBI", body)
-        key = body[21 : 21 + key_len]
-        value = None if flags & 1 else body[21 + key_len :]
-        frames.append(Frame(pos, pos + 8 + length, offset, key, value, bool(flags & 2)))
+        flags = body[16]
+        offsets, keys, values = frame_records(body)
+        columns = struct.unpack_from("<II", body, 21) if flags & 4 else None
+        for i, (offset, key, value) in enumerate(zip(offsets, keys, values, strict=True)):
+            ends = bool(flags & 2) and i == len(offsets) - 1
+            frames.append(Frame(pos, pos + 8 + length, offset, key, value, ends, columns))
         pos += 8 + length
     return frames
 
@@ -115,6 +125,7 @@ class Cut:
 
     @classmethod
     def of(cls, frames: list[Frame], before: int) -> Cut:
+        """``frames``: the records of a segment (see :func:`read_frames`)."""
         whole = [f for f in frames if f.end <= before]
         ends = [f for f in whole if f.batch_end]
         good_end = ends[-1].end if ends else len(MAGIC)
@@ -155,24 +166,31 @@ def flip(path: Path, position: int, mask: int = 0xFF) -> None:
         f.write(bytes([byte ^ mask]))
 
 
-def build_log(log_dir: Path, count: int = 100, segment_bytes: int = 1024) -> list[Record]:
+def build_log(
+    log_dir: Path, count: int = 100, segment_bytes: int = 1024, frame_records: int = 3
+) -> list[Record]:
     """A one-partition log of ``count`` records (overwrites, tombstones) over several small segments.
 
     Written in ``append()`` batches of 7, 1, 4, 2, 5, 3, 7, ... records; with
-    the defaults the last segment holds a batch of 7, one of 1 and one of 4.
+    the defaults the last segment ends with a batch of 7, one of 1 and one of 4.
+    Batch frames hold at most ``frame_records`` records, so that a batch of
+    more spans several frames (as one of more than BATCH_FRAME_RECORDS does):
+    damage to one of them leaves whole frames of a batch that did not end.
     """
     local = LocalLog(log_dir, segment_bytes=segment_bytes, background_compaction=False)
     records: list[Record] = []
     sizes = itertools.cycle((7, 1, 4, 2, 5, 3))
     start = 0
-    while start < count:
-        batch = [
-            (b"key-%02d" % (i % 23), None if i % 9 == 4 else b"value-%03d-" % i + b"x" * (i % 17))
-            for i in range(start, min(count, start + next(sizes)))
-        ]
-        for (_, offset), (key, value) in zip(local.append(batch), batch, strict=True):
-            records.append((offset, key, value))
-        start += len(batch)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(segment_format, "BATCH_FRAME_RECORDS", frame_records)
+        while start < count:
+            batch = [
+                (b"key-%02d" % (i % 23), None if i % 9 == 4 else b"value-%03d-" % i + b"x" * (i % 17))
+                for i in range(start, min(count, start + next(sizes)))
+            ]
+            for (_, offset), (key, value) in zip(local.append(batch), batch, strict=True):
+                records.append((offset, key, value))
+            start += len(batch)
     local.close()
     assert len(segments(log_dir)) >= 4
     return records
@@ -294,7 +312,7 @@ class TestBatchFlag:
             ends.append(total - 1)
         assert flagged == ends
 
-    def test_compaction_flags_every_record_it_writes(self, tmp_path: Path) -> None:
+    def test_compaction_flags_every_frame_it_writes(self, tmp_path: Path) -> None:
         log_dir = tmp_path / "log"
         build_log(log_dir)
         active_before = segments(log_dir)[-1].read_bytes()
@@ -305,7 +323,10 @@ class TestBatchFlag:
             local.close()
         assert report["records_after"] < report["records_before"]
         *closed, active = segments(log_dir)
-        assert all(f.batch_end for s in closed for f in read_frames(s))
+        for segment in closed:
+            frames = read_frames(segment)
+            last_of_frame = {f.position: f for f in frames}  # (the last record of each frame)
+            assert all(f.batch_end == (last_of_frame[f.position] is f) for f in frames)
         assert active.read_bytes() == active_before, "compaction rewrote the active segment"
 
 
@@ -326,7 +347,9 @@ class TestDamagedTail:
         frames = read_frames(segments(log_dir)[-1])
         ends = [i for i, f in enumerate(frames) if f.batch_end]
         sizes = [b - a for a, b in zip([-1, *ends], ends, strict=False)]
-        assert sizes == [7, 1, 4] and ends[-1] == len(frames) - 1, sizes
+        assert sizes[-3:] == [7, 1, 4] and ends[-1] == len(frames) - 1, sizes
+        # The batch of 7 spans three frames (3 + 3 + 1 records): damage can leave whole frames of a batch.
+        assert len({f.position for f in frames[ends[-4] + 1 : ends[-3] + 1]}) == 3
 
     def test_truncation_anywhere_in_the_last_batches(
         self, tmp_path: Path, pristine: tuple[Path, list[Record]]
@@ -383,7 +406,7 @@ class TestDamagedTail:
                 }
                 check_recovered(copy, records, segment, base, entry, label)
                 continue
-            (damaged,) = [f for f in frames if f.position <= position < f.end]
+            damaged = next(f for f in frames if f.position <= position < f.end)  # (its frame's first record)
             field = damaged.field_at(position)
             label = f"byte {position} ({field} of offset {damaged.offset}) ^ {mask:#x}"
             cut = Cut.of(frames, damaged.position)
@@ -544,8 +567,12 @@ class TestDamagedTail:
                 kv[f"k{i}"] = i
             good_end, batch_records = 6, 0  # each record is a batch of its own
         else:
-            for keys in (range(4), range(4, 8), range(8, 10)):  # offsets 0-3, 4-7, 8-9
-                kv.update({f"k{i}": i for i in keys})
+            # Batch frames of two records: the damaged record's frame holds offsets 6 and 7,
+            # and the whole frame before it (offsets 4 and 5) belongs to the same batch.
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(segment_format, "BATCH_FRAME_RECORDS", 2)
+                for keys in (range(4), range(4, 8), range(8, 10)):  # offsets 0-3, 4-7, 8-9
+                    kv.update({f"k{i}": i for i in keys})
             good_end, batch_records = 4, 2  # offsets 4 and 5 share the damaged record's batch
         kv.close()
         (segment,) = segments(path / "log")
@@ -590,8 +617,11 @@ class TestDamagedTail:
         records = build_log(log_dir)
         segment = segments(log_dir)[-1]
         frames = read_frames(segment)
-        damaged = frames[9]  # the 3rd record of the last batch (4 records, offsets 96-99)
-        assert [f.offset for f in frames if f.batch_end][-2:] == [95, 99] and damaged.offset == 97
+        # The last batch (4 records, offsets 96-99) is a frame of 3 records and one of 1, damaged.
+        damaged = frames[-1]
+        first = frames[-4]
+        assert [f.offset for f in frames if f.batch_end][-2:] == [95, 99] and first.offset == 96
+        assert damaged.position == frames[-2].end and first.position == frames[-2].position
         flip(segment, damaged.position + 20)  # the timestamp
         local = LocalLog(log_dir, background_compaction=False)
         try:
@@ -602,10 +632,10 @@ class TestDamagedTail:
             local.close()
         assert read_head(log_dir).suspect == [True]
         entry = {
-            "truncated_bytes": segment.stat().st_size - frames[8].position,
+            "truncated_bytes": segment.stat().st_size - first.position,
             "last_good_offset": 95,
             "reason": [("CRC mismatch",), (f"position {damaged.position}",)],
-            "batch_records": 1,
+            "batch_records": 3,
         }
         check_recovered(log_dir, records, segment, 96, entry, "a damaged record read, then reopened")
 
@@ -616,7 +646,11 @@ class TestDamagedTail:
         first = [(b"a%d" % i, b"first") for i in range(12)]
         second = [(b"b%d" % i, b"second") for i in range(12)]
         local.append(first)
-        placed = local.append(second)
+        # A frame per record: the tear below leaves whole frames of the torn batch (of a batch of
+        # more than BATCH_FRAME_RECORDS records, a tear can leave whole batch frames so).
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(segment_format, "BATCH_FRAME_RECORDS", 1)
+            placed = local.append(second)
         local.close()
         simulate_crash(log_dir)
         counts = {p: sum(1 for q, _ in placed if q == p) for p in (0, 1)}
@@ -666,14 +700,22 @@ class TestDamagedClosedSegment:
     """Only the last segment is scanned on open; a bad record in a closed one is reported when read."""
 
     @pytest.mark.parametrize(
-        "field", ["length", "crc", "offset", "timestamp", "flags", "key length", "key", "value"]
+        ("kind", "field"),
+        [
+            *(("record", f) for f in ("length", "crc", "offset", "timestamp", "flags", "key length", "key")),
+            ("record", "value"),
+            *(("batch", f) for f in ("length", "crc", "offset", "timestamp", "flags", "count", "keys bytes")),
+            *(("batch", f) for f in ("values bytes", "keys", "values")),
+        ],
     )
-    def test_reading_across_the_damage_raises(self, tmp_path: Path, field: str) -> None:
+    def test_reading_across_the_damage_raises(self, tmp_path: Path, kind: str, field: str) -> None:
         log_dir = tmp_path / "log"
         records = build_log(log_dir)
         simulate_crash(log_dir)
         closed = segments(log_dir)[1]
-        frame = read_frames(closed)[2]
+        # The last record in a frame of that kind: not in the first frame of the segment.
+        frame = [f for f in read_frames(closed) if (f.columns is not None) == (kind == "batch")][-1]
+        assert frame.position > len(MAGIC)
         position = next(p for p in range(frame.position, frame.end) if frame.field_at(p) == field)
         flip(closed, position, 0x80 if field == "length" else 0xFF)
         local = LocalLog(log_dir, background_compaction=False)

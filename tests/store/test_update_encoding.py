@@ -62,6 +62,16 @@ def test_the_batch_encoder_gives_what_pair_by_pair_encoding_gives(items: list[tu
     for name in ("msgpack", "json", "str", "bytes"):
         codec = get_codec(name)
         assert _batched(items, codec) == _pairwise(items, codec), name
+        # update(a dict) hands over the dict's items, which the msgpack codec reads as two columns.
+        try:
+            mapping = dict(items)
+        except TypeError:
+            continue  # an unhashable key
+        try:
+            batched: Any = _encode_records(mapping.items(), codec)
+        except Exception as exc:  # noqa: BLE001 - the exception is the outcome compared
+            batched = (type(exc), str(exc))
+        assert batched == _pairwise(list(mapping.items()), codec), name
 
 
 def test_a_dict_key_msgpack_reads_back_as_another_type_is_refused_after_good_values() -> None:

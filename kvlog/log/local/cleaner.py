@@ -32,13 +32,14 @@ from ...errors import ClosedError
 from .recovery import remove_cleaned
 from .sample import DirtSample, SeenRecord, key_hash
 from .segments import (
-    FORMAT_VERSION,
     MAGIC,
     MAX_FRAME,
+    STATE_FORMAT,
     BadFrame,
     Frame,
     Segment,
     cleaned_name,
+    encode_columns,
     encode_frame,
     parse_frames,
     segment_name,
@@ -146,7 +147,7 @@ class _Rewrite:
             self.dropped_up_to = frame.offset
             superseded = True
             if (h := key_hash(frame.key)) < threshold:
-                self.dropped_followed.append((frame.key, h, frame.offset, frame.end - frame.position))
+                self.dropped_followed.append((frame.key, h, frame.offset, frame.size))
         if superseded:
             self.records_removed += 1
         return superseded
@@ -454,7 +455,7 @@ class Cleaner:
             if h >= threshold:
                 continue
             ts = -1 if frame.value is not None else frame.timestamp
-            seen.append(SeenRecord(frame.key, h, offset, frame.end - frame.position, ts))
+            seen.append(SeenRecord(frame.key, h, offset, frame.size, ts))
             if len(seen) >= _OBSERVE_BATCH:
                 with lg._cond:
                     sample.observe(seen, lg._segments[p])
@@ -609,6 +610,29 @@ class Cleaner:
         ):
             out.write(MAGIC)
             position = len(MAGIC)
+            # The records of batch frames kept go out in runs of one timestamp (an append's
+            # records share theirs), each run as batch frames: a frame has one timestamp,
+            # which tombstone retention needs per record, and one msgpack-values flag, which
+            # must stay true of every record it covers. Those of record frames stay so.
+            offsets: list[int] = []
+            keys: list[bytes] = []
+            values: list[bytes | None] = []
+            timestamp = 0
+            trusted = False  # the run's frames carry the msgpack-values flag
+
+            def flush() -> None:
+                nonlocal position
+                data, entries = encode_columns(
+                    offsets, keys, values, timestamp, position, 0, msgpack_values=trusted
+                )
+                out.write(data)
+                for entry in entries:
+                    rewrite.segment.index_appended_frame(*entry)
+                position += len(data)
+                offsets.clear()
+                keys.clear()
+                values.clear()
+
             for segment in group:
                 if lg._closed:  # close() does not wait for a long pass; nothing is committed yet
                     out.close()
@@ -617,10 +641,29 @@ class Cleaner:
                 for frame in lg._segment_frames(p, segment, segment.size):
                     if rewrite.drops(frame, latest[frame.key] != frame.offset, horizon, threshold):
                         continue
-                    data = encode_frame(frame.offset, frame.timestamp, frame.key, frame.value)
-                    out.write(data)
-                    rewrite.segment.index_appended_frame(frame.offset, position)
-                    position += len(data)
+                    if not frame.batched:
+                        # A record frame stays one: the dirt sample counts a record as it was written.
+                        if offsets:
+                            flush()
+                        data = encode_frame(
+                            frame.offset,
+                            frame.timestamp,
+                            frame.key,
+                            frame.value,
+                            msgpack_values=frame.msgpack_values,
+                        )
+                        out.write(data)
+                        rewrite.segment.index_appended_frame(frame.offset, position)
+                        position += len(data)
+                        continue
+                    if offsets and (frame.timestamp, frame.msgpack_values) != (timestamp, trusted):
+                        flush()
+                    timestamp, trusted = frame.timestamp, frame.msgpack_values
+                    offsets.append(frame.offset)
+                    keys.append(frame.key)
+                    values.append(frame.value)
+            if offsets:
+                flush()
             out.flush()
             os.fsync(out.fileno())
             rewrite.segment.identify(os.fstat(out.fileno()))  # the inode the renames keep
@@ -758,7 +801,7 @@ class Cleaner:
         path = self._log.path / _SAMPLE_FILE
         try:
             state = json.loads(path.read_bytes())
-            entries = state["partitions"] if state["format"] == FORMAT_VERSION else {}
+            entries = state["partitions"] if state["format"] == STATE_FORMAT else {}
             items = list(entries.items())
         except FileNotFoundError:
             return {}
@@ -849,7 +892,7 @@ class Cleaner:
                     "active": segments[-1].base,
                     "closed": [[s.base, s.size] for s in segments[:-1]],
                 }
-        data = json.dumps({"format": FORMAT_VERSION, "partitions": partitions}, separators=(",", ":"))
+        data = json.dumps({"format": STATE_FORMAT, "partitions": partitions}, separators=(",", ":"))
         write_file_atomically(
             lg.path / _SAMPLE_FILE,
             data.encode(),

@@ -236,11 +236,13 @@ class LocalReader(LogReader):
             # entry, or at the start) steps over the frames below it first; they
             # are remembered in the segment's sparse index, so that the next
             # seek there starts close.
-            pos, after, passed = skip_frames(buf, 0, file_pos, -1, self._positions[p])
-            pos, _ = scan_frames(buf, pos, file_pos, after, max_records - before, out)
+            position = self._positions[p]
+            pos, after, passed = skip_frames(buf, 0, file_pos, -1, position)
+            # (A batch frame holding the position was not passed: the records below it are left out.)
+            pos, _ = scan_frames(buf, pos, file_pos, after, max_records - before, out, position)
         except BadFrame as bad:
             raise lg._corrupt(p, segment, bad) from None
-        if pos == 0:
+        if pos == 0 and len(out) == before:
             # Published bytes always end at a whole frame: one that does not fit is damage.
             raise lg._corrupt(p, segment, BadFrame(file_pos, "a record runs past the end of the segment"))
         if passed:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..._files import fsync_dir
-from .segments import FORMAT_VERSION, MAGIC, MAX_FRAME, BadFrame, Frame, Segment, parse_frames, segment_name
+from .segments import MAGIC, MAX_FRAME, STATE_FORMAT, BadFrame, Frame, Segment, parse_frames, segment_name
 
 __all__ = [
     "CLEAN_SHUTDOWN_MARKER",
@@ -55,7 +55,7 @@ def take_clean_shutdown(log_path: Path) -> dict[str, Any]:
         marker = {}
     path.unlink()
     fsync_dir(log_path)
-    if not isinstance(marker, dict) or marker.get("format") != FORMAT_VERSION:
+    if not isinstance(marker, dict) or marker.get("format") != STATE_FORMAT:
         return {}
     return dict(marker.get("partitions", {}))
 
