@@ -445,6 +445,9 @@ class TestUsage:
 
 #: Enough records that a rewarm takes several batches: the signal lands mid-replay.
 INTERRUPT_RECORDS = 300_000
+#: Bytes of padding a value: the replay of INTERRUPT_RECORDS must last over a second (about ten
+#: updates of the bar) for the signal to land in its middle. With 40 it took 0.12 s.
+INTERRUPT_PAD = 1_000
 
 
 @pytest.fixture(scope="module")
@@ -453,7 +456,9 @@ def big_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("big") / "data"
     with KVLog(path, follow=False) as kv:
         for start in range(0, INTERRUPT_RECORDS, 50_000):
-            kv.update({f"key:{i:07d}": {"n": i, "pad": "p" * 40} for i in range(start, start + 50_000)})
+            kv.update(
+                {f"key:{i:07d}": {"n": i, "pad": "p" * INTERRUPT_PAD} for i in range(start, start + 50_000)}
+            )
     return path
 
 
@@ -494,6 +499,9 @@ def interrupt_mid_replay(argv: list[str], signum: int) -> str:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
     err = seen + rest.decode()
     assert proc.returncode == 130, (out, err)
     assert "Traceback" not in err
