@@ -335,7 +335,8 @@ class Replayer:
             ``current_at`` (the time of the last end-offset snapshot the cache
             reached), ``last_error`` and ``last_error_at`` (the last error met
             while reading, applying or asking for the end offsets, retried or
-            not; ``None`` if none since open), ``replaying_here`` (on a Kafka
+            not, and when the attempt that met it began; ``None`` if none
+            since open), ``replaying_here`` (on a Kafka
             log: whether this process is the one that follows the topic for
             every process sharing the cache; ``None`` on the embedded log,
             where every writer replays its own records).
@@ -375,6 +376,7 @@ class Replayer:
             TopicConfigError: partitions were added to the topic.
         """
         with self._pull_lock:
+            began = time.time()
             if self._closed:
                 raise ClosedError("the replayer is closed")
             locked = False
@@ -391,7 +393,7 @@ class Replayer:
                 return self._step_locked(timeout, BATCH_RECORDS if max_records is None else max_records)
             except Exception as exc:
                 if not isinstance(exc, ClosedError):
-                    self._note_error(exc)
+                    self._note_error(exc, began)
                 raise
             finally:
                 if self._current_pending:
@@ -834,8 +836,19 @@ class Replayer:
                 raise ClosedError("the store was closed while waiting for replay") from exc
             self._cond.wait(timeout=RETRY_PAUSE_SECONDS)
 
-    def _note_error(self, exc: BaseException) -> None:
-        self.last_error = (time.time(), f"{type(exc).__name__}: {exc}")
+    def _note_error(self, exc: BaseException, began: float | None = None) -> None:
+        """Record ``exc`` as the last error, timed when the attempt that met it began (``began``, default now).
+
+        An attempt that began before the error already recorded was made is
+        not recorded: a look of the follower that ran a step, which recorded
+        its error, reports the same error after another thread's step may
+        have moved on (stats would show the error after the progress).
+        """
+        at = time.time() if began is None else began
+        last = self.last_error
+        if last is not None and at < last[0]:
+            return
+        self.last_error = (at, f"{type(exc).__name__}: {exc}")
 
     # -- waiting ------------------------------------------------------------
 
@@ -986,6 +999,7 @@ class Replayer:
         """
         seen: dict[int, int] | None = None
         while not self._stop.wait(ORPHAN_CHECK_SECONDS):
+            began = time.time()
             try:
                 end = self._log.end_offsets()
                 positions = self._refresh_positions()
@@ -998,7 +1012,7 @@ class Replayer:
                 if exc is self._fatal:
                     return
                 log.warning("replay of records no writer applied failed: %s", exc)
-                self._note_error(exc)
+                self._note_error(exc, began)
                 seen = None
 
     def stop(self) -> None:
