@@ -38,6 +38,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from ._files import open_file
@@ -531,25 +532,21 @@ class Replayer:
     def _apply(self, records: list[Any] | _Columns, positions: dict[int, int]) -> None:
         bad: list[tuple[Any, str]] = []
         try:
-            if isinstance(records, _Columns):
-                applied, skipped = self._cache.apply_columns(
-                    records.columns,
-                    positions,
-                    expect=self._stored,
-                    check=self._check,
-                    checked_codec=self._checked_codec,
-                    on_bad=lambda r, why: bad.append((r, why)),
-                    strict=self._strict,
-                )
-            else:
-                applied, skipped = self._cache.apply(
-                    records,
-                    positions,
-                    expect=self._stored,
-                    check=self._check,
-                    on_bad=lambda r, why: bad.append((r, why)),
-                    strict=self._strict,
-                )
+            columns = isinstance(records, _Columns)
+            # Only the embedded log's columns can say their values need no check (see apply_columns).
+            apply = (
+                partial(self._cache.apply_columns, checked_codec=self._checked_codec)
+                if columns
+                else self._cache.apply
+            )
+            applied, skipped = apply(
+                records.columns if isinstance(records, _Columns) else records,
+                positions,
+                expect=self._stored,
+                check=self._check,
+                on_bad=lambda r, why: bad.append((r, why)),
+                strict=self._strict,
+            )
         except CheckpointMoved:
             raise
         except BadRecordError as exc:
