@@ -176,7 +176,8 @@ def _columns_pass(columns: RecordColumns, check: Callable[[bytes], object] | Non
     order, and says why.
     """
     keys = columns.keys
-    if None in keys or b"" in keys or max(map(len, keys)) > MAX_KEY_SIZE:  # type: ignore[arg-type]  # None is out
+    # not all(keys): a None or empty key, in one pass (None is falsy too).
+    if not all(keys) or max(map(len, keys)) > MAX_KEY_SIZE:  # type: ignore[arg-type]  # None is out
         return False
     if check is not None:
         values: Iterable[Any] = filter(_not_none, columns.values) if columns.tombstones else columns.values

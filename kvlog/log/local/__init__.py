@@ -21,10 +21,11 @@ import os
 import threading
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+
+from zlib_ng.zlib_ng import crc32
 
 from ... import _fork
 from ..._files import (
@@ -542,7 +543,7 @@ class LocalLog(Log):
 
     def partition_for(self, key: bytes) -> int:
         """The partition a key's records go to (stable across processes and versions)."""
-        return zlib.crc32(key) % self._partitions if self._partitions > 1 else 0
+        return crc32(key) % self._partitions if self._partitions > 1 else 0
 
     # -- the shared state: the write lock and the head ---------------------------------
 
@@ -767,7 +768,7 @@ class LocalLog(Log):
                 timestamp = time.time_ns() // 1_000_000
                 result: list[tuple[int, int]] = []
                 # Each key's crc32 routes it to its partition and feeds the dirt sample.
-                crcs = list(map(zlib.crc32, keys))
+                crcs = list(map(crc32, keys))
                 words[W_WRITING] = 1  # bytes past the published ends from here on: see _sync_locked
                 if self._partitions == 1:
                     self._append_partition(0, keys, values, crcs, timestamp, None, result, msgpack_values)
@@ -904,7 +905,7 @@ class LocalLog(Log):
                     segment.size = end
                     self._end[p] = offset + 1
                     sample = self._cleaner.samples[p]
-                    h = (zlib.crc32(key) * HASH_MIX) & HASH_MASK
+                    h = (crc32(key) * HASH_MIX) & HASH_MASK
                     if h < sample.threshold:
                         tombstone = -1 if value is not None else timestamp
                         sample.observe([SeenRecord(key, h, offset, size, tombstone)], self._segments[p])

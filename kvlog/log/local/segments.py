@@ -18,11 +18,14 @@ import itertools
 import operator
 import os
 import struct
-import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import msgpack
+
+# zlib-ng's crc32 is zlib's CRC-32 (the frames' checksum), computed several
+# times faster: it is a large share of a cold replay of the embedded log.
+from zlib_ng.zlib_ng import crc32 as _crc32
 
 from ..base import Record
 
@@ -154,7 +157,7 @@ def encode_frame(
         | (_MSGPACK_VALUES if msgpack_values else 0)
     )
     body = _BODY_HEAD.pack(offset, timestamp_ms, flags, len(key)) + key + (value or b"")
-    return FRAME_HEAD.pack(len(body), zlib.crc32(body)) + body
+    return FRAME_HEAD.pack(len(body), _crc32(body)) + body
 
 
 class Frame:
@@ -248,7 +251,7 @@ def parse_frames(buf: bytes, start: int, file_pos: int, max_frame: int, after: i
     """
     unpack_frame, unpack_body = FRAME_HEAD.unpack_from, _BODY_HEAD.unpack_from
     head, body_head = FRAME_HEAD.size, _BODY_HEAD.size
-    crc32, n = zlib.crc32, len(buf)
+    crc32, n = _crc32, len(buf)
     pos = start
     while pos + head <= n:
         length, crc = unpack_frame(buf, pos)
@@ -264,7 +267,7 @@ def parse_frames(buf: bytes, start: int, file_pos: int, max_frame: int, after: i
         if offset <= after or body_head + key_len > length:
             raise BadFrame(file_pos + pos, f"offset {offset} out of order or key length {key_len} invalid")
         if flags & _BATCH:
-            offsets, keys, values = _batch_columns(memoryview(body), file_pos + pos)
+            offsets, keys, values, _ = _batch_columns(memoryview(body), file_pos + pos)
             last = len(offsets) - 1
             ends_batch = bool(flags & _BATCH_END)
             trusted = bool(flags & _MSGPACK_VALUES)
@@ -304,10 +307,13 @@ _unpackb = msgpack.unpackb
 _BYTES = frozenset((bytes,))
 _VALUE_TYPES = frozenset((bytes, type(None)))
 _INTS = frozenset((int,))
+_NONE_TYPE = type(None)
 
 
-def _batch_columns(body: memoryview, position: int) -> tuple[Sequence[int], list[bytes], list[bytes | None]]:
-    """The offsets, keys and values of the batch frame whose body (its CRC checked) is ``body``.
+def _batch_columns(
+    body: memoryview, position: int
+) -> tuple[Sequence[int], list[bytes], list[bytes | None], bool]:
+    """The offsets, keys and values of the batch frame whose body (its CRC checked) is ``body``; whether it has tombstones.
 
     ``position`` is the frame's file position, for the error. Every column is
     decoded and checked whole, in C: a frame whose columns do not fill it
@@ -339,7 +345,7 @@ def _batch_columns(body: memoryview, position: int) -> tuple[Sequence[int], list
         or len(values) != count
         or len(offsets) != count
         or not _BYTES.issuperset(map(type, keys))
-        or not _VALUE_TYPES.issuperset(map(type, values))
+        or not _VALUE_TYPES.issuperset(value_types := set(map(type, values)))
     ):
         raise BadFrame(position, f"batch frame columns are not {count} keys, values and offsets")
     if type(offsets) is list and (
@@ -348,7 +354,7 @@ def _batch_columns(body: memoryview, position: int) -> tuple[Sequence[int], list
         or not all(map(operator.lt, offsets, itertools.islice(offsets, 1, None)))
     ):
         raise BadFrame(position, "batch frame offsets do not start at its first offset and increase")
-    return offsets, keys, values
+    return offsets, keys, values, _NONE_TYPE in value_types
 
 
 class FrameColumns:
@@ -403,7 +409,7 @@ def _frame_problem(
     end = pos + FRAME_HEAD.size + length
     if end > len(buf):
         return
-    if zlib.crc32(memoryview(buf)[pos + FRAME_HEAD.size : end]) != crc:
+    if _crc32(memoryview(buf)[pos + FRAME_HEAD.size : end]) != crc:
         raise BadFrame(file_pos + pos, "CRC mismatch")
     raise BadFrame(file_pos + pos, f"offset {offset} out of order or key length {key_len} invalid")
 
@@ -449,7 +455,7 @@ def scan_frames(
         # which the combined test below relies on never happening.
         return _scan_frames_generally(buf, start, file_pos, after, limit, columns, position)
     unpack = _FRAME_START.unpack_from
-    crc32 = zlib.crc32
+    crc32 = _crc32
     offsets, keys, values = columns.offsets, columns.keys, columns.values
     stop = len(offsets) + limit
     pos = start
@@ -471,14 +477,16 @@ def scan_frames(
                 if not flags & 16:  # _MSGPACK_VALUES
                     columns.msgpack_values = False  # (taking no record of it would not need it)
                 if flags & 4:  # _BATCH
-                    frame_offsets, frame_keys, frame_values = _batch_columns(view[body:end], file_pos + pos)
+                    frame_offsets, frame_keys, frame_values, tombstones = _batch_columns(
+                        view[body:end], file_pos + pos
+                    )
                     first = bisect.bisect_left(frame_offsets, position) if offset < position else 0
                     last = first + stop - len(offsets)
                     if first == 0 and last >= len(frame_offsets):
-                        _extend(columns, frame_offsets, frame_keys, frame_values)
+                        _extend(columns, frame_offsets, frame_keys, frame_values, tombstones)
                     else:
                         taken = frame_offsets[first:last]
-                        _extend(columns, taken, frame_keys[first:last], frame_values[first:last])
+                        _extend(columns, taken, frame_keys[first:last], frame_values[first:last], tombstones)
                         if last < len(frame_offsets):
                             # The rest of this frame is for the next call, which starts at it.
                             after = taken[-1]
@@ -503,13 +511,20 @@ def scan_frames(
 
 
 def _extend(
-    columns: FrameColumns, offsets: Sequence[int], keys: list[bytes], values: list[bytes | None]
+    columns: FrameColumns,
+    offsets: Sequence[int],
+    keys: list[bytes],
+    values: list[bytes | None],
+    any_tombstone: bool,
 ) -> None:
-    """Add a batch frame's records to ``columns``: whole columns at a time, the tombstones found in C."""
+    """Add a batch frame's records to ``columns``: whole columns at a time, the tombstones found in C.
+
+    ``any_tombstone``: whether the frame (of which these may be a part) has any.
+    """
     base = len(columns.offsets)
     columns.offsets.extend(offsets)
     columns.keys.extend(keys)
-    if None in values:
+    if any_tombstone:
         at = -1
         tombstones = columns.tombstones
         with contextlib.suppress(ValueError):
@@ -553,7 +568,8 @@ def skip_frames(
 
     A reader that entered a segment before its position steps over those
     frames with this; they are checked as :func:`scan_frames` checks them (a
-    bad one raises :class:`BadFrame`), but nothing of them is kept except,
+    bad one raises :class:`BadFrame`; the first frame not passed is left to
+    the :func:`scan_frames` that follows), but nothing of them is kept except,
     for the segment's sparse index, the ``(offset, file position)`` of the
     first one and of one every :data:`INDEX_INTERVAL` bytes after it. A batch
     frame holding ``position`` is not passed: :func:`scan_frames` leaves out
@@ -569,7 +585,7 @@ def skip_frames(
     if n - start > MAX_FRAME + FRAME_HEAD.size:
         return _skip_frames_generally(buf, start, file_pos, after, position)
     unpack = _FRAME_START.unpack_from
-    crc32 = zlib.crc32
+    crc32 = _crc32
     pos = next_entry = start
     with memoryview(buf) as view:
         try:
@@ -580,6 +596,11 @@ def skip_frames(
                 if end > n or key_len > length - 21 or offset <= after:
                     _frame_problem(buf, pos, file_pos, length, crc, offset, key_len)
                     break  # incomplete
+                if offset >= position:
+                    # Nothing of this frame is passed: scan_frames, which reads
+                    # it next, checks it (checking it here too would decode
+                    # the first batch frame of every chunk twice).
+                    break
                 if crc32(view[body:end]) != crc:
                     raise BadFrame(file_pos + pos, "CRC mismatch")
                 last = offset
@@ -616,7 +637,7 @@ def encode_frames(
         return b"", []
     parts: list[bytes] = []
     add = parts.append
-    pack_body, pack_head, crc32 = _BODY_HEAD.pack, FRAME_HEAD.pack, zlib.crc32
+    pack_body, pack_head, crc32 = _BODY_HEAD.pack, FRAME_HEAD.pack, _crc32
     head = FRAME_HEAD.size
     entries: list[tuple[int, int]] = []
     last = len(records) - 1
@@ -796,7 +817,7 @@ def encode_columns(
             | (_MSGPACK_VALUES if msgpack_values else 0)
         )
         head = _BATCH_HEAD.pack(first, timestamp_ms, flags, j - i, len(packed_keys), len(packed_values))
-        crc = zlib.crc32(packed_offsets, zlib.crc32(packed_values, zlib.crc32(packed_keys, zlib.crc32(head))))
+        crc = _crc32(packed_offsets, _crc32(packed_values, _crc32(packed_keys, _crc32(head))))
         size = len(head) + len(packed_keys) + len(packed_values) + len(packed_offsets)
         parts += (FRAME_HEAD.pack(size, crc), head, packed_keys, packed_values, packed_offsets)
         position += FRAME_HEAD.size + size
