@@ -51,7 +51,7 @@ __all__ = ["BAD_RECORD_POLICIES", "Replayer"]
 log = logging.getLogger(__name__)
 
 #: Records per LMDB transaction while catching up. Large transactions are what
-#: make replay fast (one commit, one fsync per batch).
+#: make replay from Kafka fast (one commit per batch).
 BATCH_RECORDS = 50_000
 #: ...but never hold a batch back longer than this once records are waiting.
 BATCH_SECONDS = 0.25
@@ -363,7 +363,8 @@ class Replayer:
     def step(self, timeout: float, *, max_records: int | None = None) -> int | None:
         """Read one batch (waiting up to ``timeout`` for its first record) and apply it.
 
-        ``max_records`` defaults to :data:`BATCH_RECORDS`. The step runs under
+        ``max_records`` defaults to :data:`BATCH_RECORDS`, or the reader's
+        ``replay_batch_records`` if that is smaller. The step runs under
         the replay lock (held already by this process's follower, if it is the
         replayer). With a single replayer the lock is only tried: when another
         process's follower holds it, nothing is read and this returns ``None``.
@@ -391,7 +392,7 @@ class Replayer:
                 # idle poll while other processes queue for it.
                 timeout = min(timeout, LOCKED_POLL_SECONDS if self._single else 0.0)
             try:
-                return self._step_locked(timeout, BATCH_RECORDS if max_records is None else max_records)
+                return self._step_locked(timeout, max_records)
             except Exception as exc:
                 if not isinstance(exc, ClosedError):
                     self._note_error(exc, began)
@@ -403,7 +404,7 @@ class Replayer:
                 if locked:
                     self._unlock()
 
-    def _step_locked(self, timeout: float, max_records: int) -> int:
+    def _step_locked(self, timeout: float, max_records: int | None) -> int:
         self.check_usable()
         stored = self._cache.checkpoint()
         if self._reader is not None and stored != self._stored:
@@ -424,6 +425,8 @@ class Replayer:
                 return 0
         reader = self._reader
         assert reader is not None
+        if max_records is None:
+            max_records = min(BATCH_RECORDS, reader.replay_batch_records or BATCH_RECORDS)
         try:
             records = _poll(reader, timeout, max_records)
             # Fill the transaction while records keep arriving quickly, so a

@@ -67,6 +67,10 @@ class Record(NamedTuple):
 class LogReader(abc.ABC):
     """Reads every partition of a log from given positions, in offset order per partition."""
 
+    #: The most records replay should apply in one transaction from this
+    #: reader, where the log knows a better size than replay's default.
+    replay_batch_records: int | None = None
+
     @abc.abstractmethod
     def poll(self, timeout: float, max_records: int) -> Sequence[Any]:
         """Return up to ``max_records`` records, waiting at most ``timeout`` seconds for the first.

@@ -26,8 +26,12 @@ if TYPE_CHECKING:
 
 __all__ = ["LocalReader"]
 
-#: Bytes read from a segment per system call when replaying.
-_READ_CHUNK = 4 * 1024 * 1024
+#: Bytes read from a segment per system call when replaying. Each chunk is a
+#: new bytes object; with 4 MiB chunks a cold replay of 100,000 records ran
+#: about 10% slower than with 1 MiB ones (measured A/B; larger allocations
+#: tend to be fresh pages, faulted in one by one). A larger frame is still
+#: read whole.
+_READ_CHUNK = 1024 * 1024
 #: Seconds a waiting poll sleeps between looks at the head (for other processes' appends).
 _HEAD_POLL = 0.005
 #: Times a reader reloads the segment lists for one file that is not what it expected.
@@ -56,6 +60,14 @@ class LocalReader(LogReader):
     Raises:
         PositionOutOfRangeError: a position is before the log start or past its end.
     """
+
+    #: Replay's records per transaction from this log. Its records decode so
+    #: fast that memory is what costs: the keys and values of a smaller batch
+    #: are freed before the next is decoded, which reuses their memory instead
+    #: of faulting in new pages. A cold replay of 100,000 and of 1,000,000
+    #: records ran 20-30% faster at 10,000 a batch than at replay's default
+    #: of 50,000 (5,000 and 20,000 were close; 2,000 slower again).
+    replay_batch_records = 10_000
 
     def __init__(self, local_log: LocalLog, positions: Mapping[int, int]) -> None:
         self._log = local_log
