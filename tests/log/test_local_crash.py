@@ -346,8 +346,11 @@ def expected_recovery(tmp: Path, log_dir: Path) -> dict[int, list[dict[str, Any]
     one inside an append (the head's writing flag is set) leaves
     bytes past the published size, which are cut whole, whatever they hold
     (a torn frame, or a whole batch never acknowledged). What the head
-    published always ends at a whole batch. Without one (a kill while the
-    very first open created the log), the active segments are scanned.
+    published always ends at a whole batch. A kill during a roll, after the
+    new segment file was created but before its magic was written, leaves a
+    segment past the head's shorter than the magic: the reopen writes the
+    magic and reports it. Without a head (a kill while the very first open
+    created the log), the active segments are scanned.
     """
     if not (log_dir / "head").exists():
         wanted: dict[int, list[dict[str, Any]]] = {}
@@ -401,6 +404,23 @@ def expected_recovery(tmp: Path, log_dir: Path) -> dict[int, list[dict[str, Any]
         else:
             assert len(data) == size, f"{segment} is shorter than the head published"
             wanted[p] = []
+        newer = sorted(
+            f for f in segment.parent.glob("*.log") if f.name[:-4].isdigit() and int(f.name[:-4]) > base
+        )
+        assert len(newer) <= 1, f"more than one segment past the head's in partition {p}: {newer}"
+        for rolled_to in newer:  # a roll the kill interrupted: the head does not name it yet
+            tail = torn_tail(rolled_to)
+            if tail.torn_magic:
+                assert wanted[p] == [], f"a torn roll beside a torn tail in partition {p}"
+                wanted[p] = [
+                    {
+                        "segment": str(rolled_to),
+                        "truncated_bytes": tail.cut,
+                        "reason": expected_reason(tail),
+                        "last_good_offset": None,
+                    }
+                ]
+                SUMMARY["torn_tails"] += 1
     return wanted
 
 
