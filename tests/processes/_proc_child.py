@@ -32,8 +32,9 @@ parent, reading the pipe, knows what happened before it kills the child.
     unless asked). Command ``backlog ROUND N`` appends N records straight to
     the embedded log (appended, never applied: the way a writer killed
     between its append and its apply leaves them), prints ``appended
-    ROUND``, then calls ``sync()`` (which replays them all in one step under
-    the cache's replay lock) and prints ``synced ROUND``. Command ``rewarm``
+    ROUND``, then calls ``sync()`` (which replays them under the cache's
+    replay lock, taken for each step of up to 10,000 records) and prints
+    ``synced ROUND``. Command ``rewarm``
     re-warms the store, printing ``progress`` per step and ``rewarmed`` at
     the end.
 ``compactor``

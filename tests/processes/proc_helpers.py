@@ -289,6 +289,21 @@ def cache_view(data: Path) -> tuple[dict[int, int], dict[bytes, bytes]]:
         cache.close()
 
 
+def replay_left_behind(data: Path) -> bool:
+    """Whether the shared cache's checkpoint is behind the embedded log's end: records wait to be replayed."""
+    cache = Cache(data / "cache")
+    try:
+        checkpoint = cache.checkpoint()
+    finally:
+        cache.close()
+    local = LocalLog(data / "log", background_compaction=False)
+    try:
+        end = local.end_offsets()
+    finally:
+        local.close()
+    return any(checkpoint.get(p, 0) < offset for p, offset in end.items())
+
+
 def fold(
     log_dir: Path, upto: dict[int, int] | None = None
 ) -> tuple[dict[bytes, bytes], dict[bytes, bytes], dict[int, int]]:
