@@ -23,8 +23,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import lmdb
 import msgpack
 import pytest
+from ondisk import cache_env_dir
 
 from kvlog.cache import Cache
 from kvlog.log.local import LocalLog
@@ -290,12 +292,20 @@ def cache_view(data: Path) -> tuple[dict[int, int], dict[bytes, bytes]]:
 
 
 def replay_left_behind(data: Path) -> bool:
-    """Whether the shared cache's checkpoint is behind the embedded log's end: records wait to be replayed."""
-    cache = Cache(data / "cache")
+    """Whether the shared cache's checkpoint is behind the embedded log's end: records wait to be replayed.
+
+    For a caller that stopped (SIGSTOP) the one process replaying, with no
+    other writing: the cache is read read-only and without LMDB's locks,
+    which the stopped process may hold (opening a :class:`Cache` would wait
+    for its write transaction forever).
+    """
+    env = lmdb.open(str(cache_env_dir(data / "cache")), readonly=True, lock=False, max_dbs=4)
     try:
-        checkpoint = cache.checkpoint()
+        with env.begin() as txn:
+            raw = txn.get(b"checkpoint", db=env.open_db(b"meta", txn=txn, create=False))
     finally:
-        cache.close()
+        env.close()
+    checkpoint = msgpack.unpackb(raw, strict_map_key=False) if raw is not None else {}
     local = LocalLog(data / "log", background_compaction=False)
     try:
         end = local.end_offsets()
