@@ -240,6 +240,15 @@ class Twins:
             else:
                 self.model[key] = value
 
+    def append_one(self, key: bytes, value: bytes | None) -> None:
+        """One record through the single write's own path (``append_one``) on the compacted log."""
+        p, offset, _ = self.compacted.append_one(key, value)
+        assert [(p, offset)] == self.plain.append([(key, value)])
+        if value is None:
+            self.model.pop(key, None)
+        else:
+            self.model[key] = value
+
     def compact(self) -> None:
         keep_tombstones = self.compacted.tombstone_retention >= KEEP_TOMBSTONES
         if keep_tombstones:
@@ -295,9 +304,9 @@ def test_compaction_at_any_point_replays_to_the_same_dict(
         try:
             for op in ops:
                 if op[0] == "put":
-                    twins.append([(op[1], op[2])])
+                    twins.append_one(op[1], op[2])
                 elif op[0] == "delete":
-                    twins.append([(op[1], None)])
+                    twins.append_one(op[1], None)
                 elif op[0] == "batch":
                     twins.append(op[1])
                 elif op[0] == "compact":

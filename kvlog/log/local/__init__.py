@@ -947,7 +947,7 @@ class LocalLog(Log):
                     h = (crc32(key) * HASH_MIX) & HASH_MASK
                     if h < sample.threshold:
                         tombstone = -1 if value is not None else timestamp
-                        sample.observe([SeenRecord(key, h, offset, size, tombstone)], self._segments[p])
+                        sample.observe_appended(key, h, offset, size, tombstone, self._segments[p])
                     self._version = head.publish_one(p, offset + 1, segment.base, end)
                     if self._readers_waiting:
                         self._cond.notify_all()

@@ -141,6 +141,40 @@ class DirtSample:
                 counts = dead[base] = [0] * _RANKS
             counts[rank] += size
 
+    def observe_appended(
+        self, key: bytes, h: int, offset: int, size: int, tombstone: int, segments: Sequence[Segment]
+    ) -> None:
+        """:meth:`observe` of one record just appended to the active segment: the single write's path.
+
+        The same counting without a list, a :class:`SeenRecord` or the loop;
+        a record not newer than the one the sample holds for its key (which
+        an append never is) takes the general path.
+        """
+        rank = 32 - h.bit_length()
+        if rank < self.level:
+            return
+        latest = self.latest
+        ident = h | zlib.adler32(key) << 32 | len(key) << 64
+        prev = latest.get(ident)
+        if prev is None:
+            latest[ident] = (offset, size, tombstone)
+            if len(latest) > _SAMPLE_KEYS:
+                self._raise_level()
+            return
+        if prev[0] >= offset:
+            self.observe([SeenRecord(key, h, offset, size, tombstone)], segments)
+            return
+        latest[ident] = (offset, size, tombstone)
+        # The superseded record's bytes count where it lies.
+        old = prev[0]
+        base = segments[-1].base
+        if old < base:
+            base = base_of(segments, old)
+        counts = self.dead.get(base)
+        if counts is None:
+            counts = self.dead[base] = [0] * _RANKS
+        counts[rank] += prev[1]
+
     def _raise_level(self) -> None:
         while len(self.latest) > _SAMPLE_KEYS:
             self.level += 1
