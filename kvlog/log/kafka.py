@@ -121,11 +121,18 @@ def _refresh_metadata_when_not_leader(consumer: Any) -> None:
     setattr(fetcher, "_send_list_offsets_requests", send_list_offsets_requests)  # noqa: B010 - an instance's method
 
 
-def _shorten_startup_backoff(client: Any) -> None:
+def _cluster_config(client: Any) -> Any:
+    """The config of ``client``'s cluster metadata, or ``None`` in a kafka-python layout this does not know."""
     try:
-        config = client._client._manager.cluster.config
-    except AttributeError:  # another kafka-python layout: keep its behaviour
-        return
+        return client._client._manager.cluster.config  # the consumer and the admin client
+    except AttributeError:
+        pass
+    # The producer keeps no _client: its cluster metadata is its _metadata.
+    return getattr(getattr(client, "_metadata", None), "config", None)
+
+
+def _shorten_startup_backoff(client: Any) -> None:
+    config = _cluster_config(client)  # None in a layout this does not know: its behaviour is kept
     if isinstance(config, dict) and config.get("retry_backoff_ms", 0) > _METADATA_BACKOFF_MS:
         config["retry_backoff_ms"] = _METADATA_BACKOFF_MS
 
